@@ -1,0 +1,257 @@
+"""Micro-batching inference engine.
+
+`Batcher` groups concurrent requests: each `submit` puts (rows, future) on a
+bounded deque and sets an event; one worker task takes the first waiting item,
+keeps collecting until `max_batch` rows or `max_delay_s` have passed, runs ONE
+call of `run_batch` in a dedicated thread (off the event loop), checks every
+output has one row per input row, and resolves each request's future with its
+slice. A batch's exception is set on every one of its futures. A full queue
+raises `QueueFullError` at once (the API answers 503 + Retry-After).
+
+`ModelRuntime` binds a `LoadedModel` to a Batcher whose `run_batch` is
+ONNX Runtime + `geodesic_verdict`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.model_store import LoadedModel
+from app.verdict import Verdicts, geodesic_verdict
+
+log = logging.getLogger("dsphere.engine")
+
+Outputs = tuple[NDArray[np.generic], ...]
+RunBatch = Callable[[NDArray[np.float32]], Sequence[NDArray[np.generic]]]
+
+
+class EngineError(Exception):
+    """Base of engine errors."""
+
+
+class QueueFullError(EngineError):
+    def __init__(self, queue_size: int) -> None:
+        super().__init__(f"inference queue is full ({queue_size} waiting requests); retry shortly")
+
+
+class EngineClosedError(EngineError):
+    def __init__(self) -> None:
+        super().__init__("inference engine is shutting down")
+
+
+@dataclass
+class _Item:
+    x: NDArray[np.float32]
+    future: asyncio.Future[Outputs]
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        max_batch: int,
+        max_delay_s: float,
+        queue_size: int,
+        on_batch: Callable[[int], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+        name: str = "batcher",
+    ) -> None:
+        self._run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self._on_batch = on_batch
+        self._on_queue_depth = on_queue_depth
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._event = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._name = name
+        self.in_flight = 0  # submitted and not yet resolved
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._worker(), name=self._name)
+
+    async def submit(self, x: NDArray[np.float32]) -> Outputs:
+        """Run rows `x` (shape [n, ...]) in some batch; returns each output's n rows."""
+        if self._closing:
+            raise EngineClosedError()
+        if len(self._pending) >= self.queue_size:
+            raise QueueFullError(self.queue_size)
+        fut: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Item(x, fut))
+        self._depth_changed()
+        self._event.set()
+        self.in_flight += 1
+        try:
+            return await fut
+        finally:
+            self.in_flight -= 1
+
+    def _depth_changed(self) -> None:
+        if self._on_queue_depth is not None:
+            self._on_queue_depth(len(self._pending))
+
+    def _rows_pending(self) -> int:
+        return sum(len(it.x) for it in self._pending)
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                if self._closing:
+                    return
+                self._event.clear()
+                await self._event.wait()
+            # Collect until max_batch rows or the delay after the first item has passed.
+            deadline = loop.time() + self.max_delay_s
+            while self._rows_pending() < self.max_batch and not self._closing:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._event.clear()
+                try:
+                    await asyncio.wait_for(self._event.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            self._depth_changed()
+            if batch:
+                await self._run(loop, batch)
+
+    def _take(self) -> list[_Item]:
+        batch: list[_Item] = []
+        rows = 0
+        while self._pending:
+            item = self._pending[0]
+            if item.future.done():  # cancelled by a client that went away
+                self._pending.popleft()
+                continue
+            if batch and rows + len(item.x) > self.max_batch:
+                break
+            self._pending.popleft()
+            batch.append(item)
+            rows += len(item.x)
+        return batch
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch], axis=0)
+        n = len(x)
+        if self._on_batch is not None:
+            self._on_batch(n)
+        try:
+            outputs = tuple(await loop.run_in_executor(self._executor, self._run_batch, x))
+            bad = [len(o) for o in outputs if len(o) != n]
+            if not outputs or bad:
+                raise EngineError(f"model returned {[len(o) for o in outputs]} rows for {n} inputs")
+        except Exception as exc:  # set the batch's exception on every future
+            log.exception("batch of %d rows failed", n)
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+            return
+        start = 0
+        for it in batch:
+            end = start + len(it.x)
+            if not it.future.done():
+                it.future.set_result(tuple(o[start:end] for o in outputs))
+            start = end
+
+    async def close(self, timeout: float | None = 30.0) -> None:
+        """Refuse new requests, finish every queued one, stop the worker."""
+        self._closing = True
+        self._event.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                self._task.cancel()
+                for it in self._pending:
+                    if not it.future.done():
+                        it.future.set_exception(EngineClosedError())
+        self._executor.shutdown(wait=False)
+
+
+class ModelRuntime:
+    """One loaded model version serving through its own Batcher."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        rho: float | None,
+        max_batch: int,
+        max_delay_s: float,
+        queue_size: int,
+        on_batch: Callable[[int], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        self.model = model
+        m = model.manifest
+        self.rho = float(rho if rho is not None else m.rho)
+        self._mean = np.asarray(m.angle_mean_deg, np.float64)
+        self._std = np.asarray(m.angle_std_deg, np.float64)
+        self.input_shape = tuple(m.input.shape)
+        self.batcher = Batcher(
+            self._run_batch,
+            max_batch=max_batch,
+            max_delay_s=max_delay_s,
+            queue_size=queue_size,
+            on_batch=on_batch,
+            on_queue_depth=on_queue_depth,
+            name=f"ort-{model.name}-{model.version}",
+        )
+        self.warmed = False
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def run_model(self, x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """Raw ONNX Runtime outputs (logits, cosines) for x of shape [N, C, H, W]."""
+        logits, cosines = self.model.session.run(["logits", "cosines"], {self.model.input_name: x})
+        return np.asarray(logits), np.asarray(cosines)
+
+    def _run_batch(self, x: NDArray[np.float32]) -> Outputs:
+        logits, cosines = self.run_model(x)
+        v = geodesic_verdict(logits, cosines, self._mean, self._std, self.rho)
+        return (v.labels, v.angles_deg, v.thresholds_deg, v.accepted, v.probabilities)
+
+    def warmup(self) -> None:
+        """One blocking call at batch size 1 and max batch size (allocations, kernels)."""
+        t0 = time.perf_counter()
+        for n in sorted({1, self.batcher.max_batch}):
+            self._run_batch(np.zeros((n, *self.input_shape), np.float32))
+        self.warmed = True
+        log.info("warmed %s/%s in %.1f ms", self.name, self.version, (time.perf_counter() - t0) * 1e3)
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def classify(self, x: NDArray[np.float32]) -> Verdicts:
+        if x.ndim == 3:
+            x = x[None]
+        labels, angles, thresholds, accepted, probs = await self.batcher.submit(x)
+        return Verdicts(labels, angles, thresholds, accepted, probs)  # type: ignore[arg-type]
+
+    async def close(self, timeout: float | None = 30.0) -> None:
+        await self.batcher.close(timeout)

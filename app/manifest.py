@@ -1,0 +1,126 @@
+"""The model-store manifest: the ONE contract between training/ and app/.
+
+`training/` writes it at export, `app/` validates it before serving. Both sides
+import this module (it needs pydantic only, never torch), so the schema lives
+here and nowhere else. See model_store/README.md for the operator's view.
+
+Bump SCHEMA_VERSION on any incompatible change; the loader refuses versions it
+does not know.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+OUTPUT_NAMES = ("logits", "cosines")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """The single ONNX input: float32 [N, C, H, W], N dynamic, pixels in value_range."""
+
+    name: str = "input"
+    shape: tuple[int, int, int] = Field(description="(C, H, W) of one image")
+    dtype: Literal["float32"] = "float32"
+    value_range: tuple[float, float] = (0.0, 1.0)
+
+
+class AttackSpec(_Strict):
+    """An L-inf PGD attack as run at export time."""
+
+    name: Literal["pgd"] = "pgd"
+    norm: Literal["linf"] = "linf"
+    eps: float = Field(gt=0)
+    steps: int = Field(ge=1)
+    step_size: float = Field(gt=0)
+    restarts: int = Field(ge=1)
+    n_examples: int = Field(ge=1)
+
+
+class OperatingPoint(_Strict):
+    """Verdict figures at one value of rho, measured on the test set."""
+
+    rho: float = Field(gt=0)
+    clean_reject_rate: float = Field(ge=0, le=1)
+    accepted_accuracy: float = Field(ge=0, le=1)
+    pgd_reject_rate: float = Field(ge=0, le=1)
+    pgd_defended_rate: float = Field(ge=0, le=1)
+
+
+class Metrics(_Strict):
+    """Measured at export on the test set; recomputable from model.onnx + this file.
+
+    clean_reject_rate, accepted_accuracy and the pgd_* rates use `rho` of the manifest.
+    pgd_defended_rate: fraction of attacked inputs rejected OR correctly classified.
+    """
+
+    n_test: int = Field(ge=1)
+    clean_accuracy: float = Field(ge=0, le=1)
+    clean_reject_rate: float = Field(ge=0, le=1)
+    accepted_accuracy: float = Field(ge=0, le=1)
+    pgd_robust_accuracy: float = Field(ge=0, le=1)
+    pgd_reject_rate: float = Field(ge=0, le=1)
+    pgd_defended_rate: float = Field(ge=0, le=1)
+    pgd_attack: AttackSpec
+    paper_rho1: OperatingPoint = Field(description="the same figures at the paper's rho = 1")
+
+
+class Calibration(_Strict):
+    """How rho was chosen: on a validation split held out from training, never the test set."""
+
+    target_false_reject_rate: float = Field(gt=0, lt=1)
+    n_validation: int = Field(ge=1)
+    validation_reject_rate: float = Field(ge=0, le=1)
+    paper_rho1_validation_reject_rate: float = Field(ge=0, le=1)
+
+
+class TrainingInfo(_Strict):
+    model_config_: dict[str, Any] = Field(alias="model_config")
+    training_config: dict[str, Any]
+    command: str
+    dataset: str
+    git_commit: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    created_at: datetime
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of model.onnx")
+    class_names: list[str] = Field(min_length=2)
+    input: InputSpec
+    outputs: tuple[str, str] = OUTPUT_NAMES
+    angle_mean_deg: list[float] = Field(description="per class mean angle to W_j, training set")
+    angle_std_deg: list[float] = Field(description="per class std of that angle, training set")
+    rho: float = Field(gt=0, description="calibrated threshold multiplier")
+    calibration: Calibration
+    metrics: Metrics
+    training: TrainingInfo
+
+    @model_validator(mode="after")
+    def _per_class_lengths_match(self) -> Manifest:
+        k = len(self.class_names)
+        if len(self.angle_mean_deg) != k or len(self.angle_std_deg) != k:
+            raise ValueError(
+                f"angle_mean_deg/angle_std_deg must have one entry per class ({k}), got "
+                f"{len(self.angle_mean_deg)}/{len(self.angle_std_deg)}"
+            )
+        if tuple(self.outputs) != OUTPUT_NAMES:
+            raise ValueError(f"outputs must be {list(OUTPUT_NAMES)}, got {list(self.outputs)}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)

@@ -1,0 +1,207 @@
+"""The model store: `<store>/<name>/<version>/{model.onnx, manifest.json}`.
+
+`load_version` verifies a version before anything runs it, in this order:
+manifest.json parses and validates against `Manifest` (schema version included),
+its name/version match the directories, model.onnx's sha256 equals the manifest's
+(hashed from the very bytes handed to ONNX Runtime, so nothing can change in
+between), then the ONNX session's input/outputs match the manifest. Any failure
+raises a `ModelStoreError` whose message names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from app.manifest import MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, SCHEMA_VERSION, Manifest
+
+log = logging.getLogger("dsphere.model_store")
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelStoreError(Exception):
+    """A model or version cannot be served; the message says why and names the file."""
+
+    status_code = 409
+
+
+class ModelNotFoundError(ModelStoreError):
+    status_code = 404
+
+
+class ModelInvalidError(ModelStoreError):
+    status_code = 409
+
+
+def natural_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key: digit runs compare as numbers ("v1.10" > "v1.9", "10" > "9")."""
+    parts = re.findall(r"\d+|[^\d]+", version)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def list_models(store: Path) -> list[str]:
+    if not store.is_dir():
+        return []
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name))
+
+
+def list_versions(store: Path, name: str) -> list[str]:
+    """Versions of `name`, oldest first (natural sort)."""
+    d = store / name
+    if not _SAFE_NAME.match(name) or not d.is_dir():
+        return []
+    return sorted((p.name for p in d.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name)), key=natural_key)
+
+
+def resolve_version(store: Path, name: str, version: str = "latest") -> str:
+    """The concrete version; "latest" is the highest version whose manifest.json exists.
+
+    (Writers should copy model.onnx first and manifest.json last; a version still
+    being copied is thus skipped by "latest".)
+    """
+    if not store.is_dir():
+        raise ModelNotFoundError(f"model store {store} does not exist or is not a directory")
+    versions = list_versions(store, name)
+    if not versions:
+        raise ModelNotFoundError(f"model '{name}' not found in {store}")
+    if version == "latest":
+        complete = [v for v in versions if (store / name / v / MANIFEST_FILE).is_file()]
+        if not complete:
+            raise ModelNotFoundError(f"model '{name}' has no version with a {MANIFEST_FILE} in {store / name}")
+        return complete[-1]
+    if version not in versions:
+        raise ModelNotFoundError(f"version '{version}' of model '{name}' not found in {store / name}")
+    return version
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Parse and validate one manifest.json; ModelInvalidError naming the file otherwise."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelInvalidError(f"{path}: missing") from None
+    except OSError as exc:
+        raise ModelInvalidError(f"{path}: unreadable ({exc.strerror})") from None
+    try:
+        data: Any = json.loads(raw)
+    except ValueError as exc:
+        raise ModelInvalidError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelInvalidError(f"{path}: must be a JSON object")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ModelInvalidError(
+            f"{path}: unsupported schema_version {data.get('schema_version')!r} (this service reads {SCHEMA_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ModelInvalidError(f"{path}: invalid manifest: {problems}") from None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified version with a live ONNX Runtime session."""
+
+    name: str
+    version: str
+    path: Path
+    manifest: Manifest
+    sha256: str
+    session: ort.InferenceSession
+    input_name: str
+    providers: tuple[str, ...]
+
+    @property
+    def provider(self) -> str:
+        return self.providers[0] if self.providers else "unknown"
+
+
+def choose_providers(wanted: list[str]) -> list[str]:
+    """`wanted` filtered to what this onnxruntime build offers, CPU always last as fallback."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in wanted if p in available]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        log.info("execution provider(s) not available in this onnxruntime build, skipped: %s", missing)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _dims(shape: Any) -> list[Any]:
+    return list(shape) if isinstance(shape, list | tuple) else []
+
+
+def load_version(
+    store: Path,
+    name: str,
+    version: str = "latest",
+    providers: list[str] | None = None,
+    intra_op_threads: int = 0,
+) -> LoadedModel:
+    version = resolve_version(store, name, version)
+    vdir = store / name / version
+    manifest = read_manifest(vdir / MANIFEST_FILE)
+    if manifest.name != name or manifest.version != version:
+        raise ModelInvalidError(
+            f"{vdir / MANIFEST_FILE}: names {manifest.name}/{manifest.version} but lives in {name}/{version}"
+        )
+    model_path = vdir / MODEL_FILE
+    try:
+        model_bytes = model_path.read_bytes()
+    except FileNotFoundError:
+        raise ModelInvalidError(f"{model_path}: missing") from None
+    except OSError as exc:
+        raise ModelInvalidError(f"{model_path}: unreadable ({exc.strerror})") from None
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    if digest != manifest.sha256:
+        raise ModelInvalidError(
+            f"{model_path}: sha256 {digest} does not match manifest.json ({manifest.sha256}); refusing to load"
+        )
+
+    options = ort.SessionOptions()
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    chosen = choose_providers(providers or ["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(model_bytes, sess_options=options, providers=chosen)
+    except Exception as exc:  # onnxruntime raises its own (untyped) exceptions
+        raise ModelInvalidError(f"{model_path}: ONNX Runtime cannot load it ({exc})") from None
+
+    inputs = session.get_inputs()
+    outputs = session.get_outputs()
+    if len(inputs) != 1:
+        raise ModelInvalidError(f"{model_path}: expected exactly one input, found {[i.name for i in inputs]}")
+    inp = inputs[0]
+    out_names = [o.name for o in outputs]
+    if sorted(out_names) != sorted(OUTPUT_NAMES) or len(out_names) != len(OUTPUT_NAMES):
+        raise ModelInvalidError(f"{model_path}: outputs must be exactly {list(OUTPUT_NAMES)}, found {out_names}")
+    if inp.name != manifest.input.name:
+        raise ModelInvalidError(f"{model_path}: input is named '{inp.name}', manifest says '{manifest.input.name}'")
+    if inp.type != "tensor(float)":
+        raise ModelInvalidError(f"{model_path}: input type {inp.type}, expected tensor(float)")
+    dims = _dims(inp.shape)
+    if len(dims) != 4 or isinstance(dims[0], int) or tuple(dims[1:]) != tuple(manifest.input.shape):
+        raise ModelInvalidError(
+            f"{model_path}: input shape {dims} does not match manifest [N, {', '.join(map(str, manifest.input.shape))}]"
+            " with dynamic N"
+        )
+    k = manifest.num_classes
+    for o in outputs:
+        odims = _dims(o.shape)
+        if len(odims) != 2 or (isinstance(odims[1], int) and odims[1] != k):
+            raise ModelInvalidError(f"{model_path}: output '{o.name}' has shape {odims}, expected [N, {k}]")
+    used = tuple(session.get_providers())
+    return LoadedModel(name, version, vdir, manifest, digest, session, inp.name, used)

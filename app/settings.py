@@ -1,0 +1,115 @@
+"""Service settings: one pydantic-settings class, environment prefix DSPHERE_.
+
+Every field is documented in docs/API.md. Invalid values fail at start with a
+one-line message (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KNOWN_PROVIDERS = (
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "ROCMExecutionProvider",
+    "MIGraphXExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "DmlExecutionProvider",
+    "CoreMLExecutionProvider",
+    "CPUExecutionProvider",
+)
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class SettingsError(ValueError):
+    """Settings could not be loaded; the message is one line naming the variable(s)."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DSPHERE_", extra="ignore", frozen=True)
+
+    # model store
+    model_store: Path = Field(Path("model_store"), description="directory holding <name>/<version>/")
+    model_name: str = Field("fashion-mnist-dsphere", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    model_version: str = Field("latest", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    rho: float | None = Field(None, gt=0, description="overrides the manifest's calibrated rho")
+
+    # server (used by `python -m app`; the uvicorn CLI has its own --host/--port)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # input limits
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="request body cap of /classify")
+    max_batch_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body cap of batch/v2")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="width*height cap, checked before decoding")
+    max_batch_files: int = Field(64, ge=1, le=4096, description="files per /classify/batch, N per v2 infer")
+
+    # micro-batching engine
+    batch_size: int = Field(32, ge=1, le=4096, description="max rows per ONNX Runtime call")
+    batch_delay_ms: float = Field(1.0, ge=0, le=1000, description="max wait to fill a batch")
+    queue_size: int = Field(256, ge=1, description="pending requests before 503")
+    providers: str = Field(
+        ",".join(DEFAULT_PROVIDERS),
+        description="comma-separated ONNX Runtime execution providers, in order of preference",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: ORT default)")
+
+    # admin
+    admin_token: str | None = Field(None, description="bearer token of POST /admin/reload; unset: disabled")
+
+    # quarantine of rejected inputs (opt-in)
+    quarantine_dir: Path | None = None
+    quarantine_max_bytes: int = Field(100 * 1024 * 1024, ge=1)
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, v: str) -> str:
+        names = [p.strip() for p in v.split(",") if p.strip()]
+        if not names:
+            raise ValueError("must name at least one provider")
+        unknown = [p for p in names if p not in KNOWN_PROVIDERS]
+        if unknown:
+            raise ValueError(f"unknown provider(s) {unknown}; known: {list(KNOWN_PROVIDERS)}")
+        return ",".join(names)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _check_token(cls, v: str | None) -> str | None:
+        if v is not None and v != "" and len(v) < 16:
+            raise ValueError("must be at least 16 characters (or unset to disable the admin endpoint)")
+        return v or None
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.max_batch_upload_bytes < self.max_upload_bytes:
+            raise ValueError("DSPHERE_MAX_BATCH_UPLOAD_BYTES must be >= DSPHERE_MAX_UPLOAD_BYTES")
+        return self
+
+    @property
+    def provider_list(self) -> list[str]:
+        return self.providers.split(",")
+
+    @property
+    def batch_delay_s(self) -> float:
+        return self.batch_delay_ms / 1000.0
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and `overrides`), or SettingsError with a one-line message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            loc = err.get("loc") or ()
+            var = f"DSPHERE_{str(loc[0]).upper()}" if loc else "settings"
+            value = err.get("input")
+            secret = var == "DSPHERE_ADMIN_TOKEN"
+            shown = "" if isinstance(value, dict) or secret else f"={value!r}"
+            parts.append(f"{var}{shown}: {err.get('msg')}")
+        raise SettingsError("invalid settings: " + "; ".join(parts)) from None

@@ -1,0 +1,82 @@
+"""Robust geodesic inference (paper §4): the verdict rule, defined once.
+
+    y_hat     = argmax logits
+    theta     = degrees(acos(cosines[y_hat]))
+    threshold = rho * (angle_mean_deg[y_hat] + angle_std_deg[y_hat])
+    reject   iff theta > threshold
+
+NumPy only: the service applies it to ONNX Runtime outputs, and training/ applies
+the very same function to PyTorch outputs (export metrics, evaluation), so the
+numbers in a manifest are what the service computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """Per-example verdicts for a batch of N inputs."""
+
+    labels: NDArray[np.int64]  # (N,)
+    angles_deg: NDArray[np.float64]  # (N,)
+    thresholds_deg: NDArray[np.float64]  # (N,)
+    accepted: NDArray[np.bool_]  # (N,)
+    probabilities: NDArray[np.float64]  # (N,) softmax probability of the label
+
+
+def softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out: NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def angles_deg(cosines: ArrayLike) -> NDArray[np.float64]:
+    # Clip: a float32 cosine may exceed 1 by an ulp, and acos would give NaN.
+    out: NDArray[np.float64] = np.degrees(np.arccos(np.clip(np.asarray(cosines, np.float64), -1.0, 1.0)))
+    return out
+
+
+def geodesic_verdict(
+    logits: ArrayLike,
+    cosines: ArrayLike,
+    angle_mean_deg: ArrayLike,
+    angle_std_deg: ArrayLike,
+    rho: float,
+) -> Verdicts:
+    """Apply the rule above to logits and cosines of shape (N, K)."""
+    logits_a = np.asarray(logits)
+    cosines_a = np.asarray(cosines)
+    if logits_a.ndim != 2 or logits_a.shape != cosines_a.shape:
+        raise ValueError(f"logits and cosines must both be (N, K); got {logits_a.shape}, {cosines_a.shape}")
+    mean = np.asarray(angle_mean_deg, np.float64)
+    std = np.asarray(angle_std_deg, np.float64)
+    labels = logits_a.argmax(axis=1).astype(np.int64)
+    rows = np.arange(len(labels))
+    theta = angles_deg(cosines_a[rows, labels])
+    threshold = rho * (mean[labels] + std[labels])
+    probs = softmax(logits_a)[rows, labels]
+    return Verdicts(labels, theta, threshold, theta <= threshold, probs)
+
+
+def angle_ratio(logits: ArrayLike, cosines: ArrayLike, angle_mean_deg: ArrayLike, angle_std_deg: ArrayLike) -> NDArray[np.float64]:
+    """theta / (mean + std) of the predicted class: the verdict rejects iff ratio > rho."""
+    v = geodesic_verdict(logits, cosines, angle_mean_deg, angle_std_deg, 1.0)
+    out: NDArray[np.float64] = v.angles_deg / v.thresholds_deg
+    return out
+
+
+def calibrate_rho(ratios: ArrayLike, target_reject_rate: float) -> float:
+    """Smallest rho whose reject rate (ratio > rho) on `ratios` is at most the target."""
+    r = np.sort(np.asarray(ratios, np.float64))
+    if not 0 < target_reject_rate < 1:
+        raise ValueError("target_reject_rate must be in (0, 1)")
+    n = len(r)
+    allowed = int(np.floor(target_reject_rate * n))  # number of rejections we may make
+    # rejecting the `allowed` largest ratios: rho = the (n - allowed)-th smallest ratio
+    return float(r[n - allowed - 1]) if allowed < n else float(r[0])

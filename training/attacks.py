@@ -1,0 +1,136 @@
+"""L∞ attacks on [0, 1] images: FGSM (Goodfellow et al. 2015, optionally with a random
+start as in Wong et al. 2020) and PGD (Madry et al. 2018, random start, restarts).
+
+Both take a model returning `(logits, cosines)` or plain logits, work on a batch
+(N, C, H, W), keep every x_adv inside the ε-ball around x and inside [0, 1] (one shared
+`project`), and restore the model's train/eval mode on return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, cosines, y) -> per-example loss (N,)
+
+
+def logits_of(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    out = model(x)
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
+
+
+def ce_loss(logits: Tensor, cosines: Tensor | None, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Onto the L∞ ball of radius eps around x, intersected with [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Attack in eval mode (no dropout/BN updates) and restore the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
+    x = x.detach().requires_grad_(True)
+    logits, cos = logits_of(model, x)
+    loss = loss_fn(logits, cos, y)  # (N,)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    return g, loss.detach()
+
+
+@dataclass(frozen=True)
+class FGSM:
+    """Fast gradient sign method, L∞. x_adv = Π(x0 + step · sign ∇ℓ), x0 = x or, with
+    random_start, x + U(-ε, ε). Defaults: step = ε (1.25ε with random start, Wong et al.)."""
+
+    eps: float
+    random_start: bool = False
+    step_size: float | None = None
+    loss_fn: LossFn = ce_loss
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        step = self.step_size if self.step_size is not None else (1.25 * self.eps if self.random_start else self.eps)
+        with eval_mode(model):
+            x0 = x
+            if self.random_start:
+                x0 = project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x, self.eps)
+            g, _ = _grad(model, x0, y, self.loss_fn)
+            return project(x0 + step * g.sign(), x, self.eps).detach()
+
+
+@dataclass(frozen=True)
+class PGD:
+    """Projected gradient descent, L∞ (Madry et al.). `steps` signed-gradient steps of
+    `step_size` (default 2.5ε/steps) from a uniform random start in the ε-ball; with
+    `restarts` > 1 each example keeps the run of highest loss (misclassified runs first).
+    Shapes: x (N, C, H, W) in [0, 1], y (N,) -> x_adv (N, C, H, W)."""
+
+    eps: float
+    steps: int = 10
+    step_size: float | None = None
+    restarts: int = 1
+    random_start: bool = True
+    loss_fn: LossFn = ce_loss
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        step = self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+        with eval_mode(model):
+            best = x.clone()
+            best_score = torch.full((len(x),), -float("inf"), device=x.device)
+            for _ in range(max(1, self.restarts)):
+                x_adv = x.clone()
+                if self.random_start:
+                    x_adv = project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x, self.eps)
+                for _ in range(self.steps):
+                    g, _ = _grad(model, x_adv, y, self.loss_fn)
+                    x_adv = project(x_adv + step * g.sign(), x, self.eps).detach()
+                with torch.no_grad():
+                    logits, cos = logits_of(model, x_adv)
+                    loss = self.loss_fn(logits, cos, y)
+                    # a misclassifying run beats any correct one; then the higher loss wins
+                    score = loss + 1e6 * (logits.argmax(1) != y).float()
+                better = score > best_score
+                best[better] = x_adv[better]
+                best_score = torch.where(better, score, best_score)
+            return best.detach()
+
+
+def make_attack(kind: str, eps: float, steps: int = 10, step_size: float | None = None,
+                restarts: int = 1) -> FGSM | PGD:
+    if kind == "fgsm":
+        return FGSM(eps, random_start=True, step_size=step_size)
+    if kind == "pgd":
+        return PGD(eps, steps=steps, step_size=step_size, restarts=restarts)
+    raise ValueError(f"unknown attack {kind!r}; expected fgsm or pgd")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+    """(logits, cosines) for a whole tensor, in eval mode, batched."""
+    with eval_mode(model):
+        outs = [model(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def attack_dataset(model: nn.Module, attack: Callable[[nn.Module, Tensor, Tensor], Tensor],
+                   x: Tensor, y: Tensor, batch_size: int = 500) -> Tensor:
+    """Run an attack batch by batch over a whole tensor."""
+    return torch.cat([attack(model, x[i: i + batch_size], y[i: i + batch_size])
+                      for i in range(0, len(x), batch_size)])

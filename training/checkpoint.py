@@ -1,0 +1,136 @@
+"""Checkpoints: a directory with `model.safetensors` (weights), `optimizer.safetensors`
+(Adam state, for --resume) and `checkpoint.json` (model config, training config, angle
+statistics, progress, metrics). Never pickle: a checkpoint rebuilds its model alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.angle_stats import AngleStats
+from training.models import ConvNet, ModelConfig, build_model
+
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+META = "checkpoint.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing or unreadable; one line for the user."""
+
+
+@dataclass
+class Checkpoint:
+    model_config: ModelConfig
+    training_config: dict[str, Any] = field(default_factory=dict)
+    angle_stats: AngleStats | None = None
+    iteration: int = 0
+    epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+    dataset: str = ""
+    git_commit: str | None = None
+    learned: bool | None = None  # None while training, then whether the run learned
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "model_config": self.model_config.to_dict(),
+            "training_config": self.training_config,
+            "angle_stats": self.angle_stats.to_dict() if self.angle_stats else None,
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "metrics": self.metrics,
+            "command": self.command,
+            "dataset": self.dataset,
+            "git_commit": self.git_commit,
+            "learned": self.learned,
+        }
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().clone().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: ConvNet, ckpt: Checkpoint,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write atomically: into a temporary sibling directory, then rename over."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS))
+    meta = ckpt.meta()
+    if optimizer is not None:
+        tensors, opt_meta = _optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / OPTIMIZER))
+        meta["optimizer"] = opt_meta
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            _rmtree(old)
+        target.rename(old)
+        tmp.rename(target)
+        _rmtree(old)
+    else:
+        tmp.rename(target)
+    return target
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> tuple[ConvNet, Checkpoint]:
+    d = Path(path)
+    if not (d / META).is_file() or not (d / WEIGHTS).is_file():
+        raise CheckpointError(f"{d} is not a checkpoint: expected {META} and {WEIGHTS} in it")
+    try:
+        meta = json.loads((d / META).read_text())
+        cfg = ModelConfig.from_dict(meta["model_config"])
+        model = build_model(cfg)
+        model.load_state_dict(load_file(str(d / WEIGHTS), device=map_location))
+    except (KeyError, ValueError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"cannot load checkpoint {d}: {type(e).__name__}: {e}") from None
+    stats = AngleStats.from_dict(meta["angle_stats"]) if meta.get("angle_stats") else None
+    ckpt = Checkpoint(cfg, meta.get("training_config", {}), stats, meta.get("iteration", 0), meta.get("epoch", 0),
+                      meta.get("metrics", {}), meta.get("command", ""), meta.get("dataset", ""),
+                      meta.get("git_commit"), meta.get("learned"))
+    return model, ckpt
+
+
+def load_optimizer_state(path: str | os.PathLike[str], optimizer: torch.optim.Optimizer) -> bool:
+    d = Path(path)
+    if not (d / OPTIMIZER).is_file():
+        return False
+    meta = json.loads((d / META).read_text())["optimizer"]
+    tensors = load_file(str(d / OPTIMIZER))
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return True

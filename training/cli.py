@@ -1,0 +1,163 @@
+"""`python -m training ...`: train, export, evaluate, reproduce.
+
+Every user error (unknown corr, missing data, bad checkpoint, existing version) ends with
+one line `error: ...` on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="D-SphereNet training, export and evaluation.")
+
+EXIT_USER_ERROR = 2
+EXIT_DID_NOT_LEARN = 3
+
+
+def command_line() -> str:
+    return shlex.join(["python", "-m", "training", *sys.argv[1:]])
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="run directory (checkpoints last/ and final/, summary.json)")] = Path("runs/default"),
+    dataset: Annotated[str, typer.Option(help="fashion-mnist, mnist or cifar10")] = "fashion-mnist",
+    data_dir: Annotated[Optional[str], typer.Option(help="dataset directory (env DSPHERE_DATA_DIR)")] = None,
+    download: Annotated[bool, typer.Option(help="download the dataset files first (sha256-verified)")] = False,
+    download_url: Annotated[Optional[str], typer.Option(help="base URL for --download")] = None,
+    arch: Annotated[str, typer.Option(help="baseline or dsphere")] = "dsphere",
+    corr: Annotated[str, typer.Option(help="cosine, linear, sigmoid, quadratic, truncated")] = "cosine",
+    head: Annotated[str, typer.Option(help="softmax, wsoftmax, wm, anneal")] = "wm",
+    fc_dim: Annotated[int, typer.Option(help="feature dimension (2 for the Figure 2 models)")] = 256,
+    feature_relu: Annotated[bool, typer.Option(help="ReLU on the feature layer")] = True,
+    mode: Annotated[str, typer.Option(help="natural, fgsm (random start) or pgd")] = "natural",
+    eps: Annotated[float, typer.Option(help="L-inf radius for adversarial training")] = 0.1,
+    attack_steps: Annotated[int, typer.Option(help="PGD steps")] = 7,
+    attack_step_size: Annotated[Optional[float], typer.Option(help="default 2.5 eps/steps (PGD), 1.25 eps (FGSM)")] = None,
+    adv_weight: Annotated[float, typer.Option(help="weight of the adversarial loss (1 = pure adversarial)")] = 1.0,
+    natural_epochs: Annotated[float, typer.Option(help="natural epochs before adversarial training")] = 0.0,
+    eps_warmup_epochs: Annotated[float, typer.Option(help="epochs of linear eps warm-up")] = 0.0,
+    epochs: Annotated[float, typer.Option(help="epochs (overrides --iterations)")] = 0.0,
+    iterations: Annotated[int, typer.Option(help="iterations (paper: 30000)")] = 30000,
+    batch_size: Annotated[int, typer.Option()] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate, /10 at 1/3 and 2/3 of the run")] = 1e-3,
+    lr_milestones: Annotated[str, typer.Option(help="fractions of the run where lr drops /10, comma-separated")] = "0.3333,0.6667",
+    wm_init: Annotated[float, typer.Option(help="initial weight multiplier alpha")] = 10.0,
+    wm_eta: Annotated[float, typer.Option(help="weight multiplier penalty eta")] = 1e-3,
+    ortho_weight: Annotated[float, typer.Option(help="orthogonality regularizer weight")] = 1e-4,
+    n_val: Annotated[int, typer.Option(help="validation examples held out of the training set")] = 5000,
+    limit_train: Annotated[int, typer.Option(help="use only N training examples (0 = all)")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="iterations between checkpoints")] = 500,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    resume: Annotated[bool, typer.Option(help="continue from OUT/last")] = False,
+    init_from: Annotated[Optional[str], typer.Option(help="start from this checkpoint's weights")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train a baseline CNN or a D-SphereNet (natural, FGSM or PGD adversarial training)."""
+    from training.data import download as fetch
+    from training.data import load_dataset
+    from training.models import ModelConfig
+    from training.objectives import ObjectiveConfig
+    from training.train import TrainConfig, train as run_training
+
+    if download:
+        if not download_url:
+            raise ValueError("--download needs --download-url")
+        fetch(dataset, download_url, data_dir)
+    shape = load_dataset(dataset, "test", data_dir).input_shape  # fails early, one line, if data is missing
+    model_cfg = ModelConfig.for_input(shape, arch=arch, corr=corr, head=head, fc_dim=fc_dim,
+                                      feature_relu=feature_relu, wm_init=wm_init)
+    cfg = TrainConfig(dataset=dataset, data_dir=data_dir, mode=mode, eps=eps, attack_steps=attack_steps,
+                      attack_step_size=attack_step_size, adv_weight=adv_weight, natural_epochs=natural_epochs,
+                      eps_warmup_epochs=eps_warmup_epochs, epochs=epochs, iterations=iterations,
+                      batch_size=batch_size, lr=lr, lr_milestones=_fractions(lr_milestones), n_val=n_val, limit_train=limit_train, seed=seed,
+                      checkpoint_every=checkpoint_every, device=device,
+                      objective=ObjectiveConfig(wm_eta=wm_eta, ortho_weight=ortho_weight))
+    _, ckpt = run_training(model_cfg, cfg, out, resume=resume, command=command_line(), init_from=init_from,
+                           show_progress=not quiet)
+    m = ckpt.metrics
+    if m:
+        typer.echo(f"done: {out / 'final'}  val accuracy {m['val_accuracy']:.4f}  "
+                   f"{m['iterations']} iterations in {m['train_minutes']:.1f} min")
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--lr-milestones: expected comma-separated fractions, got {text!r}") from None
+    if any(not 0 < v < 1 for v in values):
+        raise ValueError("--lr-milestones: each fraction must be in (0, 1)")
+    return values
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint directory (e.g. runs/default/final)")],
+    name: Annotated[str, typer.Option(help="model name in the store")] = "fashion-mnist-dsphere",
+    version: Annotated[Optional[str], typer.Option(help="version string (default: date-based)")] = None,
+    store: Annotated[Path, typer.Option(help="model store root")] = Path("model_store"),
+    target_reject_rate: Annotated[float, typer.Option(help="clean false-reject rate rho is calibrated to")] = 0.05,
+    eps: Annotated[Optional[float], typer.Option(help="threat-model eps (default 0.1 for Fashion-MNIST/MNIST, 8/255 CIFAR)")] = None,
+    pgd_steps: Annotated[int, typer.Option(help="PGD steps for the manifest metrics")] = 20,
+    pgd_restarts: Annotated[int, typer.Option(help="PGD restarts for the manifest metrics")] = 1,
+    n_test: Annotated[int, typer.Option(help="test examples for metrics (0 = all)")] = 0,
+    n_attack: Annotated[int, typer.Option(help="test examples attacked for the PGD metrics (0 = all)")] = 2000,
+    data_dir: Annotated[Optional[str], typer.Option(help="dataset directory")] = None,
+) -> None:
+    """Export a checkpoint to model_store/<name>/<version>/ (model.onnx + manifest.json)."""
+    from training.export import export_version
+
+    path = export_version(checkpoint, store, name, version, target_reject_rate=target_reject_rate, eps=eps,
+                          pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, n_test=n_test, n_attack=n_attack,
+                          data_dir=data_dir, command=command_line())
+    typer.echo(f"exported {path}")
+
+
+def main() -> None:
+    from training.checkpoint import CheckpointError
+    from training.data import DataError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _register_optional_commands()
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # user-facing errors: one line, no traceback
+        from click.exceptions import ClickException
+
+        from training.train import TrainingDidNotLearn
+
+        if isinstance(e, TrainingDidNotLearn):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_DID_NOT_LEARN)
+        if isinstance(e, ClickException):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if isinstance(e, DataError | CheckpointError | ValueError | FileExistsError | FileNotFoundError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        raise
+
+
+def _register_optional_commands() -> None:
+    """evaluate/reproduce live in their own modules (training/evaluate, training/reproduce)."""
+    import importlib
+
+    for mod in ("training.evaluation.cli", "training.reproduce"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name is None or not e.name.startswith("training"):
+                raise
