@@ -48,6 +48,31 @@ class EngineClosedError(EngineError):
         super().__init__("inference engine is shutting down")
 
 
+class Ticket:
+    """Announces a request that will submit soon (it is still reading/decoding its input).
+
+    The worker waits (up to max_delay) to fill a batch only while tickets are open:
+    with nothing on its way, a lone request runs at once instead of idling out the delay.
+    Close it (or submit with it) exactly once; closing twice is harmless.
+    """
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher: Batcher | None = batcher
+        batcher._arriving += 1
+
+    def close(self) -> None:
+        b, self._batcher = self._batcher, None
+        if b is not None:
+            b._arriving -= 1
+            b._event.set()
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass
 class _Item:
     x: NDArray[np.float32]
@@ -78,6 +103,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._name = name
         self.in_flight = 0  # submitted and not yet resolved
+        self._arriving = 0  # open tickets: requests still preparing their input
 
     @property
     def depth(self) -> int:
@@ -87,8 +113,13 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._worker(), name=self._name)
 
-    async def submit(self, x: NDArray[np.float32]) -> Outputs:
+    def ticket(self) -> Ticket:
+        return Ticket(self)
+
+    async def submit(self, x: NDArray[np.float32], ticket: Ticket | None = None) -> Outputs:
         """Run rows `x` (shape [n, ...]) in some batch; returns each output's n rows."""
+        if ticket is not None:
+            ticket.close()
         if self._closing:
             raise EngineClosedError()
         if len(self._pending) >= self.queue_size:
@@ -118,9 +149,10 @@ class Batcher:
                     return
                 self._event.clear()
                 await self._event.wait()
-            # Collect until max_batch rows or the delay after the first item has passed.
+            # Collect until max_batch rows, or the delay after the first item has passed,
+            # or no announced request (ticket) is still on its way.
             deadline = loop.time() + self.max_delay_s
-            while self._rows_pending() < self.max_batch and not self._closing:
+            while self._rows_pending() < self.max_batch and not self._closing and self._arriving > 0:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -206,7 +238,7 @@ class ModelRuntime:
         self.rho = float(rho if rho is not None else m.rho)
         self._mean = np.asarray(m.angle_mean_deg, np.float64)
         self._std = np.asarray(m.angle_std_deg, np.float64)
-        self.input_shape = tuple(m.input.shape)
+        self.input_shape: tuple[int, int, int] = m.input.shape
         self.batcher = Batcher(
             self._run_batch,
             max_batch=max_batch,
@@ -247,10 +279,22 @@ class ModelRuntime:
     def start(self) -> None:
         self.batcher.start()
 
-    async def classify(self, x: NDArray[np.float32]) -> Verdicts:
+    def ticket(self) -> Ticket:
+        return self.batcher.ticket()
+
+    async def classify(self, x: NDArray[np.float32], ticket: Ticket | None = None) -> Verdicts:
+        """Verdicts for x of shape [N, C, H, W] (or one [C, H, W]); N > max_batch is split."""
         if x.ndim == 3:
             x = x[None]
-        labels, angles, thresholds, accepted, probs = await self.batcher.submit(x)
+        step = self.batcher.max_batch
+        if ticket is not None:
+            ticket.close()
+        if len(x) <= step:
+            outs = await self.batcher.submit(x)
+        else:
+            parts = await asyncio.gather(*(self.batcher.submit(x[i : i + step]) for i in range(0, len(x), step)))
+            outs = tuple(np.concatenate(cols) for cols in zip(*parts, strict=True))
+        labels, angles, thresholds, accepted, probs = outs
         return Verdicts(labels, angles, thresholds, accepted, probs)  # type: ignore[arg-type]
 
     async def close(self, timeout: float | None = 30.0) -> None:

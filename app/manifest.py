@@ -11,11 +11,11 @@ does not know.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 OUTPUT_NAMES = ("logits", "cosines")

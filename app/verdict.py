@@ -64,7 +64,9 @@ def geodesic_verdict(
     return Verdicts(labels, theta, threshold, theta <= threshold, probs)
 
 
-def angle_ratio(logits: ArrayLike, cosines: ArrayLike, angle_mean_deg: ArrayLike, angle_std_deg: ArrayLike) -> NDArray[np.float64]:
+def angle_ratio(
+    logits: ArrayLike, cosines: ArrayLike, angle_mean_deg: ArrayLike, angle_std_deg: ArrayLike
+) -> NDArray[np.float64]:
     """theta / (mean + std) of the predicted class: the verdict rejects iff ratio > rho."""
     v = geodesic_verdict(logits, cosines, angle_mean_deg, angle_std_deg, 1.0)
     out: NDArray[np.float64] = v.angles_deg / v.thresholds_deg

@@ -1,0 +1,118 @@
+# syntax=docker/dockerfile:1.7
+#
+# dsphere serving images: ONNX Runtime + FastAPI, no torch, no training code.
+#
+#   docker build -t dsphere:cpu .                 # CPU image (the default, last stage)
+#   docker build --target cpu -t dsphere:cpu .    # same, explicit
+#   docker build --target gpu -t dsphere:gpu .    # CUDA image (onnxruntime-gpu)
+#
+# Both images serve model_store/ as copied at build time (bind-mount a host
+# model_store over /srv/dsphere/model_store to add versions without a rebuild;
+# docker-compose.yml does). See docs/DEPLOYMENT.md.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+# ---------------------------------------------------------------------------
+# requirements: the service's dependency list, read from pyproject.toml
+# (base dependencies + the `serve` extra). The gpu list swaps onnxruntime for
+# the `gpu` extra (onnxruntime-gpu): both wheels install the same `onnxruntime`
+# module and must never be installed together. Fails the build if torch (or
+# anything of the `train` extra) would end up in a serving image.
+# ---------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python - <<'EOF'
+import re
+import tomllib
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+serve = list(project.get("dependencies", [])) + list(extras["serve"])
+
+
+def name(req):
+    return re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+cpu = serve
+gpu = [r for r in serve if name(r) != "onnxruntime"] + list(extras["gpu"])
+for flavour, reqs in (("cpu", cpu), ("gpu", gpu)):
+    names = {name(r) for r in reqs}
+    assert not names & {"torch", "torchvision", "onnx", "onnxscript"}, (flavour, reqs)
+    assert len(names & {"onnxruntime", "onnxruntime-gpu"}) == 1, (flavour, reqs)
+    with open(f"requirements-{flavour}.txt", "w") as f:
+        f.write("\n".join(reqs) + "\n")
+    print(f"requirements-{flavour}.txt:", *reqs, sep="\n  ")
+EOF
+
+# ---------------------------------------------------------------------------
+# gpu: CUDA 12 + cuDNN 9 runtime (what onnxruntime-gpu >= 1.19 links against).
+# Ubuntu 24.04's python3 is 3.12 (pyproject requires >= 3.11).
+# ---------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS gpu-build
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=requirements /src/requirements-gpu.txt /tmp/requirements.txt
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install -r /tmp/requirements.txt \
+ && ! /opt/venv/bin/pip show torch >/dev/null 2>&1
+
+FROM ${CUDA_IMAGE} AS gpu
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --user-group --home-dir /srv/dsphere --shell /usr/sbin/nologin dsphere \
+ && mkdir -p /var/lib/dsphere/quarantine \
+ && chown dsphere:dsphere /var/lib/dsphere/quarantine
+COPY --from=gpu-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    DSPHERE_MODEL_STORE=/srv/dsphere/model_store \
+    DSPHERE_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /srv/dsphere
+COPY --chown=root:root app/ ./app/
+COPY --chown=root:root model_store/ ./model_store/
+USER dsphere
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"]
+# One process per container: scale with replicas (docker compose --scale api=N),
+# which keeps prometheus-client metrics per process and scrapes simple.
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-server-header"]
+
+# ---------------------------------------------------------------------------
+# cpu: python:3.11-slim + onnxruntime (the default target: last stage)
+# ---------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS cpu-build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=requirements /src/requirements-cpu.txt /tmp/requirements.txt
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install -r /tmp/requirements.txt \
+ && ! /opt/venv/bin/pip show torch >/dev/null 2>&1
+
+FROM ${PYTHON_IMAGE} AS cpu
+RUN useradd --system --uid 10001 --user-group --home-dir /srv/dsphere --shell /usr/sbin/nologin dsphere \
+ && mkdir -p /var/lib/dsphere/quarantine \
+ && chown dsphere:dsphere /var/lib/dsphere/quarantine
+COPY --from=cpu-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    DSPHERE_MODEL_STORE=/srv/dsphere/model_store \
+    DSPHERE_PROVIDERS=CPUExecutionProvider
+WORKDIR /srv/dsphere
+COPY --chown=root:root app/ ./app/
+COPY --chown=root:root model_store/ ./model_store/
+USER dsphere
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"]
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-server-header"]

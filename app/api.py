@@ -1,0 +1,300 @@
+"""REST endpoints: /classify, /classify/batch, health, models, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.engine import ModelRuntime
+from app.errors import APIError
+from app.images import EXTENSIONS, DecodedImage, ImageError, check_content_type, decode_image, header_pixels
+from app.manifest import MANIFEST_FILE, Manifest
+from app.metrics import CONTENT_TYPE
+from app.model_store import ModelStoreError, list_models, list_versions, read_manifest, resolve_version
+from app.schemas import (
+    BatchClassification,
+    Classification,
+    Health,
+    ManifestSummary,
+    ModelDetail,
+    ModelList,
+    ModelRef,
+    ModelSummary,
+    Ready,
+    error_responses,
+)
+from app.service import NotReadyError, Service
+from app.uploads import Part, media_type, read_body, read_multipart
+from app.verdict import Verdicts
+
+log = logging.getLogger("dsphere.api")
+router = APIRouter()
+
+_IMAGE_TYPES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
+
+
+def _service(request: Request) -> Service:
+    svc: Service = request.app.state.service
+    return svc
+
+
+def _rid(request: Request) -> str:
+    rid: str = request.state.request_id
+    return rid
+
+
+def _multipart_body(name: str, many: bool) -> dict[str, Any]:
+    prop: dict[str, Any] = {"type": "string", "format": "binary"}
+    if many:
+        prop = {"type": "array", "items": prop}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": [name], "properties": {name: prop}}
+                },
+                **(
+                    {}
+                    if many
+                    else {"image/*": {"schema": {"type": "string", "format": "binary"}}}
+                ),
+            },
+        }
+    }
+
+
+# Images up to this many pixels are decoded on the event loop (tens of microseconds);
+# larger ones (up to the pixel cap) in a worker thread so they never stall other requests.
+INLINE_DECODE_PIXELS = 256 * 256
+
+
+async def _decode(data: bytes, rt: ModelRuntime, max_pixels: int, where: str = "") -> DecodedImage:
+    try:
+        px = header_pixels(data)
+        if px is None or px <= INLINE_DECODE_PIXELS:
+            return decode_image(data, rt.input_shape, max_pixels)
+        return await asyncio.to_thread(decode_image, data, rt.input_shape, max_pixels)
+    except ImageError as exc:
+        if where:
+            raise ImageError(exc.status_code, f"{where}: {exc.detail}") from None
+        raise
+
+
+def _file_parts(parts: list[Part], field: str) -> list[Part]:
+    return [p for p in parts if p.name == field]
+
+
+def _results(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Classification]:
+    names = rt.model.manifest.class_names
+    ref = ModelRef(name=rt.name, version=rt.version)
+    out = []
+    for i in range(len(v.labels)):
+        label = int(v.labels[i])
+        out.append(
+            Classification(
+                label=label,
+                class_name=names[label],
+                probability=float(v.probabilities[i]),
+                angle_deg=float(v.angles_deg[i]),
+                threshold_deg=float(v.thresholds_deg[i]),
+                verdict="accept" if bool(v.accepted[i]) else "reject",
+                model=ref,
+                request_id=request_id,
+            )
+        )
+    return out
+
+
+async def _after(svc: Service, rt: ModelRuntime, v: Verdicts, results: list[Classification],
+                 uploads: list[tuple[bytes, str]], batch: bool) -> None:
+    svc.metrics.observe_verdicts(
+        rt.name, rt.version, rt.model.manifest.class_names,
+        [r.label for r in results], [r.angle_deg for r in results], [r.verdict == "accept" for r in results],
+    )
+    q = svc.quarantine
+    if q is None:
+        return
+    for i, r in enumerate(results):
+        if r.verdict == "reject":
+            data, fmt = uploads[i]
+            record = {**r.model_dump(), "index": i if batch else None}
+            await asyncio.to_thread(q.add, data, EXTENSIONS.get(fmt, ".bin"), record)
+
+
+@router.post(
+    "/classify",
+    response_model=Classification,
+    responses=error_responses(400, 413, 415, 422, 503),
+    openapi_extra=_multipart_body("file", many=False),
+    summary="Classify one image and say whether to trust the label",
+)
+async def classify(request: Request) -> Classification:
+    """Multipart field `file`, or a raw body with an `image/*` Content-Type."""
+    svc = _service(request)
+    rt = svc.current()
+    with rt.ticket() as ticket:
+        data = await _read_single(request, svc)
+        img = await _decode(data, rt, svc.settings.max_image_pixels)
+        v = await rt.classify(img.array, ticket)
+    results = _results(rt, v, _rid(request))
+    await _after(svc, rt, v, results, [(data, img.format)], batch=False)
+    return results[0]
+
+
+async def _read_single(request: Request, svc: Service) -> bytes:
+    limit = svc.settings.max_upload_bytes
+    mt = media_type(request)
+    if mt == "multipart/form-data":
+        files = _file_parts(await read_multipart(request, limit), "file")
+        if not files:
+            raise APIError(422, "missing multipart field 'file'")
+        if len(files) > 1:
+            raise APIError(422, f"expected one multipart field 'file', got {len(files)}; use /classify/batch")
+        check_content_type(files[0].content_type)
+        data = bytes(files[0].data)
+    elif mt.startswith("image/"):
+        check_content_type(mt)
+        data = await read_body(request, limit)
+    else:
+        raise APIError(
+            415,
+            f"unsupported content type '{mt}'; send multipart/form-data with a 'file' field "
+            f"or a raw body with an image/* content type ({_IMAGE_TYPES})",
+        )
+    return data
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchClassification,
+    responses=error_responses(400, 413, 415, 422, 503),
+    openapi_extra=_multipart_body("files", many=True),
+    summary="Classify several images (repeated multipart field `files`), results in order",
+)
+async def classify_batch(request: Request) -> BatchClassification:
+    svc = _service(request)
+    rt = svc.current()
+    with rt.ticket() as ticket:
+        datas, imgs = await _read_batch(request, svc, rt)
+        v = await rt.classify(np.stack([im.array for im in imgs]), ticket)
+    results = _results(rt, v, _rid(request))
+    await _after(svc, rt, v, results, [(d, im.format) for d, im in zip(datas, imgs, strict=True)], batch=True)
+    return BatchClassification(results=results)
+
+
+async def _read_batch(request: Request, svc: Service, rt: ModelRuntime) -> tuple[list[bytes], list[DecodedImage]]:
+    s = svc.settings
+    mt = media_type(request)
+    if mt != "multipart/form-data":
+        raise APIError(415, f"unsupported content type '{mt}'; send multipart/form-data with 'files' fields")
+    files = _file_parts(await read_multipart(request, s.max_batch_upload_bytes), "files")
+    if not files:
+        raise APIError(422, "missing multipart field 'files'")
+    if len(files) > s.max_batch_files:
+        raise APIError(413, f"too many files: {len(files)} (limit {s.max_batch_files})")
+    for i, f in enumerate(files):
+        try:
+            check_content_type(f.content_type)
+        except ImageError as exc:
+            raise ImageError(exc.status_code, f"files[{i}]: {exc.detail}") from None
+    datas = [bytes(f.data) for f in files]
+    imgs = [await _decode(d, rt, s.max_image_pixels, f"files[{i}]") for i, d in enumerate(datas)]
+    return datas, imgs
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Ready, responses=error_responses(503), summary="Model loaded and warmed")
+async def readyz(request: Request) -> Ready:
+    rt = _service(request).current()
+    return Ready(status="ready", model=ModelRef(name=rt.name, version=rt.version))
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)")
+async def metrics(request: Request) -> Response:
+    svc = _service(request)
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _served(svc: Service) -> ModelRuntime | None:
+    try:
+        return svc.current()
+    except NotReadyError:
+        return None
+
+
+def _summary(svc: Service, name: str) -> ModelSummary:
+    store = svc.settings.model_store
+    rt = _served(svc)
+    try:
+        latest: str | None = resolve_version(store, name, "latest")
+    except ModelStoreError:
+        latest = None
+    return ModelSummary(
+        name=name,
+        versions=list_versions(store, name),
+        latest=latest,
+        served_version=rt.version if rt is not None and rt.name == name else None,
+    )
+
+
+def _manifest_summary(m: Manifest, rho: float) -> ManifestSummary:
+    return ManifestSummary(
+        version=m.version,
+        created_at=m.created_at,
+        sha256=m.sha256,
+        class_names=m.class_names,
+        input_shape=m.input.shape,
+        rho=rho,
+        manifest_rho=m.rho,
+        calibration=m.calibration,
+        metrics=m.metrics,
+    )
+
+
+@router.get("/models", response_model=ModelList, summary="Models and versions in the store")
+async def models(request: Request) -> ModelList:
+    svc = _service(request)
+    names = set(list_models(svc.settings.model_store))
+    rt = _served(svc)
+    if rt is not None:
+        names.add(rt.name)
+    return ModelList(models=[_summary(svc, n) for n in sorted(names)])
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelDetail,
+    responses=error_responses(404),
+    summary="One model: versions, manifest summary (rho, calibration, metrics)",
+)
+async def model_detail(request: Request, name: str) -> ModelDetail | JSONResponse:
+    svc = _service(request)
+    summary = _summary(svc, name)
+    rt = _served(svc)
+    served = rt is not None and rt.name == name
+    if not summary.versions and not served:
+        raise APIError(404, f"model '{name}' not found")
+    manifest: ManifestSummary | None = None
+    error: str | None = None
+    provider: str | None = None
+    if rt is not None and served:
+        manifest = _manifest_summary(rt.model.manifest, rt.rho)
+        provider = rt.model.provider
+    elif summary.latest is not None:
+        try:
+            m = read_manifest(svc.settings.model_store / name / summary.latest / MANIFEST_FILE)
+            rho = svc.settings.rho if svc.settings.rho is not None else m.rho
+            manifest = _manifest_summary(m, rho)
+        except ModelStoreError as exc:
+            error = str(exc)
+    return ModelDetail(**summary.model_dump(), manifest=manifest, manifest_error=error, provider=provider)

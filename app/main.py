@@ -1,0 +1,80 @@
+"""ASGI entry point: `uvicorn app.main:app` (settings from DSPHERE_* environment variables)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from app import admin, api, v2
+from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.middleware import RequestMetricsMiddleware
+from app.service import Service
+from app.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("dsphere")
+
+
+def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+    """Build the app; the model loads (verified, warmed) in the lifespan startup."""
+    if settings is None:
+        settings = load_settings()
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    # Pillow's own bomb guard: warning above this, error above twice this (both -> 413).
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    service = Service(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.load()
+        try:
+            yield
+        finally:
+            await service.close()  # uvicorn has already waited for in-flight requests
+
+    app = FastAPI(
+        title="dsphere",
+        version="0.1.0",
+        description="Image classification that says what each input is AND whether to trust it "
+        "(D-SphereNet robust geodesic inference). See docs/API.md.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    app.include_router(api.router)
+    app.include_router(v2.router)
+    app.include_router(admin.router)
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    _add_openapi_components(app, v2.openapi_components())
+    return app
+
+
+def _add_openapi_components(app: FastAPI, schemas: dict[str, Any]) -> None:
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = original()
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _create_or_exit() -> FastAPI:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return create_app()
+    except SettingsError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+app = _create_or_exit()

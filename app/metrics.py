@@ -1,0 +1,122 @@
+"""Prometheus metrics on a registry passed in (never the global one).
+
+Names and labels are a contract (dashboards, alerts):
+  dsphere_classifications_total{model,version,class_name,verdict}  counter
+  dsphere_angle_degrees{model,version,verdict}                     histogram, buckets over 0-180
+  dsphere_request_duration_seconds{endpoint}                        histogram
+  dsphere_requests_total{endpoint,status}                           counter
+  dsphere_inference_batch_size                                      histogram
+  dsphere_queue_depth                                               gauge
+  dsphere_model_info{model,version,sha256,provider}                 gauge (1 for the served version)
+
+`endpoint` is the route template (e.g. "/v2/models/{name}/infer"), "unmatched" otherwise.
+With PROMETHEUS_MULTIPROC_DIR set (several workers), values live in that directory
+and `render` aggregates every process with a MultiProcessCollector.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+ANGLE_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 70, 80, 90, 105, 120, 135, 150, 165, 180)
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.multiprocess = multiprocess_dir() is not None
+        self.classifications = Counter(
+            "dsphere_classifications_total",
+            "Classified inputs by predicted class and verdict.",
+            ["model", "version", "class_name", "verdict"],
+            registry=registry,
+        )
+        self.angle = Histogram(
+            "dsphere_angle_degrees",
+            "Geodesic angle (degrees) between an input's feature and its predicted class weight.",
+            ["model", "version", "verdict"],
+            buckets=ANGLE_BUCKETS,
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "dsphere_request_duration_seconds",
+            "HTTP request duration by route template.",
+            ["endpoint"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.requests = Counter(
+            "dsphere_requests_total",
+            "HTTP requests by route template and status code.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "dsphere_inference_batch_size",
+            "Rows per ONNX Runtime call of the micro-batcher.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "dsphere_queue_depth",
+            "Requests waiting in the micro-batcher queue.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.model_info = Gauge(
+            "dsphere_model_info",
+            "1 for the model version being served.",
+            ["model", "version", "sha256", "provider"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._info_labels: tuple[str, str, str, str] | None = None
+
+    def set_model(self, model: str, version: str, sha256: str, provider: str) -> None:
+        labels = (model, version, sha256, provider)
+        if self._info_labels is not None and self._info_labels != labels:
+            if self.multiprocess:
+                self.model_info.labels(*self._info_labels).set(0)
+            else:
+                self.model_info.remove(*self._info_labels)
+        self.model_info.labels(*labels).set(1)
+        self._info_labels = labels
+
+    def observe_verdicts(
+        self,
+        model: str,
+        version: str,
+        class_names: list[str],
+        labels: list[int],
+        angles: list[float],
+        accepted: list[bool],
+    ) -> None:
+        for label, angle, ok in zip(labels, angles, accepted, strict=True):
+            verdict = "accept" if ok else "reject"
+            self.classifications.labels(model, version, class_names[label], verdict).inc()
+            self.angle.labels(model, version, verdict).observe(angle)
+
+    def render(self) -> bytes:
+        if self.multiprocess:
+            reg = CollectorRegistry()
+            multiprocess.MultiProcessCollector(reg)
+            return generate_latest(reg)
+        return generate_latest(self.registry)

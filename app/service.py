@@ -1,0 +1,100 @@
+"""The service's state: settings, metrics, quarantine and the model runtime being served.
+
+`load` (startup) and `reload` (admin) build a new ModelRuntime completely (verify,
+session, warm-up) before swapping one reference; requests that already hold the
+old runtime finish on it, then the old batcher is drained and closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app.engine import ModelRuntime
+from app.metrics import Metrics
+from app.model_store import ModelStoreError, load_version
+from app.quarantine import Quarantine
+from app.settings import Settings
+
+log = logging.getLogger("dsphere.service")
+
+
+class NotReadyError(Exception):
+    pass
+
+
+class Service:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.runtime: ModelRuntime | None = None
+        self.load_error: str | None = "model not loaded yet"
+        self.quarantine: Quarantine | None = (
+            Quarantine(settings.quarantine_dir, settings.quarantine_max_bytes) if settings.quarantine_dir else None
+        )
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def current(self) -> ModelRuntime:
+        rt = self.runtime
+        if rt is None or not rt.warmed:
+            raise NotReadyError(f"model not ready: {self.load_error or 'loading'}")
+        return rt
+
+    def _build(self, name: str, version: str) -> ModelRuntime:
+        s = self.settings
+        model = load_version(s.model_store, name, version, s.provider_list, s.intra_op_threads)
+        rt = ModelRuntime(
+            model,
+            rho=s.rho,
+            max_batch=s.batch_size,
+            max_delay_s=s.batch_delay_s,
+            queue_size=s.queue_size,
+            on_batch=self.metrics.batch_size.observe,
+            on_queue_depth=self.metrics.queue_depth.set,
+        )
+        rt.warmup()
+        return rt
+
+    async def load(self) -> None:
+        """Startup load of the configured model; failure is logged and reported by /readyz."""
+        s = self.settings
+        try:
+            rt = await asyncio.to_thread(self._build, s.model_name, s.model_version)
+        except ModelStoreError as exc:
+            self.load_error = str(exc)
+            log.error("cannot load model %s (%s): %s", s.model_name, s.model_version, exc)
+            return
+        self._install(rt)
+
+    def _install(self, rt: ModelRuntime) -> None:
+        rt.start()
+        self.runtime = rt
+        self.load_error = None
+        m = rt.model
+        self.metrics.set_model(m.name, m.version, m.sha256, m.provider)
+        log.info(
+            "serving %s/%s sha256=%s providers=%s rho=%.4f batch_size=%d batch_delay_ms=%.2f",
+            m.name, m.version, m.sha256[:12], list(m.providers), rt.rho,
+            self.settings.batch_size, self.settings.batch_delay_ms,
+        )
+
+    async def reload(self, name: str, version: str) -> tuple[ModelRuntime | None, ModelRuntime]:
+        """Load `name`/`version` and swap it in; raises ModelStoreError and keeps the old one."""
+        async with self._reload_lock:
+            new = await asyncio.to_thread(self._build, name, version)
+            old = self.runtime
+            self._install(new)
+            if old is not None:
+                task = asyncio.get_running_loop().create_task(old.close())
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            return old, new
+
+    async def close(self) -> None:
+        """Drain: every queued request is answered, then the workers stop."""
+        rt = self.runtime
+        if rt is not None:
+            await rt.close()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)

@@ -1,0 +1,184 @@
+"""Micro-batcher: deterministic (events and a fake runner, no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from app.engine import Batcher, EngineClosedError, EngineError, QueueFullError
+
+
+class FakeRunner:
+    def __init__(self, block: bool = False) -> None:
+        self.calls: list[int] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+
+    def __call__(self, x: np.ndarray):
+        self.calls.append(len(x))
+        self.started.set()
+        self.release.wait(10)
+        return (x[:, 0] * 2, x[:, 0] + 1)
+
+
+def rows(*vals: float) -> np.ndarray:
+    return np.array([[v] for v in vals], np.float32)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_groups_up_to_max_batch_without_waiting_for_delay() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        sizes: list[int] = []
+        b = Batcher(runner, max_batch=4, max_delay_s=60.0, queue_size=100, on_batch=sizes.append)
+        b.start()
+        results = await asyncio.gather(*(b.submit(rows(i)) for i in range(8)))
+        assert runner.calls == [4, 4] and sizes == [4, 4]
+        for i, (a, c) in enumerate(results):
+            assert a.tolist() == [2.0 * i] and c.tolist() == [i + 1.0]
+        await b.close()
+
+    run(main())
+
+
+def test_returns_on_timeout_with_partial_batch() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        b = Batcher(runner, max_batch=64, max_delay_s=0.001, queue_size=100)
+        b.start()
+        a, c = await b.submit(rows(1, 2, 3))
+        assert a.tolist() == [2, 4, 6] and runner.calls == [3]
+        await b.close()
+
+    run(main())
+
+
+def test_waits_for_announced_requests_until_delay() -> None:
+    """With a ticket open the worker waits (up to the delay) for it; it runs when it arrives."""
+
+    async def main() -> None:
+        runner = FakeRunner()
+        b = Batcher(runner, max_batch=64, max_delay_s=60.0, queue_size=100)
+        b.start()
+        ticket = b.ticket()
+        first = asyncio.ensure_future(b.submit(rows(1)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not first.done() and b.depth == 1  # waiting for the announced request
+        second = await b.submit(rows(2), ticket)
+        assert (await first)[0].tolist() == [2] and second[0].tolist() == [4]
+        assert runner.calls == [2]
+        # a ticket that never submits: the batch goes at the delay
+        b.max_delay_s = 0.001
+        with b.ticket():
+            a, _ = await b.submit(rows(3))
+        assert a.tolist() == [6] and runner.calls == [2, 1]
+        await b.close()
+
+    run(main())
+
+
+def test_multi_row_items_are_not_split_and_respect_max_batch() -> None:
+    async def main() -> None:
+        runner = FakeRunner()
+        b = Batcher(runner, max_batch=4, max_delay_s=60.0, queue_size=100)
+        b.start()
+        r = await asyncio.gather(b.submit(rows(1, 2, 3)), b.submit(rows(4, 5)), b.submit(rows(6, 7)))
+        assert runner.calls == [3, 4]
+        assert [x[0].tolist() for x in r] == [[2, 4, 6], [8, 10], [12, 14]]
+        await b.close()
+
+    run(main())
+
+
+def test_queue_full_raises_immediately() -> None:
+    async def main() -> None:
+        runner = FakeRunner(block=True)
+        depths: list[int] = []
+        b = Batcher(runner, max_batch=1, max_delay_s=0.0, queue_size=2, on_queue_depth=depths.append)
+        b.start()
+        first = asyncio.ensure_future(b.submit(rows(0)))
+        await asyncio.to_thread(runner.started.wait, 10)  # first batch is running, queue empty
+        waiting = [asyncio.ensure_future(b.submit(rows(i))) for i in (1, 2)]
+        await asyncio.sleep(0)  # let them enqueue
+        with pytest.raises(QueueFullError, match=r"inference queue is full \(2 waiting requests\)"):
+            await b.submit(rows(3))
+        assert b.depth == 2
+        runner.release.set()
+        assert [(await f)[0].tolist() for f in (first, *waiting)] == [[0], [2], [4]]
+        assert depths[-1] == 0
+        await b.close()
+
+    run(main())
+
+
+def test_exception_set_on_every_future_of_the_batch() -> None:
+    async def main() -> None:
+        def boom(x: np.ndarray):
+            raise RuntimeError("kaput")
+
+        b = Batcher(boom, max_batch=3, max_delay_s=60.0, queue_size=10)
+        b.start()
+        res = await asyncio.gather(*(b.submit(rows(i)) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and str(r) == "kaput" for r in res)
+        await b.close()
+
+    run(main())
+
+
+def test_output_row_mismatch_fails_batch() -> None:
+    async def main() -> None:
+        b = Batcher(lambda x: (x[:-1, 0],), max_batch=2, max_delay_s=60.0, queue_size=10)
+        b.start()
+        res = await asyncio.gather(b.submit(rows(1)), b.submit(rows(2)), return_exceptions=True)
+        assert all(isinstance(r, EngineError) and "returned [1] rows for 2 inputs" in str(r) for r in res)
+        await b.close()
+
+    run(main())
+
+
+def test_close_drains_queued_requests_then_refuses() -> None:
+    async def main() -> None:
+        runner = FakeRunner(block=True)
+        b = Batcher(runner, max_batch=1, max_delay_s=0.0, queue_size=10)
+        b.start()
+        futs = [asyncio.ensure_future(b.submit(rows(i))) for i in range(3)]
+        await asyncio.to_thread(runner.started.wait, 10)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0)
+        with pytest.raises(EngineClosedError):
+            await b.submit(rows(9))
+        runner.release.set()
+        await closing
+        assert [(await f)[0].tolist() for f in futs] == [[0], [2], [4]]
+        assert runner.calls == [1, 1, 1]
+
+    run(main())
+
+
+def test_cancelled_request_is_skipped() -> None:
+    async def main() -> None:
+        runner = FakeRunner(block=True)
+        b = Batcher(runner, max_batch=8, max_delay_s=0.0, queue_size=10)
+        b.start()
+        first = asyncio.ensure_future(b.submit(rows(0)))
+        await asyncio.to_thread(runner.started.wait, 10)
+        gone = asyncio.ensure_future(b.submit(rows(1)))
+        kept = asyncio.ensure_future(b.submit(rows(2)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        runner.release.set()
+        await first
+        assert (await kept)[0].tolist() == [4]
+        assert runner.calls == [1, 1]
+        await b.close()
+
+    run(main())

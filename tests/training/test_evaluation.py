@@ -1,0 +1,229 @@
+"""Invariants of `python -m training evaluate` on a tiny D-SphereNet trained on ~2,000 real
+Fashion-MNIST images and exported with training.export.export_version."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.evaluation.attacks import AttackOutOfBall, check_ball
+from training.evaluation.core import EvalConfig, EvaluationError, Judged, evaluate, roc_auc, worst_case
+from training.evaluation.schema import Report
+from training.export import export_version
+from training.models import ModelConfig
+from training.train import TrainConfig, TrainingDidNotLearn, train
+
+ROOT = Path(__file__).resolve().parents[2]
+EPS = 0.1
+TINY = dict(widths=(4, 8, 8), fc_dim=16)
+# tiny budgets: the invariants, not the numbers, are under test
+FAST = dict(n_examples=60, pgd_steps=10, pgd_restarts=2, apgd_iter=10, n_apgd=40, square_queries=40, n_square=24,
+            transfer_steps=10, n_transfer=60, adaptive_steps=15, n_adaptive=60, n_budget_check=24,
+            sweep_eps=(0.0, 0.1, 0.5), sweep_steps=5, n_sweep=30, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny exported D-SphereNet (version dir + checkpoint) and a tiny baseline substitute."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval")
+    tc = TrainConfig(iterations=120, limit_train=2000, n_val=500, checkpoint_every=0, batch_size=64, lr=3e-3)
+    train(ModelConfig(**TINY), tc, root / "dsphere", show_progress=False)
+    vdir = export_version(root / "dsphere" / "final", root / "store", "tiny", "v1", n_test=200, n_attack=20,
+                          pgd_steps=2)
+    try:
+        train(ModelConfig(arch="baseline", head="softmax", **TINY),
+              TrainConfig(iterations=40, limit_train=2000, n_val=500, checkpoint_every=0, batch_size=64, lr=1e-3,
+                          seed=1), root / "baseline", show_progress=False)
+    except TrainingDidNotLearn:
+        pass  # a weak substitute is still a substitute
+    return {"root": root, "version": vdir, "checkpoint": root / "dsphere" / "final",
+            "substitute": root / "baseline" / "final"}
+
+
+@pytest.fixture(scope="module")
+def full(tiny: dict[str, Path]):  # type: ignore[no-untyped-def]
+    cfg = EvalConfig(eps=EPS, substitutes=(str(tiny["substitute"]),), **FAST)  # type: ignore[arg-type]
+    return evaluate(tiny["version"], tiny["checkpoint"], cfg, tiny["root"] / "report")
+
+
+def test_every_attack_ran_inside_the_eps_ball(full) -> None:  # type: ignore[no-untyped-def]
+    r: Report = full.report
+    names = {a.name for a in r.attacks}
+    assert {"fgsm", "pgd-10", "apgd-ce", "apgd-dlr", "square", "adaptive"} <= names
+    assert any(n.startswith("transfer:") for n in names)
+    for a in r.attacks:
+        assert a.status == "ok", a
+        assert a.max_perturbation is not None and a.max_perturbation <= EPS + 1e-6, a.name
+        assert a.n_examples > 0
+
+
+def test_check_ball_rejects_out_of_ball_and_out_of_box() -> None:
+    x = torch.full((2, 1, 4, 4), 0.5)
+    assert check_ball(x + 0.1, x, 0.1) == pytest.approx(0.1)
+    with pytest.raises(AttackOutOfBall):
+        check_ball(x + 0.2, x, 0.1)
+    with pytest.raises(AttackOutOfBall):
+        check_ball(torch.zeros_like(x) - 0.05, torch.zeros_like(x), 0.1)
+
+
+def test_rates_are_consistent(full) -> None:  # type: ignore[no-untyped-def]
+    r: Report = full.report
+    clean = full.clean
+    assert r.clean_accuracy > 0.3  # the tiny model learned something
+    for a in r.attacks:
+        clean_acc = float(clean.correct[: a.n_examples].mean())
+        # strong white-box attacks keep the best (misclassifying) run: never above clean
+        slack = 0.0 if a.kind in ("white-box", "adaptive") and a.name != "fgsm" else 0.1
+        assert a.robust_accuracy <= clean_acc + slack + 1e-9, a.name
+        assert a.defended_rate >= a.robust_accuracy - 1e-9, a.name
+        assert a.defended_rate >= a.reject_rate - 1e-9, a.name
+        assert a.success_rate == pytest.approx(1 - a.defended_rate)
+    wc = r.worst_case
+    assert wc.robust_accuracy <= min(a.robust_accuracy for a in r.attacks) + 1e-9 or wc.n_examples < r.n_examples
+    assert wc.defended_rate >= wc.robust_accuracy - 1e-9
+    for a in r.attacks:  # the worst case is no better than any attack on the common examples
+        j = full.judged[a.name]
+        assert wc.defended_rate <= float((~j.broken[: wc.n_examples]).mean()) + 1e-9
+
+
+def test_sanity_checks_and_detectors_present(full) -> None:  # type: ignore[no-untyped-def]
+    s = full.report.sanity
+    assert s.pgd_budget is not None and s.eps_sweep is not None and s.gradient_free is not None
+    assert [p.eps for p in s.eps_sweep.points] == [0.0, 0.1, 0.5]
+    assert s.eps_sweep.points[0].robust_accuracy >= s.eps_sweep.points[-1].robust_accuracy
+    assert s.eps_sweep.points[-1].robust_accuracy <= 0.1  # eps 0.5 breaks any honest model
+    assert {d.attack for d in full.report.detectors} == {"pgd-10", "adaptive"}
+    for d in full.report.detectors:
+        assert 0 <= d.auc <= 1
+
+
+def test_outputs_written_and_schema_round_trips(full, tiny) -> None:  # type: ignore[no-untyped-def]
+    out = tiny["root"] / "report"
+    for f in ("report.json", "report.md", "angle_hist.png", "roc.png", "eps_sweep.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    text = (out / "report.json").read_text()
+    r = Report.model_validate_json(text)
+    assert Report.model_validate_json(r.model_dump_json()) == r
+    d = json.loads(text)
+    for key in ("model", "eps", "n_examples", "rho", "clean_accuracy", "clean_reject_rate", "attacks", "worst_case"):
+        assert key in d
+    assert set(d["model"]) >= {"name", "version", "sha256"}
+    for a in d["attacks"]:
+        assert {"name", "robust_accuracy", "reject_rate", "defended_rate"} <= set(a)
+    assert "Worst case" in (out / "report.md").read_text()
+
+
+def test_reject_everything_defends_everything(tiny) -> None:
+    cfg = EvalConfig(eps=EPS, rho=1e-6, attacks=("fgsm", "pgd"), sanity=False, figures=False,
+                     **{**FAST, "pgd_steps": 3})  # type: ignore[arg-type]
+    r = evaluate(tiny["version"], tiny["checkpoint"], cfg).report
+    assert r.clean_reject_rate == 1.0
+    assert r.clean_defended_rate == 1.0
+    for a in r.attacks:
+        assert a.reject_rate == 1.0 and a.defended_rate == 1.0
+    assert r.worst_case.defended_rate == 1.0
+
+
+def test_adaptive_breaks_an_undefended_model_at_least_as_often_as_pgd(tiny) -> None:
+    cfg = EvalConfig(eps=EPS, rho=1e6, attacks=("pgd", "adaptive"), sanity=False, figures=False,
+                     **{**FAST, "pgd_steps": 20, "pgd_restarts": 1, "adaptive_steps": 20})  # type: ignore[arg-type]
+    r = evaluate(tiny["version"], tiny["checkpoint"], cfg).report
+    pgd, adaptive = r.attack("pgd-20"), r.attack("adaptive")
+    assert pgd.reject_rate == 0.0 and adaptive.reject_rate == 0.0  # threshold disabled
+    assert adaptive.success_rate >= pgd.success_rate
+
+
+def test_transfer_without_substitutes_is_listed_as_skipped(tiny) -> None:
+    cfg = EvalConfig(eps=EPS, attacks=("transfer",), sanity=False, figures=False, **FAST)  # type: ignore[arg-type]
+    r = evaluate(tiny["version"], None, cfg).report
+    (t,) = r.attacks
+    assert t.status == "skipped" and "substitute" in (t.reason or "")
+
+
+def test_without_checkpoint_white_box_is_skipped_with_reason(tiny) -> None:
+    cfg = EvalConfig(eps=EPS, attacks=("fgsm", "adaptive"), sanity=False, figures=False, **FAST)  # type: ignore[arg-type]
+    r = evaluate(tiny["version"], None, cfg).report
+    assert all(a.status == "skipped" and "checkpoint" in (a.reason or "") for a in r.attacks)
+
+
+def test_foreign_checkpoint_is_refused(tiny) -> None:
+    model, ckpt = load_checkpoint(tiny["checkpoint"])
+    with torch.no_grad():
+        model.fc.weight.add_(0.05 * torch.randn_like(model.fc.weight))
+    other = save_checkpoint(tiny["root"] / "foreign", model, ckpt)
+    cfg = EvalConfig(eps=EPS, attacks=("fgsm",), sanity=False, figures=False, **FAST)  # type: ignore[arg-type]
+    with pytest.raises(EvaluationError, match="does not belong"):
+        evaluate(tiny["version"], other, cfg)
+
+
+def test_roc_auc_and_worst_case_units() -> None:
+    assert roc_auc(np.array([0.1, 0.2]), np.array([0.3, 0.4])) == 1.0
+    assert roc_auc(np.array([0.3, 0.4]), np.array([0.1, 0.2])) == 0.0
+    assert roc_auc(np.array([0.5, 0.5]), np.array([0.5])) == 0.5
+    t, f = np.array([True, True, False]), np.array([False, False, True])
+    a = Judged("a", correct=np.array([True, False, True]), accepted=np.array([True, True, False]),
+               accepted_rho1=t, ratio=np.zeros(3))
+    b = Judged("b", correct=np.array([False, True, True]), accepted=np.array([False, True, True]),
+               accepted_rho1=f, ratio=np.zeros(3))
+    wc = worst_case([a, b])
+    assert wc.robust_accuracy == pytest.approx(1 / 3)  # only example 2 is always correct
+    assert wc.defended_rate == pytest.approx(2 / 3)  # example 1 was accepted and wrong under a
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+
+
+def test_cli_end_to_end(tiny) -> None:
+    out = tiny["root"] / "cli"
+    store = tiny["version"].parent.parent
+    p = _cli("evaluate", "--store", str(store), "--name", "tiny", "--version", "v1", "--checkpoint",
+             str(tiny["checkpoint"]), "--out", str(out), "--n-examples", "40", "--attacks", "fgsm,pgd,adaptive",
+             "--pgd-steps", "3", "--pgd-restarts", "1", "--adaptive-steps", "3", "--adaptive-k", "1",
+             "--n-budget-check", "10", "--n-sweep", "10", "--sweep-steps", "2", "--sweep-eps", "0,0.5",
+             "--no-figures")
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = Report.model_validate_json((out / "report.json").read_text())
+    assert r.model.name == "tiny" and r.model.version == "v1" and r.n_examples == 40 and r.eps == 0.1
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--name", "tiny", "--version", "nope"], "does not exist"),
+    (["--eps", "-0.1"], "eps"),
+    (["--eps", "0.1", "--attacks", "fgsm,bogus"], "unknown attack"),
+])
+def test_cli_user_errors_are_one_line(tiny, args: list[str], match: str) -> None:
+    store = tiny["version"].parent.parent
+    base = ["evaluate", "--store", str(store)]
+    if "--name" not in args:
+        base += ["--name", "tiny", "--version", "v1"]
+    p = _cli(*base, *args, "--out", str(tiny["root"] / "err"))
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], p.stderr
+
+
+def test_figure2_trains_two_2d_models_and_plots(tmp_path: Path) -> None:
+    from training.evaluation.figure2 import Figure2Config, make_figure2
+
+    torch.set_num_threads(1)
+    cfg = Figure2Config(n_train=640, epochs=1, n_test=100, pgd_steps=3, widths=(4, 8, 8))
+    path = make_figure2(cfg, tmp_path)
+    assert path.is_file() and path.stat().st_size > 10_000
+    summary = json.loads((tmp_path / "figure2.json").read_text())
+    assert len(summary["models"]) == 2
+    for run in ("dsphere", "baseline"):
+        _, ckpt = load_checkpoint(tmp_path / "runs" / run / "final")
+        assert ckpt.model_config.fc_dim == 2 and ckpt.model_config.feature_relu is False

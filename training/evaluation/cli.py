@@ -1,0 +1,117 @@
+"""`python -m training evaluate` and `python -m training figure2` (registered on training.cli.app)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.cli import app, command_line
+from training.evaluation.core import ALL_ATTACKS
+
+
+def _eps_list(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--sweep-eps: expected comma-separated numbers, got {text!r}") from None
+    return vals
+
+
+@app.command()
+def evaluate(
+    version_dir: Annotated[Path | None, typer.Argument(help="model-store version dir (or --name/--version)")] = None,
+    store: Annotated[Path, typer.Option(help="model store root")] = Path("model_store"),
+    name: Annotated[str | None, typer.Option(help="model name in the store")] = None,
+    version: Annotated[str | None, typer.Option(help="version in the store")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint that produced the version")] = None,
+    substitute: Annotated[list[Path] | None, typer.Option(help="substitute checkpoint (repeatable)")] = None,
+    out: Annotated[Path, typer.Option(help="output dir (reports, figures)")] = Path("reports/eval"),
+    eps: Annotated[float | None, typer.Option(help="L-inf eps (default 0.1; CIFAR-10 8/255)")] = None,
+    n_examples: Annotated[int, typer.Option(help="test examples (clean, FGSM, PGD)")] = 1000,
+    attacks: Annotated[str, typer.Option(help="comma-separated subset of " + ",".join(ALL_ATTACKS))] = ",".join(
+        ALL_ATTACKS),
+    rho: Annotated[float | None, typer.Option(help="override the manifest's rho")] = None,
+    pgd_steps: Annotated[int, typer.Option()] = 100,
+    pgd_step_size: Annotated[float, typer.Option(help="paper: 0.01")] = 0.01,
+    pgd_restarts: Annotated[int, typer.Option()] = 2,
+    n_pgd: Annotated[int, typer.Option(help="examples for PGD (0 = --n-examples)")] = 0,
+    apgd_iter: Annotated[int, typer.Option()] = 100,
+    n_apgd: Annotated[int, typer.Option(help="examples for each APGD")] = 500,
+    square_queries: Annotated[int, typer.Option()] = 1000,
+    n_square: Annotated[int, typer.Option(help="examples for Square")] = 200,
+    transfer_steps: Annotated[int, typer.Option(help="PGD steps on each substitute")] = 100,
+    n_transfer: Annotated[int, typer.Option(help="examples per transfer attack")] = 500,
+    adaptive_k: Annotated[int, typer.Option(help="target classes tried by the adaptive attack")] = 3,
+    adaptive_steps: Annotated[int, typer.Option()] = 100,
+    adaptive_restarts: Annotated[int, typer.Option()] = 1,
+    n_adaptive: Annotated[int, typer.Option(help="examples for the adaptive attack")] = 500,
+    sanity: Annotated[bool, typer.Option(help="PGD budget check and eps sweep")] = True,
+    n_budget_check: Annotated[int, typer.Option(help="examples for the doubled-PGD check")] = 100,
+    sweep_eps: Annotated[str, typer.Option(help="eps values of the sweep")] = "0,0.05,0.1,0.2,0.3,0.5",
+    n_sweep: Annotated[int, typer.Option(help="examples for the eps sweep")] = 200,
+    sweep_steps: Annotated[int, typer.Option(help="PGD steps of the eps sweep")] = 20,
+    figures: Annotated[bool, typer.Option(help="write PNG figures")] = True,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = torch default)")] = 0,
+    device: Annotated[str, typer.Option(help="where PyTorch attacks run: cpu, cuda, auto")] = "cpu",
+    data_dir: Annotated[str | None, typer.Option(help="dataset directory")] = None,
+) -> None:
+    """Attack a model-store version (FGSM, PGD, APGD, Square, transfer, adaptive) and report
+    robust accuracy, reject and defended rates as the service would judge them."""
+    import torch
+
+    from training.evaluation.core import EvalConfig, resolve_version
+    from training.evaluation.core import evaluate as run_evaluation
+
+    if threads:
+        torch.set_num_threads(threads)
+    vdir = resolve_version(version_dir, store, name, version)
+    cfg = EvalConfig(
+        eps=eps, n_examples=n_examples, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+        seed=seed, rho=rho, data_dir=data_dir, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
+        pgd_restarts=pgd_restarts, n_pgd=n_pgd, apgd_iter=apgd_iter, n_apgd=n_apgd, square_queries=square_queries,
+        n_square=n_square, substitutes=tuple(str(s) for s in (substitute or ())), transfer_steps=transfer_steps,
+        n_transfer=n_transfer, adaptive_k=adaptive_k, adaptive_steps=adaptive_steps,
+        adaptive_restarts=adaptive_restarts, n_adaptive=n_adaptive, sanity=sanity, n_budget_check=n_budget_check,
+        sweep_eps=_eps_list(sweep_eps), n_sweep=n_sweep, sweep_steps=sweep_steps, figures=figures, device=device)
+    outcome = run_evaluation(vdir, checkpoint, cfg, out, command=command_line(), progress=typer.echo)
+    r = outcome.report
+    typer.echo(f"worst case over {len(r.worst_case.attacks) - 1} attacks (n = {r.worst_case.n_examples}): "
+               f"robust accuracy {r.worst_case.robust_accuracy:.4f}, defended {r.worst_case.defended_rate:.4f}")
+    for w in r.warnings:
+        typer.echo(f"WARNING: {w}")
+    typer.echo(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+
+
+@app.command()
+def figure2(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("reports/figure2"),
+    dataset: Annotated[str, typer.Option()] = "fashion-mnist",
+    data_dir: Annotated[str | None, typer.Option()] = None,
+    n_train: Annotated[int, typer.Option(help="training images")] = 10000,
+    epochs: Annotated[float, typer.Option(help="epochs of natural training")] = 4.0,
+    n_test: Annotated[int, typer.Option(help="test images scattered")] = 1000,
+    eps: Annotated[float, typer.Option(help="PGD eps for the adversarial points")] = 0.1,
+    pgd_steps: Annotated[int, typer.Option()] = 20,
+    widths: Annotated[str, typer.Option(help="conv widths of the two small models")] = "16,32,32",
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = torch default)")] = 0,
+) -> None:
+    """The paper's Figure 2 on real data: 2-D features of a D-SphereNet and a baseline CNN,
+    clean and PGD-adversarial test images, scattered per class."""
+    import torch
+
+    from training.evaluation.figure2 import Figure2Config, make_figure2
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        w = tuple(int(v) for v in widths.split(","))
+    except ValueError:
+        raise ValueError(f"--widths: expected comma-separated integers, got {widths!r}") from None
+    cfg = Figure2Config(dataset=dataset, data_dir=data_dir, n_train=n_train, epochs=epochs, n_test=n_test, eps=eps,
+                        pgd_steps=pgd_steps, widths=w, seed=seed)
+    path = make_figure2(cfg, out, progress=typer.echo)
+    typer.echo(f"wrote {path}")

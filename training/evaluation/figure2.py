@@ -1,0 +1,112 @@
+"""The paper's Figure 2 on real data: train a D-SphereNet and a baseline CNN with a 2-D
+feature layer (ModelConfig(fc_dim=2, feature_relu=False)) briefly, and scatter the 2-D
+features of clean and PGD-adversarial test images per class, with the class weight
+directions W_j. Sized for a CPU: small widths, a subset, a couple of epochs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.attacks import PGD, attack_dataset, predict
+from training.checkpoint import load_checkpoint
+from training.data import load_dataset
+from training.models import ConvNet, ModelConfig
+from training.train import TrainConfig, TrainingDidNotLearn, train
+
+log = logging.getLogger("dsphere.evaluation")
+
+
+@dataclass(frozen=True)
+class Figure2Config:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    n_train: int = 10000
+    epochs: float = 4.0
+    n_test: int = 1000
+    eps: float = 0.1
+    pgd_steps: int = 20
+    widths: tuple[int, ...] = (16, 32, 32)
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+
+MODELS = {
+    "D-SphereNet (cosine, W-softmax)": dict(arch="dsphere", corr="cosine", head="wsoftmax"),
+    "baseline CNN (softmax)": dict(arch="baseline", head="softmax"),
+}
+
+
+def _features(model: ConvNet, x: torch.Tensor, batch: int = 500) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model.feature(x[i: i + batch]) for i in range(0, len(x), batch)]).numpy()
+
+
+def make_figure2(cfg: Figure2Config, out: str | Path, progress: Callable[[str], None] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    say = progress or (lambda s: log.info("%s", s))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    test = load_dataset(cfg.dataset, "test", cfg.data_dir)
+    x, y = test.images[: cfg.n_test], test.labels[: cfg.n_test]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 10))
+    cmap = plt.get_cmap("tab10")
+    summary: dict[str, object] = {"config": asdict(cfg), "models": {}}
+    for row, (title, kw) in enumerate(MODELS.items()):
+        run_dir = out / "runs" / str(kw["arch"])
+        mcfg = ModelConfig.for_input(test.input_shape, widths=cfg.widths, fc_dim=2, feature_relu=False, **kw)
+        tcfg = TrainConfig(dataset=cfg.dataset, data_dir=cfg.data_dir, epochs=cfg.epochs, limit_train=cfg.n_train,
+                           n_val=1000, checkpoint_every=0, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+        learned = True
+        if not (run_dir / "final").is_dir():
+            say(f"figure2: training {title} ({cfg.epochs} epochs on {cfg.n_train} images)")
+            try:
+                train(mcfg, tcfg, run_dir, show_progress=False)
+            except TrainingDidNotLearn as e:
+                learned = False
+                say(f"figure2: {title}: {e}")
+        model, ckpt = load_checkpoint(run_dir / "final")
+        learned = learned and ckpt.learned is not False
+        torch.manual_seed(cfg.seed)
+        x_adv = attack_dataset(model, PGD(cfg.eps, steps=cfg.pgd_steps), x, y)
+        acc = float((predict(model, x)[0].argmax(1) == y).float().mean())
+        adv_acc = float((predict(model, x_adv)[0].argmax(1) == y).float().mean())
+        f_clean, f_adv = _features(model, x), _features(model, x_adv)
+        w = model.classifier.linear.weight.detach().numpy()  # type: ignore[operator]  # (K, 2)
+        summary["models"][title] = {"clean_accuracy": acc, "pgd_accuracy": adv_acc, "learned": learned,  # type: ignore[index]
+                                    "val_accuracy": ckpt.metrics.get("val_accuracy")}
+        for col, (feats, lab) in enumerate(((f_clean, "clean"), (f_adv, f"PGD-{cfg.pgd_steps}, eps {cfg.eps:g}"))):
+            ax = axes[row, col]
+            for k in range(len(test.class_names)):
+                m = (y == k).numpy()
+                ax.scatter(feats[m, 0], feats[m, 1], s=4, color=cmap(k), alpha=0.6, label=test.class_names[k])
+            r = float(np.percentile(np.linalg.norm(f_clean, axis=1), 95)) or 1.0
+            for k, wk in enumerate(w):
+                d = wk / (np.linalg.norm(wk) + 1e-12) * r
+                ax.plot([0, d[0]], [0, d[1]], color=cmap(k), lw=2)
+            ax.axhline(0, color="gray", lw=0.3)
+            ax.axvline(0, color="gray", lw=0.3)
+            acc_here = acc if col == 0 else adv_acc
+            ax.set_title(f"{title}\n{lab}: accuracy {acc_here:.2f}" + ("" if learned else " (did not learn)"),
+                         fontsize=9)
+            ax.set_aspect("equal", adjustable="datalim")
+    axes[0, 0].legend(fontsize=6, markerscale=3, loc="best")
+    fig.suptitle("2-D features per true class (lines: class weight directions W_j)")
+    fig.tight_layout()
+    path = out / "figure2.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    (out / "figure2.json").write_text(json.dumps(summary, indent=2))
+    return path

@@ -1,0 +1,126 @@
+"""PNG figures of an evaluation (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from training.evaluation.core import Outcome
+
+
+def _plt():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_curve(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false-reject rate of clean, catch rate of adversarial) for 'reject iff ratio > t'
+    over all thresholds t, from strict (nothing rejected) to lax (everything rejected)."""
+    ts = np.unique(np.concatenate([neg, pos, [np.inf]]))[::-1]
+    fpr = np.array([(neg > t).mean() for t in ts] + [1.0])
+    tpr = np.array([(pos > t).mean() for t in ts] + [1.0])
+    return fpr, tpr
+
+
+def write_figures(outcome: Outcome, out: Path) -> list[str]:
+    plt = _plt()
+    r = outcome.report
+    clean = outcome.clean
+    files: list[str] = []
+    assert clean is not None
+    pgd = next((j for k, j in outcome.judged.items() if k.startswith("pgd")), None)
+    adaptive = outcome.judged.get("adaptive")
+
+    # 1. angle-ratio histograms with the threshold
+    fig, ax = plt.subplots(figsize=(7, 4))
+    allr = np.concatenate([clean.ratio] + [j.ratio for j in (pgd, adaptive) if j])
+    lo = min(float(np.percentile(allr, 0.5)), r.rho, 1.0)
+    hi = max(float(np.percentile(allr, 99.5)), r.rho, 1.0)
+    pad = 0.05 * (hi - lo) + 1e-3
+    bins = np.linspace(lo - pad, hi + pad, 60)
+    ax.hist(clean.ratio[clean.accepted], bins, alpha=0.5, label="clean, accepted", density=True)
+    if (~clean.accepted).any():
+        ax.hist(clean.ratio[~clean.accepted], bins, alpha=0.5, label="clean, rejected", density=True)
+    for j, lab in ((pgd, "PGD adversarial"), (adaptive, "adaptive adversarial")):
+        if j is not None:
+            ax.hist(j.ratio, bins, histtype="step", lw=2, label=lab, density=True)
+    ax.axvline(r.rho, color="k", ls="--", label=f"calibrated rho = {r.rho:.3f}")
+    ax.axvline(1.0, color="gray", ls=":", label="paper rho = 1")
+    ax.set_xlabel("angle ratio theta / (theta* + theta_sigma) of the predicted class (reject if > rho)")
+    ax.set_ylabel("density")
+    ax.set_title(f"{r.model.name} {r.model.version}: angles, eps = {r.eps:g}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "angle_hist.png", dpi=110)
+    plt.close(fig)
+    files.append("angle_hist.png")
+
+    # 2. ROC of the angle ratio as a detector
+    if pgd is not None or adaptive is not None:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for j, lab in ((pgd, "PGD"), (adaptive, "adaptive")):
+            if j is None:
+                continue
+            pos = j.ratio[~j.correct] if (~j.correct).any() else j.ratio
+            fpr, tpr = roc_curve(clean.ratio, pos)
+            det = next((d for d in r.detectors if d.attack == j.name), None)
+            auc = f" AUC {det.auc:.3f}" if det else ""
+            (line,) = ax.plot(fpr, tpr, label=f"{lab}{auc}")
+            for rho, mk in ((r.rho, "o"), (1.0, "s")):
+                ax.plot([(clean.ratio > rho).mean()], [(pos > rho).mean()], mk, color=line.get_color(), ms=8)
+        ax.plot([], [], "ko", label=f"calibrated rho = {r.rho:.3f}")
+        ax.plot([], [], "ks", label="rho = 1")
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.5)
+        ax.set_xlabel("clean false-reject rate")
+        ax.set_ylabel("adversarial catch rate (misclassified attacked inputs)")
+        ax.set_title("angle ratio as attack detector")
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "roc.png", dpi=110)
+        plt.close(fig)
+        files.append("roc.png")
+
+    # 3. accuracy and defended rate vs eps
+    sweep = r.sanity.eps_sweep
+    if sweep is not None:
+        e = [p.eps for p in sweep.points]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(e, [p.robust_accuracy for p in sweep.points], "o-", label="robust accuracy")
+        ax.plot(e, [p.defended_rate for p in sweep.points], "s-", label="defended (rejected or correct)")
+        ax.plot(e, [p.reject_rate for p in sweep.points], "^:", label="reject rate")
+        ax.axvline(r.eps, color="gray", ls=":", label=f"evaluation eps = {r.eps:g}")
+        ax.set_xlabel("eps (L-inf)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"PGD-{sweep.attack['steps']} vs eps (n = {sweep.n_examples})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "eps_sweep.png", dpi=110)
+        plt.close(fig)
+        files.append("eps_sweep.png")
+
+    # 4. per-attack bars
+    done = [a for a in r.attacks if a.status == "ok"]
+    if done:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(done) + 2), 4))
+        xs = np.arange(len(done) + 1)
+        names = ["clean"] + [a.name for a in done]
+        acc = [r.clean_accuracy] + [a.robust_accuracy or 0 for a in done]
+        dfd = [r.clean_defended_rate] + [a.defended_rate or 0 for a in done]
+        ax.bar(xs - 0.2, acc, 0.4, label="robust accuracy")
+        ax.bar(xs + 0.2, dfd, 0.4, label="defended")
+        ax.set_xticks(xs, names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8)
+        ax.set_title(f"eps = {r.eps:g}, rho = {r.rho:.3f}")
+        fig.tight_layout()
+        fig.savefig(out / "attacks.png", dpi=110)
+        plt.close(fig)
+        files.append("attacks.png")
+    return files

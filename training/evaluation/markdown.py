@@ -1,0 +1,92 @@
+"""report.md from a Report (the same numbers as report.json, for people)."""
+
+from __future__ import annotations
+
+from training.evaluation.schema import AttackResult, Report
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _budget(a: AttackResult) -> str:
+    p = {k: v for k, v in a.params.items() if k not in ("eps", "loss", "library", "knows", "rho", "substitute")}
+    return ", ".join(f"{k}={v}" for k, v in p.items())
+
+
+def render_markdown(r: Report) -> str:
+    L: list[str] = []
+    L.append(f"# Defense evaluation: {r.model.name} {r.model.version}\n")
+    L.append(f"- model.onnx sha256 `{r.model.sha256}`; dataset {r.model.dataset}; checkpoint "
+             f"`{r.model.checkpoint or 'none (white-box attacks skipped)'}`"
+             + (f" (ONNX parity {r.model.checkpoint_parity_max_abs_diff:.1e})"
+                if r.model.checkpoint_parity_max_abs_diff is not None else ""))
+    L.append(f"- threat model: L-inf, eps = {r.eps:g} on [0, 1] images; {r.n_examples} test examples "
+             "(each attack on a prefix of them, see n)")
+    L.append(f"- verdicts: ONNX Runtime + app.verdict.geodesic_verdict, rho = {r.rho:.4f} ({r.rho_source}); "
+             "reject iff theta > rho (theta* + theta_sigma) of the predicted class")
+    L.append(f"- created {r.created_at:%Y-%m-%d %H:%M} UTC in {r.seconds:.0f}s; command `{r.command}`\n")
+    L.append("Definitions: *robust accuracy* = label correct, ignoring rejection; *reject* = fraction of the "
+             "attacked inputs rejected; *defended* = rejected OR correct; *success* = accepted AND wrong "
+             "(= 1 - defended), the attacker's win.\n")
+    if r.warnings:
+        L.append("## Warnings\n")
+        L.extend(f"- **{w}**" for w in r.warnings)
+        L.append("")
+    L.append("## Clean\n")
+    L.append(f"accuracy {_pct(r.clean_accuracy)}, reject rate {_pct(r.clean_reject_rate)} "
+             f"(at rho = 1: {_pct(r.clean_rho1_reject_rate)}), accuracy on accepted {_pct(r.clean_accepted_accuracy)}, "
+             f"defended {_pct(r.clean_defended_rate)}\n")
+    L.append("## Attacks\n")
+    L.append("| attack | kind | n | robust acc. | reject | defended | success | defended at rho=1 | budget | s |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for a in r.attacks:
+        if a.status == "skipped":
+            L.append(f"| {a.name} | {a.kind} | - | skipped: {a.reason} | | | | | {_budget(a)} | |")
+            continue
+        L.append(f"| {a.name} | {a.kind} | {a.n_examples} | {_pct(a.robust_accuracy)} | {_pct(a.reject_rate)} | "
+                 f"{_pct(a.defended_rate)} | {_pct(a.success_rate)} | {_pct(a.rho1_defended_rate)} | "
+                 f"{_budget(a)} | {a.seconds:.0f} |")
+    L.append("")
+    L.append("## Worst case over all attacks\n")
+    for wc in (r.worst_case, r.worst_case_all_examples):
+        if wc is None:
+            continue
+        L.append(f"- {wc.note}: n = {wc.n_examples}: robust accuracy **{_pct(wc.robust_accuracy)}**, "
+                 f"defended **{_pct(wc.defended_rate)}** (broken: {_pct(wc.success_rate)})")
+    L.append(f"- attacks: {', '.join(r.worst_case.attacks)}\n")
+    if r.detectors:
+        L.append("## The angle ratio as an attack detector\n")
+        L.append("| attack | AUC | clean rejected at rho | adversarial caught at rho | "
+                 "clean rejected at rho=1 | adversarial caught at rho=1 |")
+        L.append("| --- | --- | --- | --- | --- | --- |")
+        for d in r.detectors:
+            L.append(f"| {d.attack} | {d.auc:.3f} | {_pct(d.clean_reject_at_rho)} | "
+                     f"{_pct(d.adversarial_catch_at_rho)} | "
+                     f"{_pct(d.clean_reject_at_rho1)} | {_pct(d.adversarial_catch_at_rho1)} |")
+        L.append("\n(adversarial = the attacked inputs the attack misclassified)\n")
+    s = r.sanity
+    L.append("## Sanity checks\n")
+    if s.pgd_budget:
+        b = s.pgd_budget
+        L.append(f"- PGD budget (n = {b.n_examples}): {b.verdict}. Defended {_pct(b.base_defended_rate)} -> "
+                 f"{_pct(b.doubled_defended_rate)}.")
+    else:
+        L.append("- PGD budget: not run")
+    if s.eps_sweep:
+        e = s.eps_sweep
+        L.append(f"- accuracy vs eps (PGD-{e.attack['steps']}, n = {e.n_examples}): {e.verdict}")
+        L.append("\n| eps | robust acc. | reject | defended |\n| --- | --- | --- | --- |")
+        L.extend(f"| {p.eps:g} | {_pct(p.robust_accuracy)} | {_pct(p.reject_rate)} | {_pct(p.defended_rate)} |"
+                 for p in e.points)
+        L.append("")
+    else:
+        L.append("- accuracy vs eps: not run")
+    if s.gradient_free:
+        L.append(f"- gradient-free vs white-box (n = {s.gradient_free.n_examples}): {s.gradient_free.verdict}")
+    else:
+        L.append("- gradient-free vs white-box: not run")
+    if r.figures:
+        L.append("\n## Figures\n")
+        L.extend(f"![{f}]({f})" for f in r.figures)
+    return "\n".join(L) + "\n"

@@ -1,0 +1,150 @@
+"""report.json of `python -m training evaluate`: one pydantic schema, round-trip tested.
+
+Rates (all fractions of the attacked examples, verdicts by ONNX Runtime + app.verdict):
+- robust_accuracy: predicted label == true label, ignoring rejection;
+- reject_rate: the verdict rejects the input (theta > rho (theta* + theta_sigma));
+- defended_rate: rejected OR correctly classified;
+- success_rate: accepted AND wrong (= 1 - defended_rate): the attacker's win.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPORT_SCHEMA_VERSION: Final = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Model):
+    name: str
+    version: str
+    sha256: str = Field(description="sha256 of model.onnx (checked against the manifest)")
+    path: str
+    dataset: str
+    checkpoint: str | None = None
+    checkpoint_parity_max_abs_diff: float | None = Field(
+        None, description="max |ONNX - PyTorch| over logits and cosines on a few test images")
+
+
+class AttackResult(_Model):
+    name: str
+    kind: Literal["white-box", "black-box", "transfer", "adaptive", "clean"]
+    status: Literal["ok", "skipped"] = "ok"
+    reason: str | None = Field(None, description="why the attack was skipped")
+    n_examples: int = 0
+    robust_accuracy: float | None = None
+    reject_rate: float | None = None
+    defended_rate: float | None = None
+    success_rate: float | None = Field(None, description="accepted and wrong")
+    accepted_accuracy: float | None = None
+    rho1_reject_rate: float | None = Field(None, description="reject rate at the paper's rho = 1")
+    rho1_defended_rate: float | None = None
+    max_perturbation: float | None = Field(None, description="max |x_adv - x| (L-inf), checked <= eps")
+    seconds: float = 0.0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorstCase(_Model):
+    """Per example, the worst over the attacks (and the clean input): broken if ANY attack
+    made it accepted-and-wrong; not robust if ANY attack made it misclassified."""
+
+    n_examples: int
+    attacks: list[str]
+    robust_accuracy: float
+    defended_rate: float
+    success_rate: float
+    note: str = ""
+
+
+class PgdBudgetCheck(_Model):
+    n_examples: int
+    base: dict[str, Any]
+    doubled: dict[str, Any]
+    base_robust_accuracy: float
+    doubled_robust_accuracy: float
+    base_defended_rate: float
+    doubled_defended_rate: float
+    ok: bool
+    verdict: str
+
+
+class EpsPoint(_Model):
+    eps: float
+    robust_accuracy: float
+    reject_rate: float
+    defended_rate: float
+
+
+class EpsSweep(_Model):
+    attack: dict[str, Any]
+    n_examples: int
+    points: list[EpsPoint]
+    ok: bool
+    verdict: str
+
+
+class GradientFreeCheck(_Model):
+    n_examples: int
+    square_robust_accuracy: float | None
+    best_white_box_robust_accuracy: float | None
+    best_white_box: str | None
+    ok: bool
+    verdict: str
+
+
+class Sanity(_Model):
+    pgd_budget: PgdBudgetCheck | None = None
+    eps_sweep: EpsSweep | None = None
+    gradient_free: GradientFreeCheck | None = None
+
+
+class Detector(_Model):
+    """The angle ratio theta / (theta* + theta_sigma) as a detector of adversarial inputs."""
+
+    attack: str
+    n_clean: int
+    n_adversarial: int
+    auc: float
+    clean_reject_at_rho: float
+    adversarial_catch_at_rho: float
+    clean_reject_at_rho1: float
+    adversarial_catch_at_rho1: float
+
+
+class Report(_Model):
+    schema_version: Literal[1] = REPORT_SCHEMA_VERSION
+    created_at: datetime
+    command: str = ""
+    model: ModelRef
+    norm: Literal["linf"] = "linf"
+    eps: float = Field(ge=0)
+    n_examples: int = Field(ge=1)
+    rho: float = Field(gt=0)
+    rho_source: str = "manifest"
+    angle_mean_deg: list[float]
+    angle_std_deg: list[float]
+    clean_accuracy: float
+    clean_reject_rate: float
+    clean_accepted_accuracy: float
+    clean_defended_rate: float
+    clean_rho1_reject_rate: float
+    attacks: list[AttackResult]
+    worst_case: WorstCase
+    worst_case_all_examples: WorstCase | None = None
+    detectors: list[Detector] = Field(default_factory=list)
+    sanity: Sanity = Field(default_factory=Sanity)
+    warnings: list[str] = Field(default_factory=list)
+    figures: list[str] = Field(default_factory=list)
+    seconds: float = 0.0
+
+    def attack(self, name: str) -> AttackResult:
+        for a in self.attacks:
+            if a.name == name:
+                return a
+        raise KeyError(name)
