@@ -29,3 +29,20 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+train: install
+	# The bundled default model (about 70 min on 2 cores): natural warm start, then FGSM-RS (eps 0.1).
+	$(PY) -m training train --out runs/dsphere-fgsm --mode fgsm --adv-weight 0.5 --natural-epochs 2 \
+		--eps-warmup-epochs 0.5 --epochs 6 --lr-milestones 0.7,0.9 --checkpoint-every 200
+	$(PY) -m training export runs/dsphere-fgsm/final --name fashion-mnist-dsphere --n-attack 1000 --pgd-steps 20
+
+evaluate: install
+	$(PY) -m training evaluate --store model_store --name fashion-mnist-dsphere --checkpoint runs/dsphere-fgsm/final \
+		--substitute runs/baseline-fgsm/final --out docs/results/fashion-mnist-dsphere-latest
+
+reproduce: install
+	$(PY) -m training reproduce --protocol quick --out runs/reproduce
+
+bench: install
+	$(PY) bench/bench_sphere_conv.py
+	$(PY) bench/bench_service.py

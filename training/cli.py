@@ -142,9 +142,9 @@ def main() -> None:
         if isinstance(e, TrainingDidNotLearn):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_DID_NOT_LEARN)
-        if isinstance(e, ClickException):
-            print(f"error: {e.format_message()}", file=sys.stderr)
-            sys.exit(e.exit_code)
+        if isinstance(e, ClickException) or (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            print(f"error: {e.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
+            sys.exit(int(e.exit_code) or EXIT_USER_ERROR)  # type: ignore[attr-defined]
         if isinstance(e, DataError | CheckpointError | ValueError | FileExistsError | FileNotFoundError):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)

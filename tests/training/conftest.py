@@ -23,9 +23,9 @@ def fashion_test() -> Dataset:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny D-SphereNet (cosine, WM head) trained 1 epoch on 4,000 real images."""
+    """A tiny D-SphereNet (cosine, WM head) trained 3 epochs on 4,000 real images."""
     out = tmp_path_factory.mktemp("tiny_run")
     torch.set_num_threads(1)
-    cfg = TrainConfig(epochs=2, limit_train=4000, n_val=1000, checkpoint_every=0, batch_size=64, lr=3e-3)
+    cfg = TrainConfig(epochs=3, limit_train=4000, n_val=1000, checkpoint_every=0, batch_size=64, lr=3e-3)
     train(ModelConfig(**TINY), cfg, out, show_progress=False)
     return out / "final"
