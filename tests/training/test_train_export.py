@@ -115,4 +115,5 @@ def test_torchrun_two_cpu_processes_end_with_equal_weights(tmp_path: Path) -> No
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["weights_sha256"] == digests[0]
     # an 8-iteration run does not learn: the command must say so instead of pretending
-    assert r.returncode in (0, 3), r.stderr[-2000:]
+    # (torchrun exits 1 when a rank exits 3)
+    assert r.returncode == 0 or "error: the run did not learn" in r.stderr, r.stderr[-2000:]
