@@ -106,10 +106,10 @@ class SphereConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight  # (C_out, C_in, kh, kw)
-        w_norm = torch.sqrt(w.pow(2).sum(dim=(1, 2, 3)) + NORM_EPS**2).view(1, -1, 1, 1)  # (1, C_out, 1, 1)
-        dot = F.conv2d(x, w, None, self.stride, self.padding, self.dilation)  # (N, C_out, H', W')
+        # Normalize the (small) kernels rather than the (large) output: one full-size op fewer.
+        w_hat = w / torch.sqrt(w.pow(2).sum(dim=(1, 2, 3), keepdim=True) + NORM_EPS**2)
         x_norm = self.patch_norm(x)  # (N, 1, H', W')
-        cos = dot / (w_norm * x_norm)
+        cos = F.conv2d(x, w_hat, None, self.stride, self.padding, self.dilation) / x_norm  # (N, C_out, H', W')
         return sphere_corr(cos, self.corr, x_norm, self.sigmoid_k, self.quadratic_a)
 
     def extra_repr(self) -> str:
