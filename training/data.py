@@ -172,7 +172,7 @@ def train_val_split(ds: Dataset, n_val: int, seed: int = 0) -> tuple[Dataset, Da
     return ds.subset(perm[n_val:]), ds.subset(perm[:n_val])
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -192,7 +192,7 @@ def download(name: str, base_url: str, directory: str | os.PathLike[str] | None 
     d.mkdir(parents=True, exist_ok=True)
     for fname, digest in sums.items():
         target = d / fname
-        if target.is_file() and _sha256(target) == digest:
+        if target.is_file() and sha256_file(target) == digest:
             continue
         url = base_url.rstrip("/") + "/" + fname
         tmp = target.with_suffix(target.suffix + ".part")
@@ -203,7 +203,7 @@ def download(name: str, base_url: str, directory: str | os.PathLike[str] | None 
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise DataError(f"{name}: download of {url} failed: {e}") from None
-        got = _sha256(tmp)
+        got = sha256_file(tmp)
         if got != digest:
             tmp.unlink(missing_ok=True)
             raise DataError(f"{name}: {url} has sha256 {got}, expected {digest}; refusing it")

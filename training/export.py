@@ -16,7 +16,6 @@ Steps, each checked:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -48,7 +47,7 @@ from app.manifest import (
 from app.verdict import Verdicts, angle_ratio, calibrate_rho, geodesic_verdict
 from training.attacks import PGD, attack_dataset
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.data import load_dataset, train_val_split
+from training.data import load_dataset, sha256_file, train_val_split
 from training.models import ConvNet
 
 log = logging.getLogger("dsphere.export")
@@ -119,14 +118,6 @@ def rates(v: Verdicts, y: np.ndarray) -> Rates:
     accepted = v.accepted
     acc_acc = float(correct[accepted].mean()) if accepted.any() else 0.0
     return Rates(float(correct.mean()), float((~accepted).mean()), acc_acc, float((~accepted | correct).mean()))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_version() -> str:
