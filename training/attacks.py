@@ -8,16 +8,15 @@ Both take a model returning `(logits, cosines)` or plain logits, work on a batch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, cosines, y) -> per-example loss (N,)
+LossFn = Callable[[Tensor, Tensor | None, Tensor], Tensor]  # (logits, cosines or None, y) -> loss (N,)
 
 
 def logits_of(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:

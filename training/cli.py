@@ -10,7 +10,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,11 +27,12 @@ def command_line() -> str:
 
 @app.command()
 def train(
-    out: Annotated[Path, typer.Option(help="run directory (checkpoints last/ and final/, summary.json)")] = Path("runs/default"),
+    out: Annotated[Path, typer.Option(help="run directory (checkpoints last/ and final/, summary.json)")] = Path(
+        "runs/default"),
     dataset: Annotated[str, typer.Option(help="fashion-mnist, mnist or cifar10")] = "fashion-mnist",
-    data_dir: Annotated[Optional[str], typer.Option(help="dataset directory (env DSPHERE_DATA_DIR)")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="dataset directory (env DSPHERE_DATA_DIR)")] = None,
     download: Annotated[bool, typer.Option(help="download the dataset files first (sha256-verified)")] = False,
-    download_url: Annotated[Optional[str], typer.Option(help="base URL for --download")] = None,
+    download_url: Annotated[str | None, typer.Option(help="base URL for --download")] = None,
     arch: Annotated[str, typer.Option(help="baseline or dsphere")] = "dsphere",
     corr: Annotated[str, typer.Option(help="cosine, linear, sigmoid, quadratic, truncated")] = "cosine",
     head: Annotated[str, typer.Option(help="softmax, wsoftmax, wm, anneal")] = "wm",
@@ -40,7 +41,7 @@ def train(
     mode: Annotated[str, typer.Option(help="natural, fgsm (random start) or pgd")] = "natural",
     eps: Annotated[float, typer.Option(help="L-inf radius for adversarial training")] = 0.1,
     attack_steps: Annotated[int, typer.Option(help="PGD steps")] = 7,
-    attack_step_size: Annotated[Optional[float], typer.Option(help="default 2.5 eps/steps (PGD), 1.25 eps (FGSM)")] = None,
+    attack_step_size: Annotated[float | None, typer.Option(help="default 2.5 eps/steps (PGD), 1.25 eps (FGSM)")] = None,
     adv_weight: Annotated[float, typer.Option(help="weight of the adversarial loss (1 = pure adversarial)")] = 1.0,
     natural_epochs: Annotated[float, typer.Option(help="natural epochs before adversarial training")] = 0.0,
     eps_warmup_epochs: Annotated[float, typer.Option(help="epochs of linear eps warm-up")] = 0.0,
@@ -48,7 +49,8 @@ def train(
     iterations: Annotated[int, typer.Option(help="iterations (paper: 30000)")] = 30000,
     batch_size: Annotated[int, typer.Option()] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate, /10 at 1/3 and 2/3 of the run")] = 1e-3,
-    lr_milestones: Annotated[str, typer.Option(help="fractions of the run where lr drops /10, comma-separated")] = "0.3333,0.6667",
+    lr_milestones: Annotated[str, typer.Option(
+        help="fractions of the run where lr drops /10, comma-separated")] = "0.3333,0.6667",
     wm_init: Annotated[float, typer.Option(help="initial weight multiplier alpha")] = 10.0,
     wm_eta: Annotated[float, typer.Option(help="weight multiplier penalty eta")] = 1e-3,
     ortho_weight: Annotated[float, typer.Option(help="orthogonality regularizer weight")] = 1e-4,
@@ -58,7 +60,7 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="iterations between checkpoints")] = 500,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     resume: Annotated[bool, typer.Option(help="continue from OUT/last")] = False,
-    init_from: Annotated[Optional[str], typer.Option(help="start from this checkpoint's weights")] = None,
+    init_from: Annotated[str | None, typer.Option(help="start from this checkpoint's weights")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Train a baseline CNN or a D-SphereNet (natural, FGSM or PGD adversarial training)."""
@@ -66,7 +68,8 @@ def train(
     from training.data import load_dataset
     from training.models import ModelConfig
     from training.objectives import ObjectiveConfig
-    from training.train import TrainConfig, train as run_training
+    from training.train import TrainConfig
+    from training.train import train as run_training
 
     if download:
         if not download_url:
@@ -78,7 +81,8 @@ def train(
     cfg = TrainConfig(dataset=dataset, data_dir=data_dir, mode=mode, eps=eps, attack_steps=attack_steps,
                       attack_step_size=attack_step_size, adv_weight=adv_weight, natural_epochs=natural_epochs,
                       eps_warmup_epochs=eps_warmup_epochs, epochs=epochs, iterations=iterations,
-                      batch_size=batch_size, lr=lr, lr_milestones=_fractions(lr_milestones), n_val=n_val, limit_train=limit_train, seed=seed,
+                      batch_size=batch_size, lr=lr, lr_milestones=_fractions(lr_milestones), n_val=n_val,
+            limit_train=limit_train, seed=seed,
                       checkpoint_every=checkpoint_every, device=device,
                       objective=ObjectiveConfig(wm_eta=wm_eta, ortho_weight=ortho_weight))
     _, ckpt = run_training(model_cfg, cfg, out, resume=resume, command=command_line(), init_from=init_from,
@@ -103,15 +107,16 @@ def _fractions(text: str) -> tuple[float, ...]:
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint directory (e.g. runs/default/final)")],
     name: Annotated[str, typer.Option(help="model name in the store")] = "fashion-mnist-dsphere",
-    version: Annotated[Optional[str], typer.Option(help="version string (default: date-based)")] = None,
+    version: Annotated[str | None, typer.Option(help="version string (default: date-based)")] = None,
     store: Annotated[Path, typer.Option(help="model store root")] = Path("model_store"),
     target_reject_rate: Annotated[float, typer.Option(help="clean false-reject rate rho is calibrated to")] = 0.05,
-    eps: Annotated[Optional[float], typer.Option(help="threat-model eps (default 0.1 for Fashion-MNIST/MNIST, 8/255 CIFAR)")] = None,
+    eps: Annotated[float | None, typer.Option(
+        help="threat-model eps (default 0.1 for Fashion-MNIST/MNIST, 8/255 CIFAR)")] = None,
     pgd_steps: Annotated[int, typer.Option(help="PGD steps for the manifest metrics")] = 20,
     pgd_restarts: Annotated[int, typer.Option(help="PGD restarts for the manifest metrics")] = 1,
     n_test: Annotated[int, typer.Option(help="test examples for metrics (0 = all)")] = 0,
     n_attack: Annotated[int, typer.Option(help="test examples attacked for the PGD metrics (0 = all)")] = 2000,
-    data_dir: Annotated[Optional[str], typer.Option(help="dataset directory")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="dataset directory")] = None,
 ) -> None:
     """Export a checkpoint to model_store/<name>/<version>/ (model.onnx + manifest.json)."""
     from training.export import export_version

@@ -202,7 +202,7 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
                                           accepted_accuracy=clean1.accepted_accuracy,
                                           pgd_reject_rate=adv1.reject_rate, pgd_defended_rate=adv1.defended_rate),
             ),
-            training=TrainingInfo(model_config=cfg.to_dict(), training_config=_jsonable(tc),
+            training=TrainingInfo(model_config_=cfg.to_dict(), training_config=_jsonable(tc),
                                   command=ckpt.command or command, dataset=dataset, git_commit=ckpt.git_commit),
         )
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2, by_alias=True) + "\n")

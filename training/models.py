@@ -71,7 +71,7 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-        return cls(**kw)
+        return cls(**kw)  # type: ignore[arg-type]
 
 
 class Classifier(nn.Module):
@@ -88,7 +88,7 @@ class Classifier(nn.Module):
         self.sphere_logits: Tensor | None = None  # g(W_j, x) of the last forward, for eq. 8
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        w = self.linear.weight  # (K, d)
+        w: Tensor = self.linear.weight  # type: ignore[assignment]  # (K, d)
         x_norm = torch.sqrt(x.pow(2).sum(dim=1, keepdim=True) + 1e-12)  # (N, 1)
         w_norm = torch.sqrt(w.pow(2).sum(dim=1) + 1e-12)  # (K,)
         cosines = (x @ w.t()) / (x_norm * w_norm)  # (N, K)

@@ -147,7 +147,8 @@ def adversarial_batch(model: nn.Module, x: Tensor, y: Tensor, eps: float, cfg: T
     if cfg.mode == "natural" or eps <= 0:
         return x
     if cfg.mode == "fgsm":
-        return FGSM(eps, random_start=True, step_size=cfg.attack_step_size and cfg.attack_step_size * eps / cfg.eps)(model, x, y)
+        fgsm_step = cfg.attack_step_size and cfg.attack_step_size * eps / cfg.eps
+        return FGSM(eps, random_start=True, step_size=fgsm_step)(model, x, y)
     step = cfg.attack_step_size * eps / cfg.eps if cfg.attack_step_size else None
     return PGD(eps, steps=cfg.attack_steps, step_size=step)(model, x, y)
 
@@ -224,7 +225,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | os.PathLike[s
     while it < total:
         epoch = it // iters_per_epoch
         g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)  # same order on every rank
-        perm = torch.randperm(len(train_ds), generator=g)[info.rank::info.world_size][: iters_per_epoch * cfg.batch_size]
+        perm = torch.randperm(len(train_ds), generator=g)[info.rank::info.world_size]
+        perm = perm[: iters_per_epoch * cfg.batch_size]
         first = it - epoch * iters_per_epoch
         for b in range(first, iters_per_epoch):
             if it >= total:

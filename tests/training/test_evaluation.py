@@ -150,9 +150,38 @@ def test_transfer_without_substitutes_is_listed_as_skipped(tiny) -> None:
 
 
 def test_without_checkpoint_white_box_is_skipped_with_reason(tiny) -> None:
-    cfg = EvalConfig(eps=EPS, attacks=("fgsm", "adaptive"), sanity=False, figures=False, **FAST)  # type: ignore[arg-type]
+    cfg = EvalConfig(eps=EPS, attacks=("fgsm", "adaptive"), sanity=False, figures=False, weights_from_onnx=False,
+                     **FAST)  # type: ignore[arg-type]
     r = evaluate(tiny["version"], None, cfg).report
+    assert r.model.white_box_weights is None
     assert all(a.status == "skipped" and "checkpoint" in (a.reason or "") for a in r.attacks)
+
+
+def test_without_checkpoint_weights_are_rebuilt_from_onnx(tiny) -> None:
+    """The version alone suffices: same attack, same inputs, same result as with its checkpoint."""
+    cfg = EvalConfig(eps=EPS, attacks=("fgsm",), sanity=False, figures=False, **FAST)  # type: ignore[arg-type]
+    from_onnx = evaluate(tiny["version"], None, cfg).report
+    from_ckpt = evaluate(tiny["version"], tiny["checkpoint"], cfg).report
+    assert from_onnx.model.white_box_weights == "model.onnx" and from_ckpt.model.white_box_weights == "checkpoint"
+    assert from_onnx.model.checkpoint_parity_max_abs_diff is not None
+    assert from_onnx.model.checkpoint_parity_max_abs_diff <= 1e-4
+    assert from_onnx.attacks[0].status == "ok"
+    assert from_onnx.attacks[0].robust_accuracy == pytest.approx(from_ckpt.attacks[0].robust_accuracy, abs=0.03)
+
+
+def test_model_from_onnx_refuses_a_graph_without_named_weights(tiny, tmp_path) -> None:
+    import onnx
+
+    from training.onnx_weights import OnnxWeightsError, model_from_onnx
+
+    m = onnx.load(str(tiny["version"] / "model.onnx"))
+    for i, t in enumerate(m.graph.initializer):
+        t.name = f"w{i}"
+    path = tmp_path / "renamed.onnx"
+    onnx.save(m, str(path))
+    manifest = json.loads((tiny["version"] / "manifest.json").read_text())
+    with pytest.raises(OnnxWeightsError, match="no initializer named"):
+        model_from_onnx(path, manifest["training"]["model_config"])
 
 
 def test_foreign_checkpoint_is_refused(tiny) -> None:

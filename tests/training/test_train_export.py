@@ -43,7 +43,8 @@ def test_checkpoint_round_trip(tiny_run: Path, tmp_path: Path) -> None:
     again, ckpt2 = load_checkpoint(tmp_path / "copy")
     assert weights_digest(again) == weights_digest(model)
     assert ckpt2.model_config == ckpt.model_config and ckpt2.angle_stats == ckpt.angle_stats
-    assert not list(tmp_path.glob("*.safetensors")) and "pickle" not in (tmp_path / "copy" / "checkpoint.json").read_text()
+    meta = (tmp_path / "copy" / "checkpoint.json").read_text()
+    assert not list(tmp_path.glob("*.safetensors")) and "pickle" not in meta
 
 
 def test_angle_stats_equal_brute_force(tiny_run: Path, fashion_test: Dataset) -> None:

@@ -26,6 +26,8 @@ def evaluate(
     name: Annotated[str | None, typer.Option(help="model name in the store")] = None,
     version: Annotated[str | None, typer.Option(help="version in the store")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint that produced the version")] = None,
+    weights_from_onnx: Annotated[bool, typer.Option(
+        help="without --checkpoint, rebuild the PyTorch model from model.onnx for white-box attacks")] = True,
     substitute: Annotated[list[Path] | None, typer.Option(help="substitute checkpoint (repeatable)")] = None,
     out: Annotated[Path, typer.Option(help="output dir (reports, figures)")] = Path("reports/eval"),
     eps: Annotated[float | None, typer.Option(help="L-inf eps (default 0.1; CIFAR-10 8/255)")] = None,
@@ -75,7 +77,8 @@ def evaluate(
         n_square=n_square, substitutes=tuple(str(s) for s in (substitute or ())), transfer_steps=transfer_steps,
         n_transfer=n_transfer, adaptive_k=adaptive_k, adaptive_steps=adaptive_steps,
         adaptive_restarts=adaptive_restarts, n_adaptive=n_adaptive, sanity=sanity, n_budget_check=n_budget_check,
-        sweep_eps=_eps_list(sweep_eps), n_sweep=n_sweep, sweep_steps=sweep_steps, figures=figures, device=device)
+        sweep_eps=_eps_list(sweep_eps), n_sweep=n_sweep, sweep_steps=sweep_steps, figures=figures,
+        weights_from_onnx=weights_from_onnx, device=device)
     outcome = run_evaluation(vdir, checkpoint, cfg, out, command=command_line(), progress=typer.echo)
     r = outcome.report
     typer.echo(f"worst case over {len(r.worst_case.attacks) - 1} attacks (n = {r.worst_case.n_examples}): "

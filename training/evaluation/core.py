@@ -3,9 +3,11 @@
 - Verdicts: ONNX Runtime on the version's model.onnx, the manifest's angle statistics and
   rho, the one rule app.verdict.geodesic_verdict. So the report's numbers are what the
   service would answer for those inputs.
-- Gradients (white-box attacks): the PyTorch checkpoint that produced the version. It must
-  match the ONNX model (outputs within 1e-4 on real test images, same angle statistics),
-  or evaluation refuses.
+- Gradients (white-box attacks): the PyTorch checkpoint that produced the version, or, by
+  default when none is given, the model rebuilt from model.onnx's own weights and the
+  manifest's model config (training.onnx_weights). Either must match the ONNX model
+  (outputs within 1e-4 on real test images; a checkpoint also its angle statistics), or
+  evaluation refuses.
 - Square (gradient free) queries the ONNX model itself; transfer attacks never query it.
 """
 
@@ -44,6 +46,7 @@ from training.evaluation.schema import (
 )
 from training.export import OnnxModel, sha256_file
 from training.models import ConvNet
+from training.onnx_weights import OnnxWeightsError, model_from_onnx
 
 log = logging.getLogger("dsphere.evaluation")
 
@@ -100,6 +103,7 @@ class EvalConfig:
     sweep_steps: int = 20
     n_sweep: int = 200
     figures: bool = True
+    weights_from_onnx: bool = True  # no checkpoint: rebuild the PyTorch model from model.onnx
     device: str = "cpu"  # where PyTorch attacks run (verdicts always by ONNX Runtime on CPU)
 
     def __post_init__(self) -> None:
@@ -161,7 +165,7 @@ def check_checkpoint(model: ConvNet, ckpt: Any, manifest: Manifest, onnx_model: 
     if tuple(model.config.input_shape) != tuple(manifest.input.shape):
         raise EvaluationError(f"checkpoint {checkpoint} takes inputs {model.config.input_shape}, the version "
                               f"{tuple(manifest.input.shape)}: it does not belong to this version")
-    if ckpt.angle_stats is not None:
+    if ckpt is not None and ckpt.angle_stats is not None:
         d = max(np.abs(np.subtract(ckpt.angle_stats.mean_deg, manifest.angle_mean_deg)).max(),
                 np.abs(np.subtract(ckpt.angle_stats.std_deg, manifest.angle_std_deg)).max())
         if d > 1e-6:
@@ -306,13 +310,26 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
     dev = resolve_device(cfg.device)
     model: ConvNet | None = None
     parity: float | None = None
+    weights_source: str | None = None
+    no_ckpt = "no --checkpoint given (white-box attacks need the PyTorch model's gradients)"
+    warnings: list[str] = []
     if checkpoint is not None:
         model, ckpt = load_checkpoint(checkpoint)
         parity = check_checkpoint(model, ckpt, manifest, onnx_model, x[:16], checkpoint)
         say(f"checkpoint {checkpoint} matches model.onnx (max abs diff {parity:.1e})")
+        weights_source = "checkpoint"
+    elif cfg.weights_from_onnx:
+        try:
+            model = model_from_onnx(vdir / MODEL_FILE, manifest.training.model_config_)
+        except OnnxWeightsError as e:
+            no_ckpt = f"no --checkpoint given and {e}"
+            warnings.append(no_ckpt)
+        else:
+            parity = check_checkpoint(model, None, manifest, onnx_model, x[:16], vdir / MODEL_FILE)
+            say(f"white-box attacks on the PyTorch model rebuilt from model.onnx (max abs diff {parity:.1e})")
+            weights_source = "model.onnx"
+    if model is not None:
         model.to(dev)
-
-    warnings: list[str] = []
     attacks: list[AttackResult] = []
     judged: dict[str, Judged] = {}
 
@@ -342,7 +359,6 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
         attacks.append(AttackResult(name=name, kind=kind, status="skipped", reason=reason, params=params or {}))
         say(f"{name}: skipped ({reason})")
 
-    no_ckpt = "no --checkpoint given (white-box attacks need the PyTorch model's gradients)"
     want = set(cfg.attacks)
     if "fgsm" in want:
         if model is not None:
@@ -433,7 +449,7 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
         created_at=datetime.now(UTC), command=command,
         model=ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.sha256, path=str(vdir),
                        dataset=dataset, checkpoint=str(checkpoint) if checkpoint else None,
-                       checkpoint_parity_max_abs_diff=parity),
+                       white_box_weights=weights_source, checkpoint_parity_max_abs_diff=parity),
         eps=eps, n_examples=n, rho=rho, rho_source="manifest" if cfg.rho is None else "override",
         angle_mean_deg=mean, angle_std_deg=std,
         clean_accuracy=cr["robust_accuracy"], clean_reject_rate=cr["reject_rate"],

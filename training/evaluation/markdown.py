@@ -17,8 +17,11 @@ def _budget(a: AttackResult) -> str:
 def render_markdown(r: Report) -> str:
     L: list[str] = []
     L.append(f"# Defense evaluation: {r.model.name} {r.model.version}\n")
-    L.append(f"- model.onnx sha256 `{r.model.sha256}`; dataset {r.model.dataset}; checkpoint "
-             f"`{r.model.checkpoint or 'none (white-box attacks skipped)'}`"
+    weights = {"checkpoint": f"checkpoint `{r.model.checkpoint}`",
+               "model.onnx": "the PyTorch model rebuilt from model.onnx's own weights",
+               None: "none (white-box attacks skipped)"}[r.model.white_box_weights]
+    L.append(f"- model.onnx sha256 `{r.model.sha256}`; dataset {r.model.dataset}; white-box gradients from "
+             f"{weights}"
              + (f" (ONNX parity {r.model.checkpoint_parity_max_abs_diff:.1e})"
                 if r.model.checkpoint_parity_max_abs_diff is not None else ""))
     L.append(f"- threat model: L-inf, eps = {r.eps:g} on [0, 1] images; {r.n_examples} test examples "

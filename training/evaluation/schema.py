@@ -28,6 +28,8 @@ class ModelRef(_Model):
     path: str
     dataset: str
     checkpoint: str | None = None
+    white_box_weights: Literal["checkpoint", "model.onnx"] | None = Field(
+        None, description="where the white-box attacks' PyTorch weights came from (None: no white-box attacks)")
     checkpoint_parity_max_abs_diff: float | None = Field(
         None, description="max |ONNX - PyTorch| over logits and cosines on a few test images")
 
