@@ -51,7 +51,7 @@ def _rid(request: Request) -> str:
 def _multipart_body(name: str, many: bool) -> dict[str, Any]:
     prop: dict[str, Any] = {"type": "string", "format": "binary"}
     if many:
-        prop = {"type": "array", "items": prop}
+        prop = {"type": "array", "items": prop, "minItems": 1}
     return {
         "requestBody": {
             "required": True,

@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     app.include_router(admin.router)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    _add_openapi_components(app, v2.openapi_components())
+    _add_openapi_components(app, {**v2.openapi_components(), **admin.openapi_components()})
     return app
 
 

@@ -77,8 +77,8 @@ class ModelDetail(ModelSummary):
 
 
 class ReloadRequest(BaseModel):
-    version: str = Field("latest", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: str = Field("latest", max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str | None = Field(None, max_length=128, pattern=r"^[a-z0-9][a-z0-9._-]*$")
 
 
 class ReloadResponse(BaseModel):

@@ -11,8 +11,9 @@ import asyncio
 import logging
 
 from app.engine import ModelRuntime
+from app.manifest import MODEL_FILE
 from app.metrics import Metrics
-from app.model_store import ModelStoreError, load_version
+from app.model_store import ModelInvalidError, ModelStoreError, load_version
 from app.quarantine import Quarantine
 from app.settings import Settings
 
@@ -53,7 +54,10 @@ class Service:
             on_batch=self.metrics.batch_size.observe,
             on_queue_depth=self.metrics.queue_depth.set,
         )
-        rt.warmup()
+        try:
+            rt.warmup()
+        except Exception as exc:  # verified but not runnable, e.g. a batch size fixed at export
+            raise ModelInvalidError(f"{model.path / MODEL_FILE}: warm-up inference failed ({exc})") from None
         return rt
 
     async def load(self) -> None:

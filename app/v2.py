@@ -109,7 +109,12 @@ def _tensor(req: V2InferRequest, rt: ModelRuntime, max_n: int) -> np.ndarray:
     if n > max_n:
         raise APIError(413, f"input '{t.name}': batch of {n} exceeds the limit of {max_n}")
     try:
-        arr = np.asarray(t.data, dtype=np.float32)
+        # Numbers only: numpy would also parse numeric strings ("0.5"), and makes an object array
+        # of ints beyond 64 bits, whose float32 cast raises OverflowError.
+        raw = np.asarray(t.data)
+        if raw.dtype.kind not in "biuf":
+            raise TypeError(f"data of dtype {raw.dtype}")
+        arr = raw.astype(np.float32)
     except (ValueError, TypeError):
         raise APIError(400, f"input '{t.name}': data must be numbers (flat or nested)") from None
     expected = n * c * h * w
@@ -141,6 +146,8 @@ async def infer(request: Request, name: str) -> V2InferResponse:
     try:
         payload: Any = json.loads(body)
         req = V2InferRequest.model_validate(payload)
+    except RecursionError:  # json.loads of arrays/objects nested thousands deep
+        raise APIError(400, "invalid inference request: JSON nested too deeply") from None
     except ValueError as exc:
         if isinstance(exc, ValidationError):
             first = exc.errors()[0]

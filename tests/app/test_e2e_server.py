@@ -9,14 +9,8 @@ fixture model, a majority with the real one).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -25,10 +19,9 @@ from fake_store import load_fashion_mnist_test, png_bytes, write_version
 from app.manifest import MANIFEST_FILE, MODEL_FILE
 from app.model_store import read_manifest, resolve_version
 from app.verdict import geodesic_verdict
+from tests.server_process import BUNDLED_STORE, start_server
+from tests.server_process import MODEL_NAME as NAME
 
-REPO = Path(__file__).resolve().parents[2]
-BUNDLED_STORE = REPO / "model_store"
-NAME = "fashion-mnist-dsphere"
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 N_IMAGES = 48
 N_NOISE = 24
@@ -40,12 +33,6 @@ def _bundled_present() -> bool:
         return True
     except Exception:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -63,34 +50,9 @@ def test_real_server_verdicts_match_onnxruntime(server_store: Path, tmp_path: Pa
     version = resolve_version(server_store, NAME)
     vdir = server_store / NAME / version
     manifest = read_manifest(vdir / MANIFEST_FILE)
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DSPHERE_MODEL_STORE": str(server_store),
-        "DSPHERE_MODEL_NAME": NAME,
-        "DSPHERE_PROVIDERS": "CPUExecutionProvider",
-        "DSPHERE_BATCH_DELAY_MS": "1",
-    }
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        with httpx.Client(base_url=base, timeout=10) as c:
-            while True:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "server not ready within 60 s"
-                time.sleep(0.1)
-
+    log = tmp_path / "server.log"
+    with start_server({"DSPHERE_MODEL_STORE": str(server_store)}, log_path=log) as srv:
+        with srv.client(timeout=10) as c:
             imgs = load_fashion_mnist_test(N_IMAGES)
             noise = np.random.default_rng(0).integers(0, 256, (N_NOISE, 28, 28), dtype=np.uint8)
             pix = np.concatenate([imgs, noise])
@@ -110,13 +72,7 @@ def test_real_server_verdicts_match_onnxruntime(server_store: Path, tmp_path: Pa
             batch = c.post("/classify/batch", files=files)
             assert batch.status_code == 200, batch.text
             metrics = c.get("/metrics").text
-    finally:
-        proc.terminate()
-        rc = proc.wait(timeout=30)
-        log.close()
-    server_log = (tmp_path / "server.log").read_text()
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: -15 (or 0 on older versions)
-    assert rc in (0, -15), server_log
+    server_log = srv.log_text()  # start_server's context checked the clean exit on SIGTERM
     assert "Traceback" not in server_log, server_log
 
     for i, g in enumerate(got):

@@ -100,6 +100,7 @@ def figure2(
     pgd_steps: Annotated[int, typer.Option()] = 20,
     widths: Annotated[str, typer.Option(help="conv widths of the two small models")] = "16,32,32",
     seed: Annotated[int, typer.Option()] = 0,
+    runs_dir: Annotated[Path | None, typer.Option(help="cache of the two training runs (default OUT/runs)")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (0 = torch default)")] = 0,
 ) -> None:
     """The paper's Figure 2 on real data: 2-D features of a D-SphereNet and a baseline CNN,
@@ -115,6 +116,7 @@ def figure2(
     except ValueError:
         raise ValueError(f"--widths: expected comma-separated integers, got {widths!r}") from None
     cfg = Figure2Config(dataset=dataset, data_dir=data_dir, n_train=n_train, epochs=epochs, n_test=n_test, eps=eps,
-                        pgd_steps=pgd_steps, widths=w, seed=seed)
+                        pgd_steps=pgd_steps, widths=w, seed=seed,
+                        runs_dir=str(runs_dir) if runs_dir else None)
     path = make_figure2(cfg, out, progress=typer.echo)
     typer.echo(f"wrote {path}")
