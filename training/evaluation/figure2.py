@@ -1,7 +1,7 @@
 """The paper's Figure 2 on real data: train a D-SphereNet and a baseline CNN with a 2-D
 feature layer (ModelConfig(fc_dim=2, feature_relu=False)) briefly, and scatter the 2-D
 features of clean and PGD-adversarial test images per class, with the class weight
-directions W_j. Sized for a CPU: small widths, a subset, a couple of epochs."""
+directions W_j. Sized for a CPU: small widths, 20,000 images, 10 epochs (about 15 min on 2 cores)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ log = logging.getLogger("dsphere.evaluation")
 class Figure2Config:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
-    n_train: int = 10000
-    epochs: float = 4.0
+    n_train: int = 20000
+    epochs: float = 10.0
     n_test: int = 1000
     eps: float = 0.1
     pgd_steps: int = 20
@@ -42,7 +42,7 @@ class Figure2Config:
 
 MODELS = {
     # W-Softmax + weight multiplier: with a bounded 2-D feature, plain W-Softmax logits stay
-    # below sqrt(2) and 10 classes do not separate (measured: 38 % clean accuracy).
+    # below sqrt(2) and 10 classes do not separate (measured: 38 % clean accuracy after 4 epochs on 10k images).
     "D-SphereNet (cosine, W-Softmax + WM)": dict(arch="dsphere", corr="cosine", head="wm"),
     "baseline CNN (softmax)": dict(arch="baseline", head="softmax"),
 }
