@@ -8,6 +8,10 @@ output has one row per input row, and resolves each request's future with its
 slice. A batch's exception is set on every one of its futures. A full queue
 raises `QueueFullError` at once (the API answers 503 + Retry-After).
 
+Closing (a reload retiring the old version, or shutdown) refuses new requests but
+finishes the admitted ones: those queued and those holding a `Ticket` taken before
+the close, which may still be reading their upload when it begins.
+
 `ModelRuntime` binds a `LoadedModel` to a Batcher whose `run_batch` is
 ONNX Runtime + `geodesic_verdict`.
 """
@@ -53,12 +57,19 @@ class Ticket:
 
     The worker waits (up to max_delay) to fill a batch only while tickets are open:
     with nothing on its way, a lone request runs at once instead of idling out the delay.
+    A ticket taken before the Batcher began closing also admits its request: submitted
+    with it, the rows are still run, and the worker stops only once every ticket is closed.
     Close it (or submit with it) exactly once; closing twice is harmless.
     """
 
     def __init__(self, batcher: Batcher) -> None:
         self._batcher: Batcher | None = batcher
+        self.admitted = not batcher._closing
         batcher._arriving += 1
+
+    @property
+    def open(self) -> bool:
+        return self._batcher is not None
 
     def close(self) -> None:
         b, self._batcher = self._batcher, None
@@ -99,6 +110,7 @@ class Batcher:
         self._pending: collections.deque[_Item] = collections.deque()
         self._event = asyncio.Event()
         self._closing = False
+        self._stopped = False  # the worker has ended: nothing queued from now on would run
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._name = name
@@ -118,19 +130,31 @@ class Batcher:
 
     async def submit(self, x: NDArray[np.float32], ticket: Ticket | None = None) -> Outputs:
         """Run rows `x` (shape [n, ...]) in some batch; returns each output's n rows."""
-        if ticket is not None:
-            ticket.close()
-        if self._closing:
-            raise EngineClosedError()
-        if len(self._pending) >= self.queue_size:
-            raise QueueFullError(self.queue_size)
-        fut: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(x, fut))
-        self._depth_changed()
-        self._event.set()
+        (out,) = await self.submit_many([x], ticket)
+        return out
+
+    async def submit_many(self, xs: Sequence[NDArray[np.float32]], ticket: Ticket | None = None) -> list[Outputs]:
+        """Queue the blocks `xs` together (one queue slot each, all or none), then close `ticket`.
+
+        While closing, only a request admitted by an open ticket taken before the close is queued.
+        """
+        admitted = ticket is not None and ticket.open and ticket.admitted
+        try:
+            if self._stopped or (self._closing and not admitted):
+                raise EngineClosedError()
+            if len(self._pending) + len(xs) > self.queue_size:
+                raise QueueFullError(self.queue_size)
+            loop = asyncio.get_running_loop()
+            items = [_Item(x, loop.create_future()) for x in xs]
+            self._pending.extend(items)
+            self._depth_changed()
+            self._event.set()
+        finally:
+            if ticket is not None:  # after queueing: a closing worker sees the rows before the ticket goes
+                ticket.close()
         self.in_flight += 1
         try:
-            return await fut
+            return list(await asyncio.gather(*(it.future for it in items)))
         finally:
             self.in_flight -= 1
 
@@ -145,7 +169,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             while not self._pending:
-                if self._closing:
+                if self._closing and self._arriving == 0:  # admitted requests may still submit
                     return
                 self._event.clear()
                 await self._event.wait()
@@ -205,7 +229,8 @@ class Batcher:
             start = end
 
     async def close(self, timeout: float | None = 30.0) -> None:
-        """Refuse new requests, finish every queued one, stop the worker."""
+        """Refuse new requests, finish every admitted one (queued, or holding a ticket taken
+        before the close), stop the worker; after `timeout` the rest fail with EngineClosedError."""
         self._closing = True
         self._event.set()
         if self._task is not None:
@@ -216,6 +241,7 @@ class Batcher:
                 for it in self._pending:
                     if not it.future.done():
                         it.future.set_exception(EngineClosedError())
+        self._stopped = True
         self._executor.shutdown(wait=False)
 
 
@@ -287,13 +313,8 @@ class ModelRuntime:
         if x.ndim == 3:
             x = x[None]
         step = self.batcher.max_batch
-        if ticket is not None:
-            ticket.close()
-        if len(x) <= step:
-            outs = await self.batcher.submit(x)
-        else:
-            parts = await asyncio.gather(*(self.batcher.submit(x[i : i + step]) for i in range(0, len(x), step)))
-            outs = tuple(np.concatenate(cols) for cols in zip(*parts, strict=True))
+        parts = await self.batcher.submit_many([x[i : i + step] for i in range(0, len(x), step)], ticket)
+        outs = parts[0] if len(parts) == 1 else tuple(np.concatenate(cols) for cols in zip(*parts, strict=True))
         labels, angles, thresholds, accepted, probs = outs
         return Verdicts(labels, angles, thresholds, accepted, probs)  # type: ignore[arg-type]
 

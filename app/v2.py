@@ -142,24 +142,25 @@ def _tensor(req: V2InferRequest, rt: ModelRuntime, max_n: int) -> np.ndarray:
 async def infer(request: Request, name: str) -> V2InferResponse:
     svc = _service(request)
     rt = _model(request, name)
-    body = await read_body(request, svc.settings.max_batch_upload_bytes)
-    try:
-        payload: Any = json.loads(body)
-        req = V2InferRequest.model_validate(payload)
-    except RecursionError:  # json.loads of arrays/objects nested thousands deep
-        raise APIError(400, "invalid inference request: JSON nested too deeply") from None
-    except ValueError as exc:
-        if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"])
-            raise APIError(400, f"invalid inference request: {loc}: {first['msg']}") from None
-        raise APIError(400, "invalid inference request: body is not valid JSON") from None
-    wanted = [o.name for o in req.outputs] if req.outputs else list(DEFAULT_OUTPUTS)
-    unknown = [o for o in wanted if o not in ALL_OUTPUTS]
-    if unknown:
-        raise APIError(400, f"unknown output(s) {unknown}; available: {sorted(ALL_OUTPUTS)}")
-    x = _tensor(req, rt, svc.settings.max_batch_files)
-    v = await rt.classify(x)  # no ticket: the JSON was parsed before, nothing is on its way
+    with rt.ticket() as ticket:  # admitted now: a reload while the body is read still runs it on rt
+        body = await read_body(request, svc.settings.max_batch_upload_bytes)
+        try:
+            payload: Any = json.loads(body)
+            req = V2InferRequest.model_validate(payload)
+        except RecursionError:  # json.loads of arrays/objects nested thousands deep
+            raise APIError(400, "invalid inference request: JSON nested too deeply") from None
+        except ValueError as exc:
+            if isinstance(exc, ValidationError):
+                first = exc.errors()[0]
+                loc = ".".join(str(x) for x in first["loc"])
+                raise APIError(400, f"invalid inference request: {loc}: {first['msg']}") from None
+            raise APIError(400, "invalid inference request: body is not valid JSON") from None
+        wanted = [o.name for o in req.outputs] if req.outputs else list(DEFAULT_OUTPUTS)
+        unknown = [o for o in wanted if o not in ALL_OUTPUTS]
+        if unknown:
+            raise APIError(400, f"unknown output(s) {unknown}; available: {sorted(ALL_OUTPUTS)}")
+        x = _tensor(req, rt, svc.settings.max_batch_files)
+        v = await rt.classify(x, ticket)
     svc.metrics.observe_verdicts(
         rt.name, rt.version, rt.model.manifest.class_names,
         v.labels.tolist(), v.angles_deg.tolist(), v.accepted.tolist(),

@@ -6,7 +6,7 @@ Starts two real uvicorn servers (1 worker each) on 127.0.0.1:
   * `app.main:app`  (the service; bundled model if model_store/fashion-mnist-dsphere exists,
                      else the tiny fixture model of tests/app/fake_store.py)
   * `bench/bare_app.py` (same multipart parsing + image decoding, no model: the ceiling)
-then runs wrk (multipart POST via a Lua script) at each concurrency against
+then runs wrk (multipart POST via the Lua script of bench/loadgen.py) at each concurrency against
 /classify, /classify/batch and their bare counterparts, and prints req/s, p50, p99,
 the ratio to the ceiling, and non-2xx counts. Nothing is asserted.
 Targets: /classify >= 0.6x the ceiling; p99 <= 25 ms at c=16.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -34,29 +33,9 @@ sys.path.insert(0, str(REPO))
 from fake_store import load_fashion_mnist_test, png_bytes, write_version  # noqa: E402
 
 from app.model_store import resolve_version  # noqa: E402
+from bench.loadgen import WrkResult, multipart, run_wrk  # noqa: E402
 
 NAME = "fashion-mnist-dsphere"
-BOUNDARY = "dsphereBenchBoundary7MA4YWxkTrZu0gW"
-
-LUA = """
-local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = "multipart/form-data; boundary=BOUNDARY"
-""".replace("BOUNDARY", BOUNDARY)
-
-
-def multipart(field: str, images: list[bytes]) -> bytes:
-    out = bytearray()
-    for i, data in enumerate(images):
-        out += (
-            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{i}.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        out += data + b"\r\n"
-    out += f"--{BOUNDARY}--\r\n".encode()
-    return bytes(out)
 
 
 def free_port() -> int:
@@ -83,32 +62,6 @@ def start(target: str, env: dict[str, str], ready_path: str, extra: list[str]) -
     raise SystemExit(f"{target} did not become ready")
 
 
-def wrk(url: str, body_file: Path, lua: Path, conc: int, duration: int) -> dict[str, float]:
-    threads = min(conc, 2)
-    env = {**os.environ, "BENCH_BODY": str(body_file)}
-    out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(conc), "-d", f"{duration}s", "--latency", "-s", str(lua), url],
-        capture_output=True, text=True, env=env, check=True,
-    ).stdout
-
-    def pct(p: str) -> float:
-        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if not m:
-            return float("nan")
-        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    errors = re.search(r"Socket errors:.*", out)
-    return {
-        "rps": float(rps.group(1)) if rps else float("nan"),
-        "p50": pct("50"),
-        "p99": pct("99"),
-        "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
-        "sockerr": 1.0 if errors else 0.0,
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
@@ -127,17 +80,13 @@ def main() -> None:
         store, which = tmp / "store", "fixture"
         write_version(store, "1")
     imgs = [png_bytes(a) for a in load_fashion_mnist_test(max(args.batch_files, 1))]
-    single, batch = tmp / "single.bin", tmp / "batch.bin"
-    single.write_bytes(multipart("file", imgs[:1]))
-    batch.write_bytes(multipart("files", imgs[: args.batch_files]))
-    lua = tmp / "multipart.lua"
-    lua.write_text(LUA)
+    single, batch = multipart("file", imgs[:1]), multipart("files", imgs[: args.batch_files])
 
     env = {**os.environ, "DSPHERE_MODEL_STORE": str(store), "DSPHERE_MODEL_NAME": NAME,
            "DSPHERE_QUEUE_SIZE": "1024"}
     svc, svc_url = start("app.main:app", env, "/readyz", [])
     bare, bare_url = start("bare_app:app", dict(os.environ), "/decode", ["--app-dir", "bench"])
-    rows = []
+    rows: list[tuple[str, int, WrkResult]] = []
     try:
         for label, url, body in [
             ("/classify", svc_url + "/classify", single),
@@ -145,22 +94,22 @@ def main() -> None:
             (f"/classify/batch x{args.batch_files}", svc_url + "/classify/batch", batch),
             (f"bare /decode/batch x{args.batch_files}", bare_url + "/decode/batch", batch),
         ]:
-            wrk(url, body, lua, 4, 1)  # warm-up
+            run_wrk(url, body, 4, 1)  # warm-up
             for c in concs:
-                rows.append((label, c, wrk(url, body, lua, c, args.duration)))
+                rows.append((label, c, run_wrk(url, body, c, args.duration)))
     finally:
         for p in (svc, bare):
             p.terminate()
             p.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    ceiling = {(lbl.replace("bare /decode", "/classify"), c): r["rps"] for lbl, c, r in rows if lbl.startswith("bare")}
+    ceiling = {(lbl.replace("bare /decode", "/classify"), c): r.rps for lbl, c, r in rows if lbl.startswith("bare")}
     print(f"\nmodel: {which} ({store}), {os.cpu_count()} CPUs, wrk {args.duration}s per cell, 1 uvicorn worker each")
     print(f"{'endpoint':<28}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x ceiling':>11}{'non-2xx':>9}")
     for label, c, r in rows:
         ceil = None if label.startswith("bare") else ceiling.get((label, c))
-        ratio = f"{r['rps'] / ceil:.2f}" if ceil else ""
-        print(f"{label:<28}{c:>5}{r['rps']:>10.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{ratio:>11}{int(r['non2xx']):>9}")
+        ratio = f"{r.rps / ceil:.2f}" if ceil else ""
+        print(f"{label:<28}{c:>5}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{ratio:>11}{r.non_2xx_3xx:>9}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ CNN from nn.Conv2d, measured in one run. Target ratio <= 1.15.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -15,23 +16,37 @@ import torch.nn.functional as F
 from training.models import ModelConfig, build_model
 
 
-def step_time(arch: str, head: str, steps: int, batch_size: int) -> float:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, head=head))
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    x, y = torch.rand(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
-    times = []
-    for i in range(steps + 3):
+class Stepper:
+    """One Adam train step of a fresh model on a fixed random batch."""
+
+    def __init__(self, arch: str, head: str, batch_size: int) -> None:
+        torch.manual_seed(0)
+        self.model = build_model(ModelConfig(arch=arch, head=head))
+        self.opt = torch.optim.Adam(self.model.parameters(), 1e-3)
+        self.x, self.y = torch.rand(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
+
+    def __call__(self) -> float:
         t0 = time.perf_counter()
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
+        logits, _ = self.model(self.x)
+        loss = F.cross_entropy(logits, self.y)
+        self.opt.zero_grad()
         loss.backward()
-        opt.step()
-        if i >= 3:  # warm-up steps excluded
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+        self.opt.step()
+        return time.perf_counter() - t0
+
+
+def step_times(steps: int, batch_size: int, block: int = 10) -> tuple[float, float]:
+    """Median step time of the baseline and the D-SphereNet. They run in alternating
+    blocks of `block` steps: a change in machine load hits both alike instead of biasing
+    the ratio, while each block runs warm as in training (alternating single steps makes
+    the two models evict each other's caches and inflates both)."""
+    steppers = Stepper("baseline", "softmax", batch_size), Stepper("dsphere", "wsoftmax", batch_size)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(max(1, steps // block)):
+        for stepper, acc in zip(steppers, times, strict=True):
+            stepper(), stepper()  # warm-up after the other model ran, excluded
+            acc.extend(stepper() for _ in range(block))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
@@ -39,8 +54,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     a = p.parse_args()
-    base = step_time("baseline", "softmax", a.steps, a.batch_size)
-    sphere = step_time("dsphere", "wsoftmax", a.steps, a.batch_size)
+    base, sphere = step_times(a.steps, a.batch_size)
     print(f"nn.Conv2d CNN      train step (median): {base * 1e3:7.1f} ms")
     print(f"SphereConv2d CNN   train step (median): {sphere * 1e3:7.1f} ms")
     print(f"ratio sphere/conv: {sphere / base:.3f}  (target <= 1.15)")

@@ -5,7 +5,7 @@ For a kernel w and the input patch x under it, cos θ = <w, x> / (||w|| ||x||), 
 layer outputs g(θ) for one of the corr functions below instead of <w, x>. No bias.
 
 The patch norm ||x|| covers all input channels of the receptive field. It comes from
-ONE extra convolution of x² with an all-ones kernel of one output channel (same stride,
+ONE extra convolution: sum_c x² (one channel) with an all-ones kernel (same stride,
 padding and dilation), never from `unfold`.
 """
 
@@ -97,22 +97,44 @@ class SphereConv2d(nn.Conv2d):
         self.corr = check_corr(corr)
         self.sigmoid_k = sigmoid_k
         self.quadratic_a = quadratic_a
-        # The all-ones kernel of the patch-norm conv: (1, C_in, kh, kw). A buffer, not a
+        # The all-ones kernel of the patch-norm conv: (1, 1, kh, kw). A buffer, not a
         # parameter, and not saved in checkpoints (it is a constant).
-        self.register_buffer("_ones", torch.ones(1, in_channels, *self.kernel_size), persistent=False)
+        self.register_buffer("_ones", torch.ones(1, 1, *self.kernel_size), persistent=False)
+
+    def patch_sq_norm(self, x: Tensor) -> Tensor:
+        """||x||² + NORM_EPS² of every receptive field, all input channels: (N, 1, H', W')."""
+        ones: Tensor = self._ones  # type: ignore[assignment]  # a registered buffer
+        # sum over the receptive field of x² = the one-channel map sum_c x² convolved with
+        # a (1, 1, kh, kw) box of ones: the same numbers, but the extra conv reads one
+        # channel instead of C_in (its im2col and its backward shrink by C_in).
+        s = (x * x).sum(dim=1, keepdim=True)
+        kh, kw = self.kernel_size
+        pad = self.padding  # an int pair: __init__ takes no string padding
+        if self.dilation == (1, 1) and not isinstance(pad, str) and 2 * pad[0] <= kh and 2 * pad[1] <= kw:
+            # the box sum as a sum-pool (avg_pool2d with divisor 1, zero padding counted):
+            # the same convolution with ones, but its CPU kernel and its backward are a
+            # few times cheaper than a one-channel mkldnn conv
+            sq = F.avg_pool2d(s, self.kernel_size, self.stride, self.padding,  # type: ignore[arg-type]
+                              count_include_pad=True, divisor_override=1)
+        else:  # dilation, or padding wider than avg_pool2d allows
+            sq = F.conv2d(s, ones.to(x.dtype), None, self.stride, self.padding, self.dilation)  # type: ignore[arg-type]
+        # clamp: a fast conv algorithm may round a sum of squares to a tiny negative
+        return sq.clamp_min(0.0) + NORM_EPS**2
 
     def patch_norm(self, x: Tensor) -> Tensor:
         """||x|| of every receptive field, all input channels: (N, 1, H', W')."""
-        ones: Tensor = self._ones  # type: ignore[assignment]  # a registered buffer
-        sq = F.conv2d(x * x, ones.to(x.dtype), None, self.stride, self.padding, self.dilation)  # type: ignore[arg-type]
-        return torch.sqrt(sq.clamp_min(0.0) + NORM_EPS**2)
+        return torch.sqrt(self.patch_sq_norm(x))
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight  # (C_out, C_in, kh, kw)
         # Normalize the (small) kernels rather than the (large) output: one full-size op fewer.
         w_hat = w / torch.sqrt(w.pow(2).sum(dim=(1, 2, 3), keepdim=True) + NORM_EPS**2)
-        x_norm = self.patch_norm(x)  # (N, 1, H', W')
-        cos = F.conv2d(x, w_hat, None, self.stride, self.padding, self.dilation) / x_norm  # (N, C_out, H', W')
+        sq = self.patch_sq_norm(x)  # (N, 1, H', W')
+        # Multiply by 1/||x|| (a one-channel map) rather than divide by ||x||: the backward
+        # of a broadcast division costs three full-size passes (neg, div, mul) over the
+        # (N, C_out, H', W') output, that of a multiplication one.
+        cos = F.conv2d(x, w_hat, None, self.stride, self.padding, self.dilation) * torch.rsqrt(sq)
+        x_norm = torch.sqrt(sq) if self.corr == "truncated" else None
         return sphere_corr(cos, self.corr, x_norm, self.sigmoid_k, self.quadratic_a)
 
     def extra_repr(self) -> str:

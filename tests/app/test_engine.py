@@ -164,6 +164,31 @@ def test_close_drains_queued_requests_then_refuses() -> None:
     run(main())
 
 
+def test_close_still_runs_requests_admitted_by_a_ticket() -> None:
+    """A reload closes the old batcher while requests holding its tickets are still reading their
+    upload: those are run (not refused), the worker waits for them, later tickets are refused."""
+
+    async def main() -> None:
+        runner = FakeRunner()
+        b = Batcher(runner, max_batch=4, max_delay_s=0.0, queue_size=10)
+        b.start()
+        before = b.ticket()
+        closing = asyncio.ensure_future(b.close())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not closing.done()  # waiting for the admitted request
+        after = b.ticket()
+        with pytest.raises(EngineClosedError):
+            await b.submit(rows(9), after)
+        res = await b.submit_many([rows(1, 2), rows(3)], before)
+        assert [r[0].tolist() for r in res] == [[2, 4], [6]] and runner.calls == [3]
+        await closing
+        with pytest.raises(EngineClosedError):
+            await b.submit(rows(4), b.ticket())
+
+    run(main())
+
+
 def test_cancelled_request_is_skipped() -> None:
     async def main() -> None:
         runner = FakeRunner(block=True)

@@ -253,6 +253,19 @@ def test_figure2_trains_two_2d_models_and_plots(tmp_path: Path) -> None:
     assert path.is_file() and path.stat().st_size > 10_000
     summary = json.loads((tmp_path / "figure2.json").read_text())
     assert len(summary["models"]) == 2
-    for run in ("dsphere", "baseline"):
-        _, ckpt = load_checkpoint(tmp_path / "runs" / run / "final")
+    for arch in ("dsphere", "baseline"):
+        # runs are cached per configuration: runs/<arch>-<config digest>/final
+        (run,) = (tmp_path / "runs").glob(f"{arch}-*")
+        _, ckpt = load_checkpoint(run / "final")
         assert ckpt.model_config.fc_dim == 2 and ckpt.model_config.feature_relu is False
+
+
+@pytest.mark.parametrize("path,label", [
+    ("runs/reproduce/cells/baseline-fgsm/run/final", "baseline-fgsm"),
+    ("runs/dsphere-fgsm/final", "dsphere-fgsm"),
+    ("substitutes/ckpt-a", "ckpt-a"),
+])
+def test_transfer_attacks_are_named_after_the_substitute_run(path: str, label: str) -> None:
+    from training.evaluation.core import _run_label
+
+    assert _run_label(path) == label

@@ -35,7 +35,7 @@ def reference_corr(cos: torch.Tensor, norm: torch.Tensor, corr: str, k: float = 
 
 @pytest.mark.parametrize("corr", CORRS)
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("padding,dilation", [(0, 1), (1, 1), (2, 2)])
+@pytest.mark.parametrize("padding,dilation", [(0, 1), (1, 1), (2, 1), (2, 2)])  # (2, 1): wider than avg_pool2d allows
 def test_sphere_conv_matches_unfold_reference(corr: str, stride: int, padding: int, dilation: int) -> None:
     torch.manual_seed(0)
     layer = SphereConv2d(3, 5, 3, stride=stride, padding=padding, dilation=dilation, corr=corr).double()

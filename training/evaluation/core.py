@@ -485,8 +485,14 @@ def _attack_on(model: nn.Module, attack: Callable[[nn.Module, Tensor, Tensor], T
 
 
 def _run_label(path: str | Path) -> str:
+    """A checkpoint's name for the report: the nearest folder above it that is not a generic
+    one (runs/reproduce/cells/baseline-fgsm/run/final -> baseline-fgsm)."""
+    generic = {"final", "last", "run", "runs", "checkpoints", ""}
     p = Path(path)
-    return p.parent.name if p.name in ("final", "last") else p.name
+    for part in (p, *p.parents):
+        if part.name not in generic:
+            return part.name
+    return p.name or "substitute"
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
