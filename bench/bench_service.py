@@ -62,6 +62,24 @@ def start(target: str, env: dict[str, str], ready_path: str, extra: list[str]) -
     raise SystemExit(f"{target} did not become ready")
 
 
+def model_compute(store: Path, batch: int = 16, runs: int = 50) -> float:
+    """Microseconds per image of ONNX Runtime alone on the served version (same default session
+    options as the service), at `batch` rows per call: the floor under any /classify latency."""
+    import numpy as np
+    import onnxruntime as ort
+
+    path = store / NAME / resolve_version(store, NAME) / "model.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    x = np.random.default_rng(0).random((batch, *inp.shape[1:]), dtype=np.float32)
+    for _ in range(5):
+        sess.run(None, {inp.name: x})
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        sess.run(None, {inp.name: x})
+    return (time.perf_counter() - t0) / runs / batch * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
@@ -79,6 +97,7 @@ def main() -> None:
     except Exception:
         store, which = tmp / "store", "fixture"
         write_version(store, "1")
+    per_image_us = model_compute(store)  # before the servers start, alone on the machine
     imgs = [png_bytes(a) for a in load_fashion_mnist_test(max(args.batch_files, 1))]
     single, batch = multipart("file", imgs[:1]), multipart("files", imgs[: args.batch_files])
 
@@ -110,6 +129,8 @@ def main() -> None:
         ceil = None if label.startswith("bare") else ceiling.get((label, c))
         ratio = f"{r.rps / ceil:.2f}" if ceil else ""
         print(f"{label:<28}{c:>5}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{ratio:>11}{r.non_2xx_3xx:>9}")
+    print(f"\nONNX Runtime alone on this model: {per_image_us:.0f} us/image at batch 16 (all cores), i.e. at most "
+          f"{1e6 / per_image_us:.0f} images/s with nothing else running; the bare ceiling has no model to run.")
 
 
 if __name__ == "__main__":
