@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
 serve: install
-	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --timeout-graceful-shutdown 20
 
 lint: install
 	$(VENV)/bin/ruff check app training tests bench

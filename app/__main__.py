@@ -12,7 +12,7 @@ def main() -> None:
         s = load_settings()
     except SettingsError as exc:
         raise SystemExit(str(exc)) from None
-    uvicorn.run("app.main:app", host=s.host, port=s.port, log_level=s.log_level)
+    uvicorn.run("app.main:app", host=s.host, port=s.port, log_level=s.log_level, timeout_graceful_shutdown=20)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ def test_serving_stage_runs_uvicorn_as_non_root_with_healthcheck(target: str) ->
     (cmd,) = by("CMD")
     argv = json.loads(cmd)
     assert argv[:2] == ["uvicorn", "app.main:app"] and "8000" in argv and "0.0.0.0" in argv
+    # a stalled upload must not keep a stopping container alive past its grace period
+    assert "--timeout-graceful-shutdown" in argv, target
     copies = " ".join(by("COPY"))
     assert "app/" in copies and "model_store/" in copies
     env = " ".join(by("ENV"))
@@ -272,6 +274,13 @@ def test_compose_api_reserves_a_gpu() -> None:
         d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and (d.get("count") or d.get("device_ids"))
         for d in devices
     ), devices
+
+
+def test_compose_api_grace_period_outlasts_the_drain() -> None:
+    """uvicorn drains for up to 20 s on SIGTERM; Docker must not SIGKILL it before (default 10 s)."""
+    api = load_compose(COMPOSE)["services"]["api"]
+    grace = str(api.get("stop_grace_period", "10s"))
+    assert grace.endswith("s") and int(grace[:-1]) > 20, grace
 
 
 def test_compose_cpu_override_drops_the_gpu() -> None:
