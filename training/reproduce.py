@@ -226,6 +226,12 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+def _schedule(p: Protocol) -> str:
+    if p.iterations:
+        return f"{p.iterations} iterations"
+    return f"{p.epochs:g} epoch(s) on {p.limit_train or 'all'} training images"
+
+
 def render_markdown(rows: list[dict[str, Any]], dataset: str, protocol: Protocol, eps: float) -> str:
     L = [f"# Table 1 reproduction: {dataset}, protocol {protocol.name}\n",
          f"eps = {eps:g} (L-inf); evaluation on {protocol.n_eval or 'all'} test images: FGSM and "
@@ -233,6 +239,11 @@ def render_markdown(rows: list[dict[str, Any]], dataset: str, protocol: Protocol
          f"calibrated on validation to {protocol.target_reject_rate:.0%} clean false rejects. "
          "Paper columns: MNIST, eps 0.3, PGD-100 (PAPER.md §6, Table 1)"
          + ("" if dataset == "mnist" else " -- a reference only, not the same dataset/eps as this run") + ".\n",
+         f"Training ({protocol.name} protocol): {_schedule(protocol)}, batch {protocol.batch_size}, Adam 1e-3 "
+         f"/10 at {', '.join(f'{m:.0%}' for m in protocol.lr_milestones)} of the run; FGSM and PGD training "
+         f"start from {protocol.natural_epochs:g} natural epoch(s) and ramp eps over {protocol.eps_warmup_epochs:g} "
+         "epoch(s); "
+         f"PGD training uses {protocol.pgd_train_steps} steps. Cells not in the table were not run.\n",
          "| model | training | clean | FGSM | PGD | clean reject | FGSM defended | PGD defended | rho | "
          "paper clean | paper FGSM | paper PGD |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
