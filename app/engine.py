@@ -142,7 +142,9 @@ class Batcher:
         try:
             if self._stopped or (self._closing and not admitted):
                 raise EngineClosedError()
-            if len(self._pending) + len(xs) > self.queue_size:
+            # an empty queue takes any request, even one of more blocks than the queue holds
+            # (a large batch upload on a small queue would otherwise be refused forever)
+            if self._pending and len(self._pending) + len(xs) > self.queue_size:
                 raise QueueFullError(self.queue_size)
             loop = asyncio.get_running_loop()
             items = [_Item(x, loop.create_future()) for x in xs]

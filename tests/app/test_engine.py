@@ -120,6 +120,25 @@ def test_queue_full_raises_immediately() -> None:
     run(main())
 
 
+def test_empty_queue_takes_a_request_larger_than_the_queue() -> None:
+    """A batch upload of more blocks than the queue holds is refused only while others wait,
+    never forever."""
+
+    async def main() -> None:
+        runner = FakeRunner(block=True)
+        b = Batcher(runner, max_batch=1, max_delay_s=0.0, queue_size=2)
+        b.start()
+        big = asyncio.ensure_future(b.submit_many([rows(1), rows(2), rows(3)]))
+        await asyncio.to_thread(runner.started.wait, 10)  # first block running, two queued
+        with pytest.raises(QueueFullError):
+            await b.submit_many([rows(4), rows(5), rows(6)])
+        runner.release.set()
+        assert [r[0].tolist() for r in await big] == [[2], [4], [6]]
+        await b.close()
+
+    run(main())
+
+
 def test_exception_set_on_every_future_of_the_batch() -> None:
     async def main() -> None:
         def boom(x: np.ndarray):
