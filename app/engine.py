@@ -126,6 +126,14 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._worker(), name=self._name)
 
     def ticket(self) -> Ticket:
+        """Announce a request that is on its way (still reading its upload).
+
+        Raises QueueFullError at once when the queue is already full: the request would almost
+        surely be refused after its upload is read and decoded, and under a burst that wasted work
+        is what starves the accepted requests. (The queue is checked again on submit.)
+        """
+        if not self._closing and len(self._pending) >= self.queue_size:
+            raise QueueFullError(self.queue_size)
         return Ticket(self)
 
     async def submit(self, x: NDArray[np.float32], ticket: Ticket | None = None) -> Outputs:

@@ -120,6 +120,30 @@ def test_queue_full_raises_immediately() -> None:
     run(main())
 
 
+def test_ticket_refused_at_the_door_when_the_queue_is_full() -> None:
+    """A request arriving at a full queue is refused before its upload is read."""
+
+    async def main() -> None:
+        runner = FakeRunner(block=True)
+        b = Batcher(runner, max_batch=1, max_delay_s=0.0, queue_size=1)
+        b.start()
+        first = asyncio.ensure_future(b.submit(rows(0)))
+        await asyncio.to_thread(runner.started.wait, 10)  # running, queue empty
+        t = b.ticket()  # room in the queue: admitted at the door
+        waiting = asyncio.ensure_future(b.submit(rows(1), t))
+        await asyncio.sleep(0)
+        assert b.depth == 1
+        with pytest.raises(QueueFullError):
+            b.ticket()
+        assert b._arriving == 0  # the refused ticket left no trace
+        runner.release.set()
+        assert [(await f)[0].tolist() for f in (first, waiting)] == [[0], [2]]
+        b.ticket().close()  # room again
+        await b.close()
+
+    run(main())
+
+
 def test_empty_queue_takes_a_request_larger_than_the_queue() -> None:
     """A batch upload of more blocks than the queue holds is refused only while others wait,
     never forever."""
