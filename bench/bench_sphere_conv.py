@@ -1,7 +1,7 @@
 """Train-step time of the paper's MNIST CNN (Table 4) built from SphereConv2d vs the same
 CNN from nn.Conv2d, measured in one run. Target ratio <= 1.15.
 
-    python bench/bench_sphere_conv.py [--steps 30] [--batch-size 128]
+    python bench/bench_sphere_conv.py [--steps 60] [--batch-size 128]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def step_times(steps: int, batch_size: int, block: int = 10) -> tuple[float, flo
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=128)
     a = p.parse_args()
     base, sphere = step_times(a.steps, a.batch_size)
