@@ -56,6 +56,6 @@ bench: install
 	$(PY) bench/bench_service.py
 
 soak: install
-	# Long reliability runs (about 4 min on 2 cores): 100k requests, overload burst, 50 hot reloads, SIGTERM.
+	# Long reliability runs (2.5-4 min on 2 cores): 100k requests, overload burst, 50 hot reloads, SIGTERM.
 	# Writes docs/results/soak/soak.json and the generated block of docs/RELIABILITY.md.
 	$(PY) bench/soak.py

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "app"))
@@ -32,16 +32,11 @@ sys.path.insert(0, str(REPO))
 
 from fake_store import load_fashion_mnist_test, png_bytes, write_version  # noqa: E402
 
-from app.model_store import resolve_version  # noqa: E402
+from app.model_store import load_version, resolve_version  # noqa: E402
 from bench.loadgen import WrkResult, multipart, run_wrk  # noqa: E402
+from tests.server_process import free_port  # noqa: E402
 
 NAME = "fashion-mnist-dsphere"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(target: str, env: dict[str, str], ready_path: str, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -63,20 +58,16 @@ def start(target: str, env: dict[str, str], ready_path: str, extra: list[str]) -
 
 
 def model_compute(store: Path, batch: int = 16, runs: int = 50) -> float:
-    """Microseconds per image of ONNX Runtime alone on the served version (same default session
-    options as the service), at `batch` rows per call: the floor under any /classify latency."""
-    import numpy as np
-    import onnxruntime as ort
-
-    path = store / NAME / resolve_version(store, NAME) / "model.onnx"
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    x = np.random.default_rng(0).random((batch, *inp.shape[1:]), dtype=np.float32)
+    """Microseconds per image of ONNX Runtime alone on the served version, loaded by the
+    service's own loader (same session options), at `batch` rows per call: the floor under
+    any /classify latency."""
+    model = load_version(store, NAME, providers=["CPUExecutionProvider"])
+    feed = {model.input_name: np.random.default_rng(0).random((batch, *model.manifest.input.shape), dtype=np.float32)}
     for _ in range(5):
-        sess.run(None, {inp.name: x})
+        model.session.run(None, feed)
     t0 = time.perf_counter()
     for _ in range(runs):
-        sess.run(None, {inp.name: x})
+        model.session.run(None, feed)
     return (time.perf_counter() - t0) / runs / batch * 1e6
 
 

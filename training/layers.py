@@ -103,7 +103,6 @@ class SphereConv2d(nn.Conv2d):
 
     def patch_sq_norm(self, x: Tensor) -> Tensor:
         """||x||² + NORM_EPS² of every receptive field, all input channels: (N, 1, H', W')."""
-        ones: Tensor = self._ones  # type: ignore[assignment]  # a registered buffer
         # sum over the receptive field of x² = the one-channel map sum_c x² convolved with
         # a (1, 1, kh, kw) box of ones: the same numbers, but the extra conv reads one
         # channel instead of C_in (its im2col and its backward shrink by C_in).
@@ -113,17 +112,15 @@ class SphereConv2d(nn.Conv2d):
         if self.dilation == (1, 1) and not isinstance(pad, str) and 2 * pad[0] <= kh and 2 * pad[1] <= kw:
             # the box sum as a sum-pool (avg_pool2d with divisor 1, zero padding counted):
             # the same convolution with ones, but its CPU kernel and its backward are a
-            # few times cheaper than a one-channel mkldnn conv
+            # few times cheaper than a one-channel mkldnn conv. Sums of squares: never negative.
             sq = F.avg_pool2d(s, self.kernel_size, self.stride, self.padding,  # type: ignore[arg-type]
                               count_include_pad=True, divisor_override=1)
         else:  # dilation, or padding wider than avg_pool2d allows
+            ones: Tensor = self._ones  # type: ignore[assignment]  # a registered buffer
             sq = F.conv2d(s, ones.to(x.dtype), None, self.stride, self.padding, self.dilation)  # type: ignore[arg-type]
-        # clamp: a fast conv algorithm may round a sum of squares to a tiny negative
-        return sq.clamp_min(0.0) + NORM_EPS**2
-
-    def patch_norm(self, x: Tensor) -> Tensor:
-        """||x|| of every receptive field, all input channels: (N, 1, H', W')."""
-        return torch.sqrt(self.patch_sq_norm(x))
+            # clamp: a fast conv algorithm may round a sum of squares to a tiny negative
+            sq = sq.clamp_min(0.0)
+        return sq + NORM_EPS**2
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight  # (C_out, C_in, kh, kw)

@@ -242,8 +242,7 @@ def render_markdown(rows: list[dict[str, Any]], dataset: str, protocol: Protocol
          f"Training ({protocol.name} protocol): {_schedule(protocol)}, batch {protocol.batch_size}, Adam 1e-3 "
          f"/10 at {', '.join(f'{m:.0%}' for m in protocol.lr_milestones)} of the run; FGSM and PGD training "
          f"start from {protocol.natural_epochs:g} natural epoch(s) and ramp eps over {protocol.eps_warmup_epochs:g} "
-         "epoch(s); "
-         f"PGD training uses {protocol.pgd_train_steps} steps. Cells not in the table were not run.\n",
+         f"epoch(s); PGD training uses {protocol.pgd_train_steps} steps. Cells not in the table were not run.\n",
          "| model | training | clean | FGSM | PGD | clean reject | FGSM defended | PGD defended | rho | "
          "paper clean | paper FGSM | paper PGD |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
