@@ -1,9 +1,12 @@
 """L∞ attacks on [0, 1] images: FGSM (Goodfellow et al. 2015, optionally with a random
-start as in Wong et al. 2020) and PGD (Madry et al. 2018, random start, restarts).
+start as in Wong et al. 2020), PGD (Madry et al. 2018, random start, restarts), and the two
+attacks that only adversarial training uses: N-FGSM (de Jorge et al. 2022) and the KL
+maximization inside TRADES (Zhang et al. 2019).
 
-Both take a model returning `(logits, cosines)` or plain logits, work on a batch
-(N, C, H, W), keep every x_adv inside the ε-ball around x and inside [0, 1] (one shared
-`project`), and restore the model's train/eval mode on return.
+All take a model returning `(logits, cosines)` or plain logits, work on a batch
+(N, C, H, W), keep every x_adv inside [0, 1] and, except N-FGSM (whose point is not to
+project), inside the ε-ball around x (one shared `project`), and restore the model's
+train/eval mode on return.
 """
 
 from __future__ import annotations
@@ -111,13 +114,60 @@ class PGD:
             return best.detach()
 
 
-def make_attack(kind: str, eps: float, steps: int = 10, step_size: float | None = None,
-                restarts: int = 1) -> FGSM | PGD:
-    if kind == "fgsm":
-        return FGSM(eps, random_start=True, step_size=step_size)
-    if kind == "pgd":
-        return PGD(eps, steps=steps, step_size=step_size, restarts=restarts)
-    raise ValueError(f"unknown attack {kind!r}; expected fgsm or pgd")
+@dataclass(frozen=True)
+class NFGSM:
+    """N-FGSM, L∞ (de Jorge et al. 2022, "Make Some Noise: Reliable and Efficient
+    Single-Step Adversarial Training"): x0 = x + U(-kε, kε) with k = `noise_factor` (2),
+    one signed-gradient step of `step_size` (default ε), and NO projection back to the
+    ε-ball: only clipping to [0, 1], so ||x_adv - x||∞ ≤ (k + 1)ε. The large noise and the
+    missing projection are what keep single-step training from catastrophic overfitting.
+    Shapes: x (N, C, H, W) in [0, 1], y (N,) -> x_adv (N, C, H, W)."""
+
+    eps: float
+    noise_factor: float = 2.0
+    step_size: float | None = None
+    loss_fn: LossFn = ce_loss
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        step = self.step_size if self.step_size is not None else self.eps
+        radius = self.noise_factor * self.eps
+        with eval_mode(model):
+            x0 = (x + torch.empty_like(x).uniform_(-radius, radius)).clamp(0.0, 1.0)
+            g, _ = _grad(model, x0, y, self.loss_fn)
+            return (x0 + step * g.sign()).clamp(0.0, 1.0).detach()
+
+
+def kl_clean_adv(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
+    """KL(p(x) ‖ p(x')) per example, (N,): TRADES' boundary term."""
+    return F.kl_div(F.log_softmax(adv_logits, 1), F.log_softmax(clean_logits, 1), reduction="none",
+                    log_target=True).sum(1)
+
+
+@dataclass(frozen=True)
+class TradesPGD:
+    """The inner maximization of TRADES, L∞ (Zhang et al. 2019, "Theoretically Principled
+    Trade-off between Robustness and Accuracy", Alg. 1): from x + 0.001·N(0, I), `steps`
+    signed-gradient steps of `step_size` (default 2.5ε/steps) on KL(p(x) ‖ p(x')), each
+    projected onto the ε-ball and [0, 1]. The labels are not used: the attack moves x'
+    away from the model's own prediction on x.
+    Shapes: x (N, C, H, W) in [0, 1] -> x_adv (N, C, H, W)."""
+
+    eps: float
+    steps: int = 10
+    step_size: float | None = None
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None) -> Tensor:
+        step = self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+        with eval_mode(model):
+            with torch.no_grad():
+                clean_logits, _ = logits_of(model, x)
+            x_adv = project(x + 0.001 * torch.randn_like(x), x, self.eps)
+            for _ in range(self.steps):
+                x_adv = x_adv.detach().requires_grad_(True)
+                adv_logits, _ = logits_of(model, x_adv)
+                (g,) = torch.autograd.grad(kl_clean_adv(clean_logits, adv_logits).sum(), x_adv)
+                x_adv = project(x_adv + step * g.sign(), x, self.eps)
+            return x_adv.detach()
 
 
 @torch.no_grad()

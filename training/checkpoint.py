@@ -1,6 +1,11 @@
 """Checkpoints: a directory with `model.safetensors` (weights), `optimizer.safetensors`
-(Adam state, for --resume) and `checkpoint.json` (model config, training config, angle
+(Adam state, for --resume), `rng.safetensors` (the random generators' states, so that a
+resumed run continues exactly) and `checkpoint.json` (model config, training config, angle
 statistics, progress, metrics). Never pickle: a checkpoint rebuilds its model alone.
+
+A run directory holds `last/` (periodic), `best/` (highest validation PGD accuracy, in
+adversarial runs) and `final/`; given a run directory, `load_checkpoint` takes `best/`,
+else `final/`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from training.models import ConvNet, ModelConfig, build_model
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
 META = "checkpoint.json"
 
 
@@ -70,7 +76,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: ConvNet, ckpt: Checkpoint,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, rng: bool = False) -> Path:
     """Write atomically: into a temporary sibling directory, then rename over."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +88,11 @@ def save_checkpoint(path: str | os.PathLike[str], model: ConvNet, ckpt: Checkpoi
         tensors, opt_meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER))
         meta["optimizer"] = opt_meta
+    if rng:
+        states = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            states.update({f"cuda{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(states, str(tmp / RNG))
     (tmp / META).write_text(json.dumps(meta, indent=2))
     if target.exists():
         old = target.with_name(f".{target.name}.old")
@@ -101,10 +112,34 @@ def _rmtree(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> tuple[ConvNet, Checkpoint]:
+def restore_rng(path: str | os.PathLike[str]) -> bool:
+    """Set the random generators to the states saved with a checkpoint; False if none."""
+    f = Path(path) / RNG
+    if not f.is_file():
+        return False
+    states = load_file(str(f))
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return True
+
+
+def checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory as given, or a run directory's best/ (else final/)."""
     d = Path(path)
+    if not (d / META).is_file():
+        for sub in ("best", "final"):
+            if (d / sub / META).is_file():
+                return d / sub
+    return d
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> tuple[ConvNet, Checkpoint]:
+    d = checkpoint_dir(path)
     if not (d / META).is_file() or not (d / WEIGHTS).is_file():
-        raise CheckpointError(f"{d} is not a checkpoint: expected {META} and {WEIGHTS} in it")
+        raise CheckpointError(f"{d} is not a checkpoint: expected {META} and {WEIGHTS} in it, "
+                              "or a run directory with best/ or final/")
     try:
         meta = json.loads((d / META).read_text())
         cfg = ModelConfig.from_dict(meta["model_config"])

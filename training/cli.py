@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 EXIT_USER_ERROR = 2
 EXIT_DID_NOT_LEARN = 3
+EXIT_OVERFITTING = 4
 
 
 def command_line() -> str:
@@ -38,11 +39,13 @@ def train(
     head: Annotated[str, typer.Option(help="softmax, wsoftmax, wm, anneal")] = "wm",
     fc_dim: Annotated[int, typer.Option(help="feature dimension (2 for the Figure 2 models)")] = 256,
     feature_relu: Annotated[bool, typer.Option(help="ReLU on the feature layer")] = True,
-    mode: Annotated[str, typer.Option(help="natural, fgsm (random start) or pgd")] = "natural",
+    mode: Annotated[str, typer.Option(help="natural, fgsm (random start), pgd, nfgsm or trades")] = "natural",
     eps: Annotated[float, typer.Option(help="L-inf radius for adversarial training")] = 0.1,
     attack_steps: Annotated[int, typer.Option(help="PGD steps")] = 7,
     attack_step_size: Annotated[float | None, typer.Option(help="default 2.5 eps/steps (PGD), 1.25 eps (FGSM)")] = None,
-    adv_weight: Annotated[float, typer.Option(help="weight of the adversarial loss (1 = pure adversarial)")] = 1.0,
+    adv_weight: Annotated[float, typer.Option(
+        help="fgsm/pgd: weight of the adversarial loss (1 = pure adversarial)")] = 1.0,
+    trades_beta: Annotated[float, typer.Option(help="trades: weight beta of KL(clean || adversarial)")] = 6.0,
     natural_epochs: Annotated[float, typer.Option(help="natural epochs before adversarial training")] = 0.0,
     eps_warmup_epochs: Annotated[float, typer.Option(help="epochs of linear eps warm-up")] = 0.0,
     epochs: Annotated[float, typer.Option(help="epochs (overrides --iterations)")] = 0.0,
@@ -58,15 +61,19 @@ def train(
     limit_train: Annotated[int, typer.Option(help="use only N training examples (0 = all)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="iterations between checkpoints")] = 500,
+    checkpoint_minutes: Annotated[float, typer.Option(help="at most this many minutes between checkpoints")] = 5.0,
+    guard_every: Annotated[int, typer.Option(
+        help="iterations between the overfitting guard's validation PGD-10 checks (also at each epoch's end)")] = 500,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     resume: Annotated[bool, typer.Option(help="continue from OUT/last")] = False,
     init_from: Annotated[str | None, typer.Option(help="start from this checkpoint's weights")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Train a baseline CNN or a D-SphereNet (natural, FGSM or PGD adversarial training)."""
+    """Train a baseline CNN or a D-SphereNet (natural, FGSM, PGD, N-FGSM or TRADES training)."""
     from training.data import download as fetch
     from training.data import load_dataset
     from training.models import ModelConfig
+    from training.guard import GuardConfig
     from training.objectives import ObjectiveConfig
     from training.train import TrainConfig
     from training.train import train as run_training
@@ -79,12 +86,14 @@ def train(
     model_cfg = ModelConfig.for_input(shape, arch=arch, corr=corr, head=head, fc_dim=fc_dim,
                                       feature_relu=feature_relu, wm_init=wm_init)
     cfg = TrainConfig(dataset=dataset, data_dir=data_dir, mode=mode, eps=eps, attack_steps=attack_steps,
-                      attack_step_size=attack_step_size, adv_weight=adv_weight, natural_epochs=natural_epochs,
+                      attack_step_size=attack_step_size, adv_weight=adv_weight, trades_beta=trades_beta,
+                      natural_epochs=natural_epochs,
                       eps_warmup_epochs=eps_warmup_epochs, epochs=epochs, iterations=iterations,
                       batch_size=batch_size, lr=lr, lr_milestones=_fractions(lr_milestones), n_val=n_val,
-            limit_train=limit_train, seed=seed,
-                      checkpoint_every=checkpoint_every, device=device,
-                      objective=ObjectiveConfig(wm_eta=wm_eta, ortho_weight=ortho_weight))
+                      limit_train=limit_train, seed=seed, checkpoint_every=checkpoint_every,
+                      checkpoint_minutes=checkpoint_minutes, device=device,
+                      objective=ObjectiveConfig(wm_eta=wm_eta, ortho_weight=ortho_weight),
+                      guard=GuardConfig(every=guard_every))
     _, ckpt = run_training(model_cfg, cfg, out, resume=resume, command=command_line(), init_from=init_from,
                            show_progress=not quiet)
     m = ckpt.metrics
@@ -105,7 +114,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint directory (e.g. runs/default/final)")],
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint directory, or a run directory (takes its best/, else final/)")],
     name: Annotated[str, typer.Option(help="model name in the store")] = "fashion-mnist-dsphere",
     version: Annotated[str | None, typer.Option(help="version string (default: date-based)")] = None,
     store: Annotated[Path, typer.Option(help="model store root")] = Path("model_store"),
@@ -142,11 +151,15 @@ def main() -> None:
     except Exception as e:  # user-facing errors: one line, no traceback
         from click.exceptions import ClickException
 
+        from training.guard import CatastrophicOverfitting
         from training.train import TrainingDidNotLearn
 
         if isinstance(e, TrainingDidNotLearn):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_DID_NOT_LEARN)
+        if isinstance(e, CatastrophicOverfitting):
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(EXIT_OVERFITTING)
         if isinstance(e, ClickException) or (hasattr(e, "format_message") and hasattr(e, "exit_code")):
             print(f"error: {e.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
             sys.exit(int(e.exit_code) or EXIT_USER_ERROR)  # type: ignore[attr-defined]

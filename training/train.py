@@ -1,5 +1,6 @@
-"""The training loop: natural, FGSM (random start) or PGD adversarial training, on one
-process or under `torchrun` (DistributedDataParallel: gloo on CPU, nccl on GPU).
+"""The training loop: natural, FGSM (random start), PGD, N-FGSM or TRADES adversarial
+training (what each mode minimizes: training/adversarial.py), on one process or under
+`torchrun` (DistributedDataParallel: gloo on CPU, nccl on GPU).
 
 Schedule (paper §5, scaled to the run's length): Adam, lr 1e-3, divided by 10 after 1/3
 and 2/3 of the iterations (the paper's MNIST run: /10 at 10k and 20k, stop at 30k).
@@ -9,6 +10,11 @@ a cosine D-SphereNet): `natural_epochs` of natural training first, then a linear
 over `eps_warmup_epochs`. A run whose validation accuracy stays near chance is reported as
 "did not learn" (TrainingDidNotLearn) and its final checkpoint is marked learned=false,
 which export refuses.
+
+Every adversarial run is watched by the catastrophic-overfitting guard (training/guard.py):
+it keeps `best/` (highest validation PGD accuracy) and stops a collapsing run. `last/` is
+written every `checkpoint_every` iterations or `checkpoint_minutes`, whichever comes first,
+with the optimizer and random-generator states, so `resume=True` continues exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +36,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from training.adversarial import MODES, adversarial_input, training_loss
 from training.angle_stats import compute_angle_stats
-from training.attacks import FGSM, PGD, predict
-from training.checkpoint import Checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
+from training.attacks import predict
+from training.checkpoint import Checkpoint, load_checkpoint, load_optimizer_state, restore_rng, save_checkpoint
 from training.data import Dataset, load_dataset, train_val_split
+from training.guard import CatastrophicOverfitting, GuardConfig, GuardPoint, OverfittingGuard
 from training.models import ConvNet, ModelConfig, build_model
-from training.objectives import ObjectiveConfig, head_loss, regularizer
+from training.objectives import ObjectiveConfig, regularizer
 
 log = logging.getLogger("dsphere.train")
-
-MODES = ("natural", "fgsm", "pgd")
 
 
 class TrainingDidNotLearn(Exception):
@@ -54,7 +60,8 @@ class TrainConfig:
     eps: float = 0.1
     attack_steps: int = 7
     attack_step_size: float | None = None  # default 2.5 ε / steps (PGD), 1.25 ε (FGSM-RS)
-    adv_weight: float = 1.0  # loss = (1-w) CE(clean) + w CE(adv); 1.0 = pure adversarial
+    adv_weight: float = 1.0  # fgsm/pgd: loss = (1-w) CE(clean) + w CE(adv); 1.0 = pure adversarial
+    trades_beta: float = 6.0  # trades: loss = CE(clean) + β KL(clean ‖ adv)
     natural_epochs: float = 0.0  # natural training before the adversarial phase
     eps_warmup_epochs: float = 0.0  # linear ramp of ε after the natural phase
     epochs: float = 0.0  # if > 0, overrides iterations
@@ -66,9 +73,11 @@ class TrainConfig:
     limit_train: int = 0  # train on the first N examples of the training split (smoke runs)
     seed: int = 0
     checkpoint_every: int = 500
+    checkpoint_minutes: float = 5.0
     device: str = "auto"
     min_accuracy_over_chance: float = 0.15
     objective: ObjectiveConfig = ObjectiveConfig()
+    guard: GuardConfig = GuardConfig()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +86,16 @@ class TrainConfig:
             raise ValueError("adv_weight must be in [0, 1]")
         if self.eps < 0:
             raise ValueError("eps must be >= 0")
+        if self.mode == "nfgsm" and self.adv_weight != 1.0:
+            raise ValueError("--mode nfgsm puts all of the loss on the adversarial input; leave --adv-weight at 1")
+        if self.trades_beta < 0:
+            raise ValueError("trades_beta must be >= 0")
+        if not 0 < self.guard.every:
+            raise ValueError("the guard's check interval must be a positive number of iterations")
+
+    @property
+    def adversarial(self) -> bool:
+        return self.mode != "natural" and self.eps > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +104,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         d["objective"] = ObjectiveConfig(**d.get("objective", {}))
+        d["guard"] = GuardConfig(**d.get("guard", {}))
         d["lr_milestones"] = tuple(d.get("lr_milestones", (1 / 3, 2 / 3)))
         return cls(**d)
 
@@ -143,16 +163,6 @@ def eps_at(iteration: int, iters_per_epoch: int, cfg: TrainConfig) -> float:
     return cfg.eps * min(1.0, (iteration - start + 1) / warm)
 
 
-def adversarial_batch(model: nn.Module, x: Tensor, y: Tensor, eps: float, cfg: TrainConfig) -> Tensor:
-    if cfg.mode == "natural" or eps <= 0:
-        return x
-    if cfg.mode == "fgsm":
-        fgsm_step = cfg.attack_step_size and cfg.attack_step_size * eps / cfg.eps
-        return FGSM(eps, random_start=True, step_size=fgsm_step)(model, x, y)
-    step = cfg.attack_step_size * eps / cfg.eps if cfg.attack_step_size else None
-    return PGD(eps, steps=cfg.attack_steps, step_size=step)(model, x, y)
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     logits, _ = predict(model, x, batch_size)
@@ -175,10 +185,50 @@ def prepare_data(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     return train, val
 
 
+
+
+@dataclass
+class Run:
+    """What one training run carries from step to step."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    info: DistInfo
+    model: ConvNet
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    train_ds: Dataset
+    val_ds: Dataset
+    iters_per_epoch: int
+    total: int
+    ckpt: Checkpoint
+    guard: OverfittingGuard | None
+    it: int = 0
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    t0: float = field(default_factory=time.time)
+    minutes_before: float = 0.0  # training time of the run's earlier, interrupted parts
+
+    @property
+    def minutes(self) -> float:
+        return self.minutes_before + (time.time() - self.t0) / 60
+
+
 def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | os.PathLike[str], resume: bool = False,
-          command: str = "", init_from: str | None = None, show_progress: bool = True) -> tuple[ConvNet, Checkpoint]:
-    """Train, checkpoint to out_dir/last periodically, write out_dir/final and summary.json."""
-    out = Path(out_dir)
+          command: str = "", init_from: str | None = None, show_progress: bool = True,
+          stop_after: int | None = None) -> tuple[ConvNet, Checkpoint]:
+    """Train; write out_dir/last periodically, out_dir/best in adversarial runs, then
+    out_dir/final and summary.json. `stop_after` ends the run at that iteration with last/
+    written, exactly as an interruption would (tests, time-boxed sessions)."""
+    run = _start(model_cfg, cfg, Path(out_dir), resume, command, init_from)
+    reason = _loop(run, show_progress, stop_after)
+    if reason is None and run.it < run.total:
+        return run.model, run.ckpt
+    return _finish(run, reason)
+
+
+def _start(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, command: str,
+           init_from: str | None) -> Run:
     device = resolve_device(cfg.device)
     info = init_distributed(device)
     torch.manual_seed(cfg.seed)
@@ -196,112 +246,254 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | os.PathLike[s
         model.load_state_dict(src.state_dict())
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-
-    n_local = len(train_ds) // info.world_size
-    iters_per_epoch = max(1, n_local // cfg.batch_size)
+    iters_per_epoch = max(1, len(train_ds) // info.world_size // cfg.batch_size)
     total = int(math.ceil(cfg.epochs * iters_per_epoch)) if cfg.epochs > 0 else cfg.iterations
-
     ckpt = Checkpoint(model_cfg, cfg.to_dict(), command=command, dataset=cfg.dataset, git_commit=git_commit())
-    start_iter = 0
-    if resume and (out / "last").is_dir():
-        loaded, prev = load_checkpoint(out / "last")
-        model.load_state_dict(loaded.state_dict())
-        load_optimizer_state(out / "last", optimizer)
-        start_iter = prev.iteration
-        ckpt.metrics = prev.metrics
-        log.info("resumed from %s at iteration %d", out / "last", start_iter)
-
+    guard = (OverfittingGuard(cfg.guard, val_ds.images.to(device), val_ds.labels.to(device), cfg.eps)
+             if cfg.adversarial else None)
     net: nn.Module = model
     if info.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(cfg, out, device, info, model, net, optimizer, train_ds, val_ds, iters_per_epoch, total, ckpt, guard)
+    if resume and (out / "last").is_dir():
+        _resume(run, out / "last")
+    return run
 
-    x_all, y_all = train_ds.images, train_ds.labels
-    bar = tqdm(total=total, initial=start_iter, disable=not (show_progress and info.is_main), unit="it",
+
+def _resume(run: Run, last: Path) -> None:
+    loaded, prev = load_checkpoint(last)
+    if _canonical(prev.training_config) != _canonical(run.cfg.to_dict()):
+        raise ValueError(f"--resume: {last} was written with other training options; "
+                         f"repeat that run's command (checkpoint.json 'command': {prev.command})")
+    run.model.load_state_dict(loaded.state_dict())
+    load_optimizer_state(last, run.optimizer)
+    restore_rng(last)
+    run.it = prev.iteration
+    run.ckpt.metrics = dict(prev.metrics)
+    run.epochs = list(prev.metrics.get("epochs", []))
+    run.minutes_before = float(prev.metrics.get("train_minutes", 0.0))
+    if run.guard is not None:
+        run.guard.history = OverfittingGuard(run.guard.cfg, run.guard.x, run.guard.y, run.cfg.eps,
+                                             prev.metrics.get("guard", [])).history
+    log.info("resumed from %s at iteration %d", last, run.it)
+
+
+def _canonical(d: dict[str, Any]) -> str:
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _loop(run: Run, show_progress: bool, stop_after: int | None) -> str | None:
+    """Train until the end, `stop_after`, or a collapse (whose reason it returns)."""
+    cfg, ipe = run.cfg, run.iters_per_epoch
+    bar = tqdm(total=run.total, initial=run.it, disable=not (show_progress and run.info.is_main), unit="it",
                dynamic_ncols=True, file=sys.stderr)
-    it = start_iter
-    t0 = time.time()
-    running_loss, running_acc = 0.0, 0.0
-    model.train()
-    while it < total:
-        epoch = it // iters_per_epoch
-        g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)  # same order on every rank
-        perm = torch.randperm(len(train_ds), generator=g)[info.rank::info.world_size]
-        perm = perm[: iters_per_epoch * cfg.batch_size]
-        first = it - epoch * iters_per_epoch
-        for b in range(first, iters_per_epoch):
-            if it >= total:
-                break
-            idx = perm[b * cfg.batch_size: (b + 1) * cfg.batch_size]
-            x, y = x_all[idx].to(device), y_all[idx].to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(it, total, cfg)
-            eps = eps_at(it, iters_per_epoch, cfg)
-            x_adv = adversarial_batch(model, x, y, eps, cfg)  # attacks the bare module (not DDP)
-            model.train()
-            if x_adv is x or cfg.adv_weight >= 1.0:
-                logits, _ = net(x_adv)
-                loss = head_loss(model, logits, y, it, cfg.objective)
-            else:  # one forward over [clean; adversarial] (one DDP forward per backward)
-                n = len(x)
-                both, _ = net(torch.cat([x, x_adv]))
-                logits = both[n:]
-                loss = ((1 - cfg.adv_weight) * head_loss(model, both, y, it, cfg.objective, rows=slice(0, n))
-                        + cfg.adv_weight * head_loss(model, both, y, it, cfg.objective, rows=slice(n, None)))
-            loss = loss + regularizer(model, cfg.objective).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            it += 1
-            loss_value = loss.item()
-            running_loss = 0.98 * running_loss + 0.02 * loss_value if it > 1 else loss_value
-            acc = float((logits.argmax(1) == y).float().mean())
-            running_acc = 0.98 * running_acc + 0.02 * acc if it > 1 else acc
-            if info.is_main:
+    postfix: dict[str, str] = {}
+    last_save = time.time()
+    try:
+        while run.it < run.total:
+            epoch = run.it // ipe
+            order = _epoch_order(cfg, epoch, len(run.train_ds), run.info)[: ipe * cfg.batch_size]
+            for b in range(run.it - epoch * ipe, ipe):
+                if run.it >= run.total or run.it == stop_after:
+                    break
+                idx = order[b * cfg.batch_size: (b + 1) * cfg.batch_size]
+                postfix.update(_step(run, run.train_ds.images[idx].to(run.device),
+                                     run.train_ds.labels[idx].to(run.device)))
+                postfix["epoch"] = str(epoch)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{running_loss:.3f}", acc=f"{running_acc:.3f}", eps=f"{eps:.3f}")
-            if info.is_main and cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
-                ckpt.iteration, ckpt.epoch = it, epoch
-                save_checkpoint(out / "last", model, ckpt, optimizer)
-        if info.is_main and it < total:
-            va = accuracy(model, val_ds.images.to(device), val_ds.labels.to(device))
-            log.info("epoch %d: iteration %d/%d, val accuracy %.4f, %.0fs", epoch, it, total, va, time.time() - t0)
-            bar.write(f"epoch {epoch}: iteration {it}/{total}  val accuracy {va:.4f}  ({time.time() - t0:.0f}s)")
-            model.train()
-    bar.close()
-    minutes = (time.time() - t0) / 60
+                bar.set_postfix(postfix)
+                if _guard_due(run) and run.it % cfg.guard.every == 0:
+                    reason = _check(run, epoch, postfix)
+                    last_save = time.time()
+                    if reason:
+                        return reason
+                elif _checkpoint_due(cfg, run.it, time.time() - last_save):
+                    _save_last(run)
+                    last_save = time.time()
+            if run.it == stop_after and run.it < run.total:
+                _save_last(run)
+                return None
+            reason = _end_of_epoch(run, epoch, postfix, bar)
+            if reason:
+                return reason
+    finally:
+        bar.close()
+    return None
 
-    digest = weights_digest(model)
-    if info.world_size > 1:
-        digests: list[Any] = [None] * info.world_size
-        dist.all_gather_object(digests, digest)
-        (out / f"rank{info.rank}.digest").parent.mkdir(parents=True, exist_ok=True)
-        (out / f"rank{info.rank}.digest").write_text(digest)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"ranks ended with different weights: {digests}")
 
-    if not info.is_main:
+def _checkpoint_due(cfg: TrainConfig, iteration: int, seconds_since_last: float) -> bool:
+    """Every `checkpoint_every` iterations or `checkpoint_minutes`, whichever comes first (0 = off)."""
+    return bool((cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0)
+                or (cfg.checkpoint_minutes > 0 and seconds_since_last > 60 * cfg.checkpoint_minutes))
+
+
+def _epoch_order(cfg: TrainConfig, epoch: int, n: int, info: DistInfo) -> Tensor:
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)  # the same order on every rank
+    return torch.randperm(n, generator=g)[info.rank::info.world_size]
+
+
+def _step(run: Run, x: Tensor, y: Tensor) -> dict[str, str]:
+    """One optimizer step; returns the progress-bar fields it updates."""
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run.it, run.total, cfg)
+    eps = eps_at(run.it, run.iters_per_epoch, cfg)
+    x_adv = adversarial_input(run.model, x, y, cfg.mode, eps, cfg.attack_steps, _step_size(cfg, eps))
+    loss, logits = training_loss(run.model, run.net, x, x_adv, y, cfg.mode, cfg.adv_weight, cfg.trades_beta,
+                                 run.it, cfg.objective)
+    loss = loss + regularizer(run.model, cfg.objective).to(run.device)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.it += 1
+    return {"loss": f"{loss.item():.3f}", "acc": f"{float((logits.argmax(1) == y).float().mean()):.3f}",
+            "eps": f"{eps:.3f}"}
+
+
+def _step_size(cfg: TrainConfig, eps: float) -> float | None:
+    """--attack-step-size scaled with ε during the warm-up (None: each attack's default)."""
+    return cfg.attack_step_size * eps / cfg.eps if cfg.attack_step_size else None
+
+
+def _guard_due(run: Run) -> bool:
+    """The guard watches an adversarial run once its natural phase is over."""
+    return run.guard is not None and eps_at(run.it - 1, run.iters_per_epoch, run.cfg) > 0
+
+
+def _check(run: Run, epoch: int, postfix: dict[str, str]) -> str | None:
+    """One guard check: best/ if it is the best so far, last/, the summary; a collapse's reason."""
+    assert run.guard is not None
+    point = run.guard.measure(run.model, run.it, epoch)
+    best = run.guard.best
+    postfix.update(pgd=f"{point.pgd_accuracy:.3f}", best=f"{best.pgd_accuracy:.3f}" if best else "-")
+    log.info("guard at iteration %d: validation PGD-%d accuracy %.4f (clean %.4f); best %.4f",
+             run.it, run.cfg.guard.steps, point.pgd_accuracy, point.clean_accuracy,
+             best.pgd_accuracy if best else float("nan"))
+    if run.info.is_main:
+        if best is point:
+            _save(run, "best", with_state=False)
+        _save_last(run)
+        _write_summary(run, status="running")
+    return run.guard.collapse_reason(point)
+
+
+def _end_of_epoch(run: Run, epoch: int, postfix: dict[str, str], bar: tqdm) -> str | None:
+    va = accuracy(run.model, run.val_ds.images.to(run.device), run.val_ds.labels.to(run.device))
+    record: dict[str, Any] = {"epoch": epoch, "iteration": run.it, "val_accuracy": va,
+                              "minutes": round(run.minutes, 2)}
+    reason = None
+    if _guard_due(run):
+        assert run.guard is not None
+        if not run.guard.history or run.guard.history[-1].iteration != run.it:
+            reason = _check(run, epoch, postfix)
+        record["val_pgd_accuracy"] = run.guard.history[-1].pgd_accuracy
+    run.epochs.append(record)
+    pgd = f"  val PGD-{run.cfg.guard.steps} accuracy {record['val_pgd_accuracy']:.4f}" if "val_pgd_accuracy" in record \
+        else ""
+    log.info("epoch %d: iteration %d/%d, val accuracy %.4f%s, %.1f min", epoch, run.it, run.total, va, pgd,
+             run.minutes)
+    if run.info.is_main:
+        bar.write(f"epoch {epoch}: iteration {run.it}/{run.total}  val accuracy {va:.4f}{pgd}  ({run.minutes:.1f} min)")
+        if run.it < run.total:
+            _save_last(run)
+    return reason
+
+
+def _progress_metrics(run: Run) -> dict[str, Any]:
+    metrics = {**run.ckpt.metrics, "epochs": run.epochs, "train_minutes": round(run.minutes, 2)}
+    if run.guard is not None:
+        metrics["guard"] = run.guard.to_list()
+    return metrics
+
+
+def _save(run: Run, name: str, with_state: bool) -> None:
+    run.ckpt.iteration, run.ckpt.epoch = run.it, run.it // run.iters_per_epoch
+    run.ckpt.metrics = _progress_metrics(run)
+    save_checkpoint(run.out / name, run.model, run.ckpt, run.optimizer if with_state else None, rng=with_state)
+
+
+def _save_last(run: Run) -> None:
+    if run.info.is_main:
+        _save(run, "last", with_state=True)
+
+
+def _finish(run: Run, reason: str | None) -> tuple[ConvNet, Checkpoint]:
+    """Final checks and files: final/ (unless the guard stopped the run), best/ made
+    exportable, summary.json; raises if the run did not learn or collapsed."""
+    digest = weights_digest(run.model)
+    if run.info.world_size > 1:
+        _check_ranks_agree(run, digest)
+        if not run.info.is_main:
+            dist.barrier()
+            return run.model, run.ckpt
+    cfg, ckpt = run.cfg, run.ckpt
+    val_acc = _seal(run, run.model, ckpt)
+    ckpt.metrics = {**_progress_metrics(run), "val_accuracy": val_acc, "iterations": run.it,
+                    "n_train": len(run.train_ds), "n_val": len(run.val_ds), "world_size": run.info.world_size,
+                    "weights_sha256": digest}
+    if reason is None:
+        save_checkpoint(run.out / "final", run.model, ckpt, run.optimizer)
+    else:
+        _save_last(run)
+    best = _seal_best(run)
+    summary = {"learned": ckpt.learned, **ckpt.metrics, "checkpoint": str(run.out / "final"),
+               "angle_mean_deg": list(ckpt.angle_stats.mean_deg) if ckpt.angle_stats else None,
+               "angle_std_deg": list(ckpt.angle_stats.std_deg) if ckpt.angle_stats else None,
+               "best": best, "stopped": reason}
+    _write_summary(run, summary=summary)
+    if run.info.world_size > 1:
         dist.barrier()
-        return model, ckpt
-
-    model.eval()
-    val_acc = accuracy(model, val_ds.images.to(device), val_ds.labels.to(device))
-    chance = 1.0 / model_cfg.num_classes
-    ckpt.learned = val_acc >= chance + cfg.min_accuracy_over_chance
-    ckpt.angle_stats = compute_angle_stats(model, train_ds.images.to(device), train_ds.labels.to(device),
-                                           model_cfg.num_classes)
-    ckpt.iteration, ckpt.epoch = it, it // iters_per_epoch
-    ckpt.metrics = {**ckpt.metrics, "val_accuracy": val_acc, "train_minutes": round(minutes, 2),
-                    "iterations": it, "n_train": len(train_ds), "n_val": len(val_ds),
-                    "world_size": info.world_size, "weights_sha256": digest}
-    save_checkpoint(out / "final", model, ckpt, optimizer)
-    summary = {"learned": ckpt.learned, **ckpt.metrics, "checkpoint": str(out / "final"),
-               "angle_mean_deg": list(ckpt.angle_stats.mean_deg), "angle_std_deg": list(ckpt.angle_stats.std_deg)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if info.world_size > 1:
-        dist.barrier()
+    if reason is not None:
+        raise CatastrophicOverfitting(reason)
     if not ckpt.learned:
+        chance = 1.0 / run.model.config.num_classes
         raise TrainingDidNotLearn(
             f"the run did not learn: validation accuracy {val_acc:.3f} is within "
             f"{cfg.min_accuracy_over_chance:.2f} of chance ({chance:.2f}); checkpoint marked learned=false "
             f"(try --natural-epochs and --eps-warmup-epochs)")
-    return model, ckpt
+    return run.model, ckpt
+
+
+def _seal(run: Run, model: ConvNet, ckpt: Checkpoint) -> float:
+    """Whether a model learned, and its angle statistics on the training split."""
+    model.eval()
+    val_acc = accuracy(model, run.val_ds.images.to(run.device), run.val_ds.labels.to(run.device))
+    ckpt.learned = val_acc >= 1.0 / model.config.num_classes + run.cfg.min_accuracy_over_chance
+    ckpt.angle_stats = compute_angle_stats(model, run.train_ds.images.to(run.device),
+                                           run.train_ds.labels.to(run.device), model.config.num_classes)
+    return val_acc
+
+
+def _seal_best(run: Run) -> dict[str, Any] | None:
+    """Give best/ its angle statistics and learned flag, so that export can take it."""
+    best_dir = run.out / "best"
+    if run.guard is None or run.guard.best is None or not best_dir.is_dir():
+        return None
+    model, ckpt = load_checkpoint(best_dir)
+    model.to(run.device)
+    val_acc = _seal(run, model, ckpt)
+    point: GuardPoint = run.guard.best
+    ckpt.metrics = {**ckpt.metrics, "val_accuracy": val_acc, "best": asdict(point)}
+    save_checkpoint(best_dir, model, ckpt)
+    return {"checkpoint": str(best_dir), **asdict(point), "val_accuracy": val_acc, "learned": ckpt.learned}
+
+
+def _check_ranks_agree(run: Run, digest: str) -> None:
+    digests: list[Any] = [None] * run.info.world_size
+    dist.all_gather_object(digests, digest)
+    (run.out / f"rank{run.info.rank}.digest").parent.mkdir(parents=True, exist_ok=True)
+    (run.out / f"rank{run.info.rank}.digest").write_text(digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks ended with different weights: {digests}")
+
+
+def _write_summary(run: Run, status: str = "", summary: dict[str, Any] | None = None) -> None:
+    """summary.json: the final one, or the progress so far (guard curve, epochs)."""
+    if summary is None:
+        best = run.guard.best if run.guard else None
+        summary = {"status": status, "iteration": run.it, "total_iterations": run.total,
+                   **_progress_metrics(run), "best": asdict(best) if best else None}
+    run.out.mkdir(parents=True, exist_ok=True)
+    tmp = run.out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run.out / "summary.json")
