@@ -40,7 +40,8 @@ def train(
     fc_dim: Annotated[int, typer.Option(help="feature dimension (2 for the Figure 2 models)")] = 256,
     feature_relu: Annotated[bool, typer.Option(help="ReLU on the feature layer")] = True,
     mode: Annotated[str, typer.Option(help="natural, fgsm (random start), pgd, nfgsm or trades")] = "natural",
-    eps: Annotated[float, typer.Option(help="L-inf radius for adversarial training")] = 0.1,
+    eps: Annotated[float | None, typer.Option(
+        help="L-inf radius for adversarial training (default: the dataset's, 0.1 for Fashion-MNIST)")] = None,
     attack_steps: Annotated[int, typer.Option(help="PGD steps")] = 7,
     attack_step_size: Annotated[float | None, typer.Option(help="default 2.5 eps/steps (PGD), 1.25 eps (FGSM)")] = None,
     adv_weight: Annotated[float, typer.Option(
@@ -70,10 +71,10 @@ def train(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Train a baseline CNN or a D-SphereNet (natural, FGSM, PGD, N-FGSM or TRADES training)."""
+    from training.data import DEFAULT_EPS, load_dataset
     from training.data import download as fetch
-    from training.data import load_dataset
-    from training.models import ModelConfig
     from training.guard import GuardConfig
+    from training.models import ModelConfig
     from training.objectives import ObjectiveConfig
     from training.train import TrainConfig
     from training.train import train as run_training
@@ -85,7 +86,8 @@ def train(
     shape = load_dataset(dataset, "test", data_dir).input_shape  # fails early, one line, if data is missing
     model_cfg = ModelConfig.for_input(shape, arch=arch, corr=corr, head=head, fc_dim=fc_dim,
                                       feature_relu=feature_relu, wm_init=wm_init)
-    cfg = TrainConfig(dataset=dataset, data_dir=data_dir, mode=mode, eps=eps, attack_steps=attack_steps,
+    cfg = TrainConfig(dataset=dataset, data_dir=data_dir, mode=mode, eps=DEFAULT_EPS[dataset] if eps is None else eps,
+                      attack_steps=attack_steps,
                       attack_step_size=attack_step_size, adv_weight=adv_weight, trades_beta=trades_beta,
                       natural_epochs=natural_epochs,
                       eps_warmup_epochs=eps_warmup_epochs, epochs=epochs, iterations=iterations,
@@ -114,13 +116,14 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint directory, or a run directory (takes its best/, else final/)")],
+    checkpoint: Annotated[Path, typer.Argument(
+        help="checkpoint directory, or a run directory (takes its best/, else final/)")],
     name: Annotated[str, typer.Option(help="model name in the store")] = "fashion-mnist-dsphere",
     version: Annotated[str | None, typer.Option(help="version string (default: date-based)")] = None,
     store: Annotated[Path, typer.Option(help="model store root")] = Path("model_store"),
     target_reject_rate: Annotated[float, typer.Option(help="clean false-reject rate rho is calibrated to")] = 0.05,
     eps: Annotated[float | None, typer.Option(
-        help="threat-model eps (default 0.1 for Fashion-MNIST/MNIST, 8/255 CIFAR)")] = None,
+        help="threat-model eps (default: the dataset's: 0.1 Fashion-MNIST, 0.3 MNIST, 8/255 CIFAR-10)")] = None,
     pgd_steps: Annotated[int, typer.Option(help="PGD steps for the manifest metrics")] = 20,
     pgd_restarts: Annotated[int, typer.Option(help="PGD restarts for the manifest metrics")] = 1,
     n_test: Annotated[int, typer.Option(help="test examples for metrics (0 = all)")] = 0,

@@ -47,7 +47,7 @@ from app.manifest import (
 from app.verdict import Verdicts, angle_ratio, calibrate_rho, geodesic_verdict
 from training.attacks import PGD, attack_dataset
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.data import load_dataset, sha256_file, train_val_split
+from training.data import DEFAULT_EPS, load_dataset, sha256_file, train_val_split
 from training.models import ConvNet
 
 log = logging.getLogger("dsphere.export")
@@ -58,10 +58,6 @@ PARITY_ATOL = 1e-4
 
 class ExportError(ValueError):
     """Export refused or failed a check; one line for the user."""
-
-
-def default_eps(dataset: str) -> float:
-    return 8 / 255 if dataset == "cifar10" else 0.1
 
 
 def export_onnx(model: ConvNet, path: Path) -> None:
@@ -142,7 +138,7 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
     model.eval()
     tc = ckpt.training_config
     dataset = ckpt.dataset or tc.get("dataset", "fashion-mnist")
-    eps = eps if eps is not None else default_eps(dataset)
+    eps = eps if eps is not None else DEFAULT_EPS[dataset]
     torch.manual_seed(seed)
 
     # the same split as training: validation held out, seed 0

@@ -144,11 +144,13 @@ def build_model(cfg: ModelConfig) -> ConvNet:
 
 
 class LogitsOnly(nn.Module):
-    """Adapter for tools that expect a plain logits model (attacks, ART)."""
+    """Adapter for tools that expect a plain logits model (attacks, ART), around a model
+    returning (logits, cosines) or plain logits."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)[0]
+        out = self.model(x)
+        return out[0] if isinstance(out, tuple) else out

@@ -42,7 +42,7 @@ from app.verdict import angle_ratio, calibrate_rho, geodesic_verdict
 from training.attacks import FGSM, PGD, attack_dataset, predict
 from training.checkpoint import load_checkpoint
 from training.cli import app, command_line
-from training.data import DATASETS, load_dataset, train_val_split
+from training.data import DATASETS, DEFAULT_EPS, load_dataset, train_val_split
 from training.models import ModelConfig
 from training.train import TrainConfig, TrainingDidNotLearn, train
 
@@ -70,10 +70,6 @@ PAPER_TABLE1: dict[str, dict[str, tuple[float, float, float]]] = {
     "dsphere-wm-truncated": {"natural": (99.63, 76.52, 3.48), "fgsm": (99.59, 99.06, 19.10),
                              "pgd": (99.44, 98.09, 95.02)},
 }
-
-
-def dataset_eps(dataset: str) -> float:
-    return {"mnist": 0.3, "cifar10": 8 / 255}.get(dataset, 0.1)
 
 
 @dataclass(frozen=True)
@@ -232,7 +228,7 @@ def _schedule(p: Protocol) -> str:
     return f"{p.epochs:g} epoch(s) on {p.limit_train or 'all'} training images"
 
 
-def render_markdown(rows: list[dict[str, Any]], dataset: str, protocol: Protocol, eps: float) -> str:
+def render_reproduction_markdown(rows: list[dict[str, Any]], dataset: str, protocol: Protocol, eps: float) -> str:
     L = [f"# Table 1 reproduction: {dataset}, protocol {protocol.name}\n",
          f"eps = {eps:g} (L-inf); evaluation on {protocol.n_eval or 'all'} test images: FGSM and "
          f"PGD-{protocol.eval_pgd_steps}; accuracy ignores rejection; 'defended' = rejected OR correct at rho "
@@ -272,7 +268,7 @@ def reproduce(dataset: str = "fashion-mnist", data_dir: str | None = None, proto
     bad = [t for t in trainings if t not in TRAININGS]
     if bad:
         raise ValueError(f"unknown training(s) {', '.join(bad)}; expected {', '.join(TRAININGS)}")
-    eps = eps if eps is not None else dataset_eps(dataset)
+    eps = eps if eps is not None else DEFAULT_EPS[dataset]
     if not 0 < eps <= 1:
         raise ValueError(f"eps must be in (0, 1], got {eps}")
     out_dir = Path(out) if out is not None else Path("reports/reproduce") / f"{dataset}-{proto.name}"
@@ -297,7 +293,7 @@ def write_tables(out_dir: Path, dataset: str, proto: Protocol, eps: float) -> Pa
                                   for m, d in PAPER_TABLE1.items()}}
     path = out_dir / "reproduction.json"
     path.write_text(json.dumps(doc, indent=2))
-    (out_dir / "reproduction.md").write_text(render_markdown(rows, dataset, proto, eps))
+    (out_dir / "reproduction.md").write_text(render_reproduction_markdown(rows, dataset, proto, eps))
     return path
 
 

@@ -15,8 +15,12 @@ import torch
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.evaluation.attacks import AttackOutOfBall, check_ball
-from training.evaluation.core import EvalConfig, EvaluationError, Judged, evaluate, roc_auc, worst_case
+from training.evaluation.config import EvalConfig, EvaluationError
+from training.evaluation.core import evaluate
+from training.evaluation.detectors import Mahalanobis
+from training.evaluation.markdown import render_report_markdown
 from training.evaluation.schema import Report
+from training.evaluation.scoring import Judged, roc_auc, worst_case
 from training.export import export_version
 from training.models import ModelConfig
 from training.train import TrainConfig, TrainingDidNotLearn, train
@@ -104,6 +108,54 @@ def test_sanity_checks_and_detectors_present(full) -> None:  # type: ignore[no-u
     assert {d.attack for d in full.report.detectors} == {"pgd-10", "adaptive"}
     for d in full.report.detectors:
         assert 0 <= d.auc <= 1
+
+
+def test_pgd_restarts_doubled_until_converged(full) -> None:  # type: ignore[no-untyped-def]
+    pgd = full.report.attack("pgd-10")
+    schedule = pgd.params["restart_schedule"]
+    assert [s["restarts"] for s in schedule][:2] == [2, 4]  # 2, then doubled to 4, ...
+    accs = [s["robust_accuracy"] for s in schedule]
+    assert all(b <= a + 1e-12 for a, b in zip(accs, accs[1:], strict=False))  # each example keeps its worst
+    assert pgd.params["restarts"] == schedule[-1]["restarts"] and pgd.robust_accuracy == accs[-1]
+    if pgd.params["converged"]:
+        assert accs[-2] - accs[-1] <= pgd.params["restart_tolerance"]
+    else:
+        assert 2 * schedule[-1]["restarts"] > EvalConfig().pgd_max_restarts
+
+
+def test_three_rejection_scores_side_by_side(full) -> None:  # type: ignore[no-untyped-def]
+    for d in full.report.detectors:
+        scores = {s.score: s for s in d.scores}
+        assert set(scores) == {"angle ratio (geodesic rule)", "max softmax probability", "Mahalanobis distance"}
+        assert scores["angle ratio (geodesic rule)"].threshold == full.report.rho
+        assert scores["angle ratio (geodesic rule)"].auroc == pytest.approx(d.auc)
+        for name in ("max softmax probability", "Mahalanobis distance"):  # 5 % of 500 validation images
+            assert abs(scores[name].validation_reject - 0.05) <= 0.01, name
+        for s in d.scores:
+            assert 0 <= s.auroc <= 1 and 0 <= s.adversarial_catch <= 1
+    assert "two standard rejection scores" in render_report_markdown(full.report)
+
+
+def test_mahalanobis_distance_is_the_closest_class_in_the_shared_metric() -> None:
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(300, 3)) + np.repeat(np.eye(3) * 4, 100, axis=0)
+    labels = np.repeat(np.arange(3), 100)
+    m = Mahalanobis.fit(f, labels, 3)
+    cov = np.cov((f - m.means[labels]).T, bias=True)
+    q = rng.normal(size=(5, 3))
+    brute = [min(float((v - mu) @ np.linalg.inv(cov) @ (v - mu)) for mu in m.means) for v in q]
+    np.testing.assert_allclose(m.distance(q), brute, rtol=1e-8)
+
+
+def test_interrupted_evaluation_resumes_from_its_cache(full, tiny) -> None:  # type: ignore[no-untyped-def]
+    cache = tiny["root"] / "report" / ".cache"
+    assert any(cache.glob("pgd-10-*.safetensors")) and any(cache.glob("adaptive-*.safetensors"))
+    cfg = EvalConfig(eps=EPS, attacks=("fgsm", "pgd", "adaptive"), sanity=False, figures=False, detectors=False,
+                     **FAST)  # type: ignore[arg-type]
+    again = evaluate(tiny["version"], tiny["checkpoint"], cfg, tiny["root"] / "report").report
+    for name in ("fgsm", "pgd-10", "adaptive"):
+        assert again.attack(name).robust_accuracy == full.report.attack(name).robust_accuracy
+        assert again.attack(name).defended_rate == full.report.attack(name).defended_rate
 
 
 def test_outputs_written_and_schema_round_trips(full, tiny) -> None:  # type: ignore[no-untyped-def]
@@ -200,9 +252,9 @@ def test_roc_auc_and_worst_case_units() -> None:
     assert roc_auc(np.array([0.5, 0.5]), np.array([0.5])) == 0.5
     t, f = np.array([True, True, False]), np.array([False, False, True])
     a = Judged("a", correct=np.array([True, False, True]), accepted=np.array([True, True, False]),
-               accepted_rho1=t, ratio=np.zeros(3))
+               accepted_rho1=t, ratio=np.zeros(3), msp=np.ones(3))
     b = Judged("b", correct=np.array([False, True, True]), accepted=np.array([False, True, True]),
-               accepted_rho1=f, ratio=np.zeros(3))
+               accepted_rho1=f, ratio=np.zeros(3), msp=np.ones(3))
     wc = worst_case([a, b])
     assert wc.robust_accuracy == pytest.approx(1 / 3)  # only example 2 is always correct
     assert wc.defended_rate == pytest.approx(2 / 3)  # example 1 was accepted and wrong under a

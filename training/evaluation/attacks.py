@@ -47,17 +47,6 @@ def check_ball(x_adv: Tensor, x: Tensor, eps: float, name: str = "attack") -> fl
     return d
 
 
-class _Logits(nn.Module):
-    """LogitsOnly for models returning (logits, cosines) or plain logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return logits_of(self.model, x)[0]
-
-
 def _num_classes(model: nn.Module) -> int:
     cfg = getattr(model, "config", None)
     return int(getattr(cfg, "num_classes", getattr(model, "num_classes", 10)))
@@ -67,10 +56,10 @@ def _art_classifier(model: nn.Module, input_shape: tuple[int, ...], num_classes:
     """ART's PyTorchClassifier on the model's logits (LogitsOnly), inputs clipped to [0, 1]."""
     from art.estimators.classification import PyTorchClassifier
 
-    from training.models import ConvNet, LogitsOnly
+    from training.models import LogitsOnly
 
     model.eval()
-    wrapped = LogitsOnly(model) if isinstance(model, ConvNet) else _Logits(model)
+    wrapped = LogitsOnly(model)
     p = next(model.parameters(), None)
     device_type = "gpu" if p is not None and p.device.type == "cuda" else "cpu"
     return PyTorchClassifier(model=wrapped.eval(), loss=nn.CrossEntropyLoss(), input_shape=input_shape,

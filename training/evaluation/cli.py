@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from training.cli import app, command_line
-from training.evaluation.core import ALL_ATTACKS
+from training.evaluation.config import ALL_ATTACKS
 
 
 def _eps_list(text: str) -> tuple[float, ...]:
@@ -64,12 +64,13 @@ def evaluate(
     robust accuracy, reject and defended rates as the service would judge them."""
     import torch
 
-    from training.evaluation.core import EvalConfig, resolve_version
+    from training.evaluation.config import EvalConfig
     from training.evaluation.core import evaluate as run_evaluation
+    from training.evaluation.loading import version_path
 
     if threads:
         torch.set_num_threads(threads)
-    vdir = resolve_version(version_dir, store, name, version)
+    vdir = version_path(version_dir, store, name, version)
     cfg = EvalConfig(
         eps=eps, n_examples=n_examples, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
         seed=seed, rho=rho, data_dir=data_dir, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,

@@ -14,7 +14,7 @@ def _budget(a: AttackResult) -> str:
     return ", ".join(f"{k}={v}" for k, v in p.items())
 
 
-def render_markdown(r: Report) -> str:
+def render_report_markdown(r: Report) -> str:
     L: list[str] = []
     L.append(f"# Defense evaluation: {r.model.name} {r.model.version}\n")
     weights = {"checkpoint": f"checkpoint `{r.model.checkpoint}`",
@@ -51,6 +51,12 @@ def render_markdown(r: Report) -> str:
                  f"{_pct(a.defended_rate)} | {_pct(a.success_rate)} | {_pct(a.rho1_defended_rate)} | "
                  f"{_budget(a)} | {a.seconds:.0f} |")
     L.append("")
+    for a in r.attacks:
+        if a.params.get("restart_schedule"):
+            steps = ", ".join(f"{p['restarts']}: {_pct(p['robust_accuracy'])}" for p in a.params["restart_schedule"])
+            state = "converged" if a.params.get("converged") else "stopped at the restart cap"
+            L.append(f"{a.name} restarts doubled until doubling lowers robust accuracy by at most "
+                     f"{100 * a.params['restart_tolerance']:g} points ({state}): restarts: robust accuracy {steps}\n")
     L.append("## Worst case over all attacks\n")
     for wc in (r.worst_case, r.worst_case_all_examples):
         if wc is None:
@@ -68,6 +74,17 @@ def render_markdown(r: Report) -> str:
                      f"{_pct(d.adversarial_catch_at_rho)} | "
                      f"{_pct(d.clean_reject_at_rho1)} | {_pct(d.adversarial_catch_at_rho1)} |")
         L.append("\n(adversarial = the attacked inputs the attack misclassified)\n")
+        if any(d.scores for d in r.detectors):
+            L.append("### Geodesic rejection beside two standard rejection scores\n")
+            L.append("Each threshold is set on the validation split to the same clean false-reject rate as rho. "
+                     "Only the angle rule faces an adaptive attack; the other scores face attacks that ignore "
+                     "them, so their catch rates are upper bounds.\n")
+            L.append("| attack | score | AUROC | clean rejected (validation / test) | adversarial caught |")
+            L.append("| --- | --- | --- | --- | --- |")
+            for d in r.detectors:
+                L.extend(f"| {d.attack} | {s.score} | {s.auroc:.3f} | {_pct(s.validation_reject)} / "
+                         f"{_pct(s.clean_reject)} | {_pct(s.adversarial_catch)} |" for s in d.scores)
+            L.append("")
     s = r.sanity
     L.append("## Sanity checks\n")
     if s.pgd_budget:

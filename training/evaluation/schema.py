@@ -106,8 +106,21 @@ class Sanity(_Model):
     gradient_free: GradientFreeCheck | None = None
 
 
+class DetectorScore(_Model):
+    """One rejection score (oriented: higher = more suspicious; the max softmax probability
+    enters negated) with its threshold set on the validation split like rho."""
+
+    score: str
+    auroc: float
+    threshold: float
+    validation_reject: float = Field(description="clean validation inputs rejected at the threshold")
+    clean_reject: float = Field(description="clean test inputs rejected at the threshold")
+    adversarial_catch: float = Field(description="misclassified attacked inputs rejected at the threshold")
+
+
 class Detector(_Model):
-    """The angle ratio theta / (theta* + theta_sigma) as a detector of adversarial inputs."""
+    """The angle ratio theta / (theta* + theta_sigma) as a detector of adversarial inputs,
+    and beside it (`scores`) the max softmax probability and the Mahalanobis distance."""
 
     attack: str
     n_clean: int
@@ -117,6 +130,7 @@ class Detector(_Model):
     adversarial_catch_at_rho: float
     clean_reject_at_rho1: float
     adversarial_catch_at_rho1: float
+    scores: list[DetectorScore] = Field(default_factory=list)
 
 
 class Report(_Model):

@@ -1,0 +1,119 @@
+"""Sanity checks that tell gradient masking from robustness (Athalye et al. 2018; Carlini et
+al. 2019, "On Evaluating Adversarial Robustness"):
+
+- PGD budget: doubling PGD's steps and restarts must not lower robust accuracy much;
+- accuracy vs ε: PGD accuracy must fall towards 0 as ε grows, monotonically;
+- gradient-free vs white-box: Square (no gradients) must not beat the best white-box attack.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from training.attacks import PGD, attack_dataset
+from training.evaluation.attacks import check_ball
+from training.evaluation.config import EvalConfig
+from training.evaluation.schema import EpsPoint, EpsSweep, GradientFreeCheck, PgdBudgetCheck
+from training.evaluation.scoring import Judged, judge, rate_fields
+from training.export import OnnxModel
+from training.models import ConvNet
+
+
+def attack_on(model: nn.Module, attack: Callable[[nn.Module, Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
+               batch_size: int) -> Tensor:
+    """attack_dataset on the model's device; the result back on the CPU."""
+    dev = next(model.parameters()).device
+    return attack_dataset(model, attack, x.to(dev), y.to(dev), batch_size).cpu()
+
+
+def pgd_budget_check(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, eps: float, mean: list[float],
+                  std: list[float], rho: float, cfg: EvalConfig, base: Judged | None,
+                  say: Callable[[str], None]) -> PgdBudgetCheck:
+    """Doubling PGD's steps and restarts must not lower robust accuracy much (else the
+    base attack had not converged and its numbers overstate robustness)."""
+    m = min(cfg.n_budget_check, len(x), base.n if base is not None else len(x))
+    base_p = {"steps": cfg.pgd_steps, "step_size": cfg.pgd_step_size, "restarts": cfg.pgd_restarts}
+    dbl_p = {"steps": 2 * cfg.pgd_steps, "step_size": cfg.pgd_step_size, "restarts": 2 * cfg.pgd_restarts}
+    t0 = time.time()
+    if base is None:
+        torch.manual_seed(cfg.seed)
+        xb = attack_on(model, PGD(eps, **base_p), x[:m], y[:m], cfg.batch_size)  # type: ignore[arg-type]
+        check_ball(xb, x[:m], eps, "pgd (budget check)")
+        base = judge(onnx_model, xb, y[:m], mean, std, rho, "pgd-base")
+    torch.manual_seed(cfg.seed + 1)
+    xd = attack_on(model, PGD(eps, **dbl_p), x[:m], y[:m], cfg.batch_size)  # type: ignore[arg-type]
+    check_ball(xd, x[:m], eps, "pgd (doubled)")
+    dbl = judge(onnx_model, xd, y[:m], mean, std, rho, "pgd-doubled")
+    b_acc, d_acc = float(base.correct[:m].mean()), float(dbl.correct.mean())
+    b_def = float((~base.accepted[:m] | base.correct[:m]).mean())
+    d_def = float((~dbl.accepted | dbl.correct).mean())
+    tol = max(0.02, 2.0 / m)
+    ok = d_acc >= b_acc - tol
+    verdict = (f"ok: doubling PGD's steps and restarts changed robust accuracy {b_acc:.3f} -> {d_acc:.3f} "
+               f"(tolerance {tol:.3f})" if ok else
+               f"PGD had not converged: doubling its steps and restarts lowered robust accuracy {b_acc:.3f} -> "
+               f"{d_acc:.3f}; the PGD numbers overstate robustness")
+    say(f"budget check: {verdict} ({time.time() - t0:.0f}s)")
+    return PgdBudgetCheck(n_examples=m, base=base_p, doubled=dbl_p, base_robust_accuracy=b_acc,
+                          doubled_robust_accuracy=d_acc, base_defended_rate=b_def, doubled_defended_rate=d_def,
+                          ok=ok, verdict=verdict)
+
+
+def eps_sweep(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, mean: list[float], std: list[float],
+               rho: float, cfg: EvalConfig, say: Callable[[str], None]) -> tuple[EpsSweep, list[tuple[float, Judged]]]:
+    """Accuracy under PGD must fall to ~0 as eps grows (at eps = 0.5 any image can be
+    turned into uniform gray); if it does not, gradients are masked."""
+    m = min(cfg.n_sweep, len(x))
+    points, judged = [], []
+    t0 = time.time()
+    for e in sorted(set(cfg.sweep_eps)):
+        if e == 0:
+            xa = x[:m]
+        else:
+            torch.manual_seed(cfg.seed)
+            xa = attack_on(model, PGD(e, steps=cfg.sweep_steps, step_size=2.5 * e / cfg.sweep_steps),
+                            x[:m], y[:m], cfg.batch_size)
+            check_ball(xa, x[:m], e, f"pgd sweep eps={e}")
+        j = judge(onnx_model, xa, y[:m], mean, std, rho, f"eps={e}")
+        judged.append((e, j))
+        r = rate_fields(j)
+        points.append(EpsPoint(eps=e, robust_accuracy=r["robust_accuracy"], reject_rate=r["reject_rate"],
+                               defended_rate=r["defended_rate"]))
+    accs = [p.robust_accuracy for p in points]
+    top = points[-1]
+    monotone = all(b <= a + max(0.02, 2.0 / m) for a, b in zip(accs, accs[1:], strict=False))
+    ok = (top.eps < 0.3 or top.robust_accuracy <= 0.05) and monotone
+    if ok:
+        verdict = f"ok: PGD accuracy falls from {accs[0]:.3f} to {top.robust_accuracy:.3f} at eps {top.eps}"
+    elif not monotone:
+        verdict = ("gradient masking suspected: accuracy does not decrease monotonically with eps "
+                   f"({', '.join(f'{a:.3f}' for a in accs)})")
+    else:
+        verdict = (f"gradient masking suspected: PGD accuracy is still {top.robust_accuracy:.3f} at eps {top.eps} "
+                   "(an honest attack reaches ~0)")
+    say(f"eps sweep: {verdict} ({time.time() - t0:.0f}s)")
+    attack = {"name": "pgd", "steps": cfg.sweep_steps, "step_size": "2.5 eps / steps", "restarts": 1}
+    return EpsSweep(attack=attack, n_examples=m, points=points, ok=ok, verdict=verdict), judged
+
+
+def gradient_free_check(judged: dict[str, Judged]) -> GradientFreeCheck:
+    sq = judged["square"]
+    wb = {k: v for k, v in judged.items() if k == "fgsm" or k.startswith("pgd") or k.startswith("apgd")}
+    if not wb:
+        return GradientFreeCheck(n_examples=sq.n, square_robust_accuracy=float(sq.correct.mean()),
+                                 best_white_box_robust_accuracy=None, best_white_box=None, ok=True,
+                                 verdict="no white-box attack to compare Square with")
+    m = min([sq.n] + [v.n for v in wb.values()])
+    sq_acc = float(sq.correct[:m].mean())
+    best_name, best = min(((k, float(v.correct[:m].mean())) for k, v in wb.items()), key=lambda t: t[1])
+    tol = max(0.02, 2.0 / m)
+    ok = sq_acc >= best - tol
+    verdict = (f"ok: gradient-free Square ({sq_acc:.3f}) is not stronger than {best_name} ({best:.3f})" if ok else
+               f"gradient masking: gradient-free Square reaches robust accuracy {sq_acc:.3f}, below the best "
+               f"white-box attack {best_name} ({best:.3f}); the white-box numbers overstate robustness")
+    return GradientFreeCheck(n_examples=m, square_robust_accuracy=sq_acc, best_white_box_robust_accuracy=best,
+                             best_white_box=best_name, ok=ok, verdict=verdict)

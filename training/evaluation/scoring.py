@@ -1,0 +1,107 @@
+"""Judging attacked inputs as the service would (ONNX Runtime outputs, the manifest's angle
+statistics and rho, the one rule app.verdict.geodesic_verdict), and the rates of a report.
+
+Rates, as fractions of the attacked examples: robust accuracy (label correct, rejection
+ignored), reject rate, defended rate (rejected OR correct), success rate (accepted AND
+wrong, = 1 - defended: the attacker's win).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from app.verdict import Verdicts, angle_ratio, geodesic_verdict
+from training.evaluation.schema import WorstCase
+from training.export import OnnxModel
+
+
+@dataclass
+class Judged:
+    """Per-example outcome of an attack (ONNX Runtime verdicts)."""
+
+    name: str
+    correct: np.ndarray  # (n,) bool: predicted label == true label
+    accepted: np.ndarray  # (n,) bool at rho
+    accepted_rho1: np.ndarray  # (n,) bool at rho = 1
+    ratio: np.ndarray  # (n,) angle ratio theta / (theta* + theta_sigma)
+    msp: np.ndarray  # (n,) maximum softmax probability of the logits
+
+    def take(self, keep: np.ndarray, name: str | None = None) -> Judged:
+        """The examples where `keep` (bool (n,) or indices) holds."""
+        return Judged(name or self.name, self.correct[keep], self.accepted[keep], self.accepted_rho1[keep],
+                      self.ratio[keep], self.msp[keep])
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+    @property
+    def broken(self) -> np.ndarray:
+        return self.accepted & ~self.correct
+
+
+def judge(onnx_model: OnnxModel, x: Tensor, y: Tensor, mean: list[float], std: list[float], rho: float,
+          name: str) -> Judged:
+    logits, cosines = onnx_model(x)
+    v: Verdicts = geodesic_verdict(logits, cosines, mean, std, rho)
+    v1 = geodesic_verdict(logits, cosines, mean, std, 1.0)
+    return Judged(name, v.labels == y.cpu().numpy(), v.accepted, v1.accepted, angle_ratio(logits, cosines, mean, std),
+                  max_softmax(logits))
+
+
+def max_softmax(logits: np.ndarray) -> np.ndarray:
+    """max_j softmax(z)_j per row, (N, K) -> (N,), computed stably in float64."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return 1.0 / e.sum(axis=1)
+
+
+def rate_fields(j: Judged) -> dict[str, Any]:
+    c, a = j.correct, j.accepted
+    return dict(
+        n_examples=j.n,
+        robust_accuracy=float(c.mean()),
+        reject_rate=float((~a).mean()),
+        defended_rate=float((~a | c).mean()),
+        success_rate=float((a & ~c).mean()),
+        accepted_accuracy=float(c[a].mean()) if a.any() else None,
+        rho1_reject_rate=float((~j.accepted_rho1).mean()),
+        rho1_defended_rate=float((~j.accepted_rho1 | c).mean()),
+    )
+
+
+def worst_case(judged: list[Judged], n: int | None = None, note: str = "") -> WorstCase:
+    """Over the first n examples (default: those every attack covered)."""
+    m = min(j.n for j in judged) if n is None else n
+    broken = np.zeros(m, bool)
+    wrong = np.zeros(m, bool)
+    for j in judged:
+        k = min(m, j.n)
+        broken[:k] |= j.broken[:k]
+        wrong[:k] |= ~j.correct[:k]
+    return WorstCase(n_examples=m, attacks=[j.name for j in judged], robust_accuracy=float((~wrong).mean()),
+                     defended_rate=float((~broken).mean()), success_rate=float(broken.mean()), note=note)
+
+
+def roc_auc(neg: np.ndarray, pos: np.ndarray) -> float:
+    """P(score_pos > score_neg) + 0.5 P(tie): area under the ROC of 'score > threshold'."""
+    if len(neg) == 0 or len(pos) == 0:
+        return float("nan")
+    allv = np.concatenate([neg, pos])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    # average ranks for ties
+    i = 0
+    while i < len(sorted_v):
+        j = i
+        while j + 1 < len(sorted_v) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i: j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = ranks[len(neg):].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
