@@ -12,13 +12,11 @@ padding and dilation), never from `unfold`.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Corr = Literal["cosine", "linear", "sigmoid", "quadratic", "truncated"]
 CORRS: tuple[str, ...] = ("cosine", "linear", "sigmoid", "quadratic", "truncated")
 
 # Numerical safety.
@@ -110,11 +108,13 @@ class SphereConv2d(nn.Conv2d):
         kh, kw = self.kernel_size
         pad = self.padding  # an int pair: __init__ takes no string padding
         if self.dilation == (1, 1) and not isinstance(pad, str) and 2 * pad[0] <= kh and 2 * pad[1] <= kw:
-            # the box sum as a sum-pool (avg_pool2d with divisor 1, zero padding counted):
-            # the same convolution with ones, but its CPU kernel and its backward are a
+            # the box sum as a sum-pool (the box mean with zero padding counted, times the box
+            # size): the same convolution with ones, but its CPU kernel and its backward are a
             # few times cheaper than a one-channel mkldnn conv. Sums of squares: never negative.
+            # Not `divisor_override=1`: ONNX's AveragePool has no such attribute and the
+            # exporter drops it silently (model.onnx would then divide by kh·kw).
             sq = F.avg_pool2d(s, self.kernel_size, self.stride, self.padding,  # type: ignore[arg-type]
-                              count_include_pad=True, divisor_override=1)
+                              count_include_pad=True) * float(kh * kw)
         else:  # dilation, or padding wider than avg_pool2d allows
             ones: Tensor = self._ones  # type: ignore[assignment]  # a registered buffer
             sq = F.conv2d(s, ones.to(x.dtype), None, self.stride, self.padding, self.dilation)  # type: ignore[arg-type]

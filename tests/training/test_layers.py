@@ -148,3 +148,22 @@ def test_model_returns_logits_and_cosines_for_both_input_shapes() -> None:
     assert cifar.widths == (64, 128, 256) and cifar.convs_per_stage == 3 and cifar.fc_dim == 512
     sphere = build_model(ModelConfig())
     assert all(not isinstance(m, torch.nn.Conv2d) or isinstance(m, SphereConv2d) for m in sphere.modules())
+
+
+@pytest.mark.parametrize("corr", CORRS)
+@pytest.mark.parametrize("padding", [0, 1])
+def test_sphere_conv_onnx_runtime_matches_pytorch(corr: str, padding: int) -> None:
+    """Each layer alone, not only whole models: a scale error inside the layer (the patch
+    norm) cancels in scale-invariant nets (cosine) but not in the input-truncated corr."""
+    import io
+
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    layer = SphereConv2d(3, 4, 3, padding=padding, corr=corr).eval()
+    x = torch.rand(2, 3, 6, 6)
+    f = io.BytesIO()
+    torch.onnx.export(layer, (x,), f, opset_version=17, dynamo=False, input_names=["x"])
+    out = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), layer(x), atol=1e-5, rtol=1e-5)
