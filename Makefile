@@ -24,7 +24,7 @@ serve: install
 	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --timeout-graceful-shutdown 20
 
 lint: install
-	$(VENV)/bin/ruff check app training tests bench
+	$(VENV)/bin/ruff check app training support tests bench
 	$(VENV)/bin/mypy
 
 clean:

@@ -14,9 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
+from app.deps import ServiceDep
 from app.errors import APIError
 from app.schemas import ModelRef, ReloadRequest, ReloadResponse, error_responses
-from app.service import Service
 from app.uploads import read_body
 
 log = logging.getLogger("dsphere.admin")
@@ -58,8 +58,7 @@ async def _reload_request(request: Request) -> ReloadRequest:
     },
     summary="Load a version (verified, warmed) and swap it in; on failure the old one stays",
 )
-async def reload(request: Request) -> ReloadResponse:
-    svc: Service = request.app.state.service
+async def reload(request: Request, svc: ServiceDep) -> ReloadResponse:
     _authorize(request, svc.settings.admin_token)
     body = await _reload_request(request)
     name = body.name or (svc.runtime.name if svc.runtime is not None else svc.settings.model_name)

@@ -1,4 +1,11 @@
-"""REST endpoints: /classify, /classify/batch, health, models, metrics."""
+"""REST endpoints: /classify, /classify/batch, health, models, metrics.
+
+One image's way through /classify, each module once: the route takes a ticket from the served
+runtime (app/deps.py, app/engine.py), reads the upload (app/uploads.py), decodes it
+(app/images.py), and awaits `ModelRuntime.classify` (app/engine.py: micro-batcher, ONNX Runtime,
+then app/verdict.py's rule). The `Verdicts` it answers goes, as it is, to the response models
+(app/schemas.py), the metrics (app/metrics.py) and the quarantine of rejected inputs.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,13 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.deps import ServedRuntime, ServiceDep
 from app.engine import ModelRuntime
 from app.errors import APIError
 from app.images import EXTENSIONS, DecodedImage, ImageError, check_content_type, decode_image, header_pixels
 from app.manifest import MANIFEST_FILE, Manifest
 from app.metrics import CONTENT_TYPE
-from app.model_store import ModelStoreError, list_models, list_versions, read_manifest, resolve_version
+from app.model_store import ModelStoreError, find_version, list_models, list_versions, read_manifest
 from app.schemas import (
     BatchClassification,
     Classification,
@@ -29,6 +37,7 @@ from app.schemas import (
     error_responses,
 )
 from app.service import NotReadyError, Service
+from app.settings import Settings
 from app.uploads import Part, media_type, read_body, read_multipart
 from app.verdict import Verdicts
 
@@ -36,11 +45,6 @@ log = logging.getLogger("dsphere.api")
 router = APIRouter()
 
 _IMAGE_TYPES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
-
-
-def _service(request: Request) -> Service:
-    svc: Service = request.app.state.service
-    return svc
 
 
 def _rid(request: Request) -> str:
@@ -86,45 +90,46 @@ async def _decode(data: bytes, rt: ModelRuntime, max_pixels: int, where: str = "
         raise
 
 
+DecodedUpload = tuple[bytes, DecodedImage]  # an upload's bytes (kept for the quarantine) and its pixels
+
+
 def _file_parts(parts: list[Part], field: str) -> list[Part]:
     return [p for p in parts if p.name == field]
 
 
 def _results(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Classification]:
+    """The response model of each row of `v`."""
     names = rt.model.manifest.class_names
     ref = ModelRef(name=rt.name, version=rt.version)
-    out = []
-    for i in range(len(v.labels)):
-        label = int(v.labels[i])
-        out.append(
-            Classification(
-                label=label,
-                class_name=names[label],
-                probability=float(v.probabilities[i]),
-                angle_deg=float(v.angles_deg[i]),
-                threshold_deg=float(v.thresholds_deg[i]),
-                verdict="accept" if bool(v.accepted[i]) else "reject",
-                model=ref,
-                request_id=request_id,
-            )
+    return [
+        Classification(
+            label=label,
+            class_name=names[label],
+            probability=probability,
+            angle_deg=angle,
+            threshold_deg=threshold,
+            verdict=verdict,
+            model=ref,
+            request_id=request_id,
         )
-    return out
+        for label, probability, angle, threshold, verdict in zip(
+            v.labels.tolist(), v.probabilities.tolist(), v.angles_deg.tolist(), v.thresholds_deg.tolist(),
+            v.names(), strict=True,
+        )
+    ]
 
 
-async def _after(svc: Service, rt: ModelRuntime, v: Verdicts, results: list[Classification],
-                 uploads: list[tuple[bytes, str]], batch: bool) -> None:
-    svc.metrics.observe_verdicts(
-        rt.name, rt.version, rt.model.manifest.class_names,
-        [r.label for r in results], [r.angle_deg for r in results], [r.verdict == "accept" for r in results],
-    )
+async def _record(svc: Service, rt: ModelRuntime, v: Verdicts, results: list[Classification],
+                  uploads: list[DecodedUpload], batch: bool) -> None:
+    """Count the verdicts in the metrics; keep each rejected upload (and its result) in the quarantine."""
+    svc.metrics.observe_verdicts(rt.name, rt.version, rt.model.manifest.class_names, v)
     q = svc.quarantine
     if q is None:
         return
-    for i, r in enumerate(results):
-        if r.verdict == "reject":
-            data, fmt = uploads[i]
-            record = {**r.model_dump(), "index": i if batch else None}
-            await asyncio.to_thread(q.add, data, EXTENSIONS.get(fmt, ".bin"), record)
+    for i in np.flatnonzero(~v.accepted).tolist():
+        data, img = uploads[i]
+        record = {**results[i].model_dump(), "index": i if batch else None}
+        await asyncio.to_thread(q.add, data, EXTENSIONS.get(img.format, ".bin"), record)
 
 
 @router.post(
@@ -134,21 +139,19 @@ async def _after(svc: Service, rt: ModelRuntime, v: Verdicts, results: list[Clas
     openapi_extra=_multipart_body("file", many=False),
     summary="Classify one image and say whether to trust the label",
 )
-async def classify(request: Request) -> Classification:
+async def classify(request: Request, svc: ServiceDep, rt: ServedRuntime) -> Classification:
     """Multipart field `file`, or a raw body with an `image/*` Content-Type."""
-    svc = _service(request)
-    rt = svc.current()
     with rt.ticket() as ticket:
-        data = await _read_single(request, svc)
+        data = await _read_single(request, svc.settings)
         img = await _decode(data, rt, svc.settings.max_image_pixels)
         v = await rt.classify(img.array, ticket)
     results = _results(rt, v, _rid(request))
-    await _after(svc, rt, v, results, [(data, img.format)], batch=False)
+    await _record(svc, rt, v, results, [(data, img)], batch=False)
     return results[0]
 
 
-async def _read_single(request: Request, svc: Service) -> bytes:
-    limit = svc.settings.max_upload_bytes
+async def _read_single(request: Request, settings: Settings) -> bytes:
+    limit = settings.max_upload_bytes
     mt = media_type(request)
     if mt == "multipart/form-data":
         files = _file_parts(await read_multipart(request, limit), "file")
@@ -177,19 +180,16 @@ async def _read_single(request: Request, svc: Service) -> bytes:
     openapi_extra=_multipart_body("files", many=True),
     summary="Classify several images (repeated multipart field `files`), results in order",
 )
-async def classify_batch(request: Request) -> BatchClassification:
-    svc = _service(request)
-    rt = svc.current()
+async def classify_batch(request: Request, svc: ServiceDep, rt: ServedRuntime) -> BatchClassification:
     with rt.ticket() as ticket:
-        datas, imgs = await _read_batch(request, svc, rt)
-        v = await rt.classify(np.stack([im.array for im in imgs]), ticket)
+        uploads = await _read_batch(request, svc.settings, rt)
+        v = await rt.classify(np.stack([img.array for _, img in uploads]), ticket)
     results = _results(rt, v, _rid(request))
-    await _after(svc, rt, v, results, [(d, im.format) for d, im in zip(datas, imgs, strict=True)], batch=True)
+    await _record(svc, rt, v, results, uploads, batch=True)
     return BatchClassification(results=results)
 
 
-async def _read_batch(request: Request, svc: Service, rt: ModelRuntime) -> tuple[list[bytes], list[DecodedImage]]:
-    s = svc.settings
+async def _read_batch(request: Request, s: Settings, rt: ModelRuntime) -> list[DecodedUpload]:
     mt = media_type(request)
     if mt != "multipart/form-data":
         raise APIError(415, f"unsupported content type '{mt}'; send multipart/form-data with 'files' fields")
@@ -204,8 +204,7 @@ async def _read_batch(request: Request, svc: Service, rt: ModelRuntime) -> tuple
         except ImageError as exc:
             raise ImageError(exc.status_code, f"files[{i}]: {exc.detail}") from None
     datas = [bytes(f.data) for f in files]
-    imgs = [await _decode(d, rt, s.max_image_pixels, f"files[{i}]") for i, d in enumerate(datas)]
-    return datas, imgs
+    return [(d, await _decode(d, rt, s.max_image_pixels, f"files[{i}]")) for i, d in enumerate(datas)]
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
@@ -214,14 +213,12 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Ready, responses=error_responses(503), summary="Model loaded and warmed")
-async def readyz(request: Request) -> Ready:
-    rt = _service(request).current()
+async def readyz(rt: ServedRuntime) -> Ready:
     return Ready(status="ready", model=ModelRef(name=rt.name, version=rt.version))
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)")
-async def metrics(request: Request) -> Response:
-    svc = _service(request)
+async def metrics(svc: ServiceDep) -> Response:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
 
 
@@ -236,7 +233,7 @@ def _summary(svc: Service, name: str) -> ModelSummary:
     store = svc.settings.model_store
     rt = _served(svc)
     try:
-        latest: str | None = resolve_version(store, name, "latest")
+        latest: str | None = find_version(store, name, "latest")
     except ModelStoreError:
         latest = None
     return ModelSummary(
@@ -262,8 +259,7 @@ def _manifest_summary(m: Manifest, rho: float) -> ManifestSummary:
 
 
 @router.get("/models", response_model=ModelList, summary="Models and versions in the store")
-async def models(request: Request) -> ModelList:
-    svc = _service(request)
+async def models(svc: ServiceDep) -> ModelList:
     names = set(list_models(svc.settings.model_store))
     rt = _served(svc)
     if rt is not None:
@@ -277,8 +273,7 @@ async def models(request: Request) -> ModelList:
     responses=error_responses(404),
     summary="One model: versions, manifest summary (rho, calibration, metrics)",
 )
-async def model_detail(request: Request, name: str) -> ModelDetail | JSONResponse:
-    svc = _service(request)
+async def model_detail(svc: ServiceDep, name: str) -> ModelDetail | JSONResponse:
     summary = _summary(svc, name)
     rt = _served(svc)
     served = rt is not None and rt.name == name

@@ -3,17 +3,19 @@
 `Batcher` groups concurrent requests: each `submit` puts (rows, future) on a
 bounded deque and sets an event; one worker task takes the first waiting item,
 keeps collecting until `max_batch` rows or `max_delay_s` have passed, runs ONE
-call of `run_batch` in a dedicated thread (off the event loop), checks every
-output has one row per input row, and resolves each request's future with its
-slice. A batch's exception is set on every one of its futures. A full queue
-raises `QueueFullError` at once (the API answers 503 + Retry-After).
+call of `run_batch` in a dedicated thread (off the event loop), checks its result
+has one row per input row, and resolves each request's future with its rows of it.
+The result is one object that slices by row (`Verdicts`, an array) or a tuple of
+arrays (each sliced alike, e.g. raw model outputs). A batch's exception is set on every one of its futures.
+A full queue raises `QueueFullError` at once (the API answers 503 + Retry-After).
 
 Closing (a reload retiring the old version, or shutdown) refuses new requests but
 finishes the admitted ones: those queued and those holding a `Ticket` taken before
 the close, which may still be reading their upload when it begins.
 
 `ModelRuntime` binds a `LoadedModel` to a Batcher whose `run_batch` is
-ONNX Runtime + `geodesic_verdict`.
+ONNX Runtime + `geodesic_verdict`: `classify` answers the `Verdicts` of its rows,
+the very object the rule made (the routes map it to the response and the metrics).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,8 +37,7 @@ from app.verdict import Verdicts, geodesic_verdict
 
 log = logging.getLogger("dsphere.engine")
 
-Outputs = tuple[NDArray[np.generic], ...]
-RunBatch = Callable[[NDArray[np.float32]], Sequence[NDArray[np.generic]]]
+R = TypeVar("R")  # the type run_batch returns; each request receives its own rows of one
 
 
 class EngineError(Exception):
@@ -62,20 +64,18 @@ class Ticket:
     Close it (or submit with it) exactly once; closing twice is harmless.
     """
 
-    def __init__(self, batcher: Batcher) -> None:
-        self._batcher: Batcher | None = batcher
-        self.admitted = not batcher._closing
-        batcher._arriving += 1
+    def __init__(self, on_close: Callable[[], None], admitted: bool) -> None:
+        self._on_close: Callable[[], None] | None = on_close
+        self.admitted = admitted
 
     @property
     def open(self) -> bool:
-        return self._batcher is not None
+        return self._on_close is not None
 
     def close(self) -> None:
-        b, self._batcher = self._batcher, None
-        if b is not None:
-            b._arriving -= 1
-            b._event.set()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     def __enter__(self) -> Ticket:
         return self
@@ -85,15 +85,25 @@ class Ticket:
 
 
 @dataclass
-class _Item:
+class _Item(Generic[R]):
     x: NDArray[np.float32]
-    future: asyncio.Future[Outputs]
+    future: asyncio.Future[R]
 
 
-class Batcher:
+def _row_counts(result: Any) -> list[int]:
+    """Rows in each part of a batch's result: every array of a tuple (or list), else the result itself."""
+    return [len(part) for part in result] if isinstance(result, tuple | list) else [len(result)]
+
+
+def _rows(result: Any, start: int, end: int) -> Any:
+    """Rows start..end-1 of a batch's result (of each array of a tuple or list, as a tuple)."""
+    return tuple(part[start:end] for part in result) if isinstance(result, tuple | list) else result[start:end]
+
+
+class Batcher(Generic[R]):
     def __init__(
         self,
-        run_batch: RunBatch,
+        run_batch: Callable[[NDArray[np.float32]], R],
         max_batch: int,
         max_delay_s: float,
         queue_size: int,
@@ -107,7 +117,7 @@ class Batcher:
         self.queue_size = queue_size
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
-        self._pending: collections.deque[_Item] = collections.deque()
+        self._pending: collections.deque[_Item[R]] = collections.deque()
         self._event = asyncio.Event()
         self._closing = False
         self._stopped = False  # the worker has ended: nothing queued from now on would run
@@ -134,14 +144,19 @@ class Batcher:
         """
         if not self._closing and len(self._pending) >= self.queue_size:
             raise QueueFullError(self.queue_size)
-        return Ticket(self)
+        self._arriving += 1
+        return Ticket(self._ticket_closed, admitted=not self._closing)
 
-    async def submit(self, x: NDArray[np.float32], ticket: Ticket | None = None) -> Outputs:
-        """Run rows `x` (shape [n, ...]) in some batch; returns each output's n rows."""
+    def _ticket_closed(self) -> None:
+        self._arriving -= 1
+        self._event.set()
+
+    async def submit(self, x: NDArray[np.float32], ticket: Ticket | None = None) -> R:
+        """Run rows `x` (shape [n, ...]) in some batch; returns the n rows of its result."""
         (out,) = await self.submit_many([x], ticket)
         return out
 
-    async def submit_many(self, xs: Sequence[NDArray[np.float32]], ticket: Ticket | None = None) -> list[Outputs]:
+    async def submit_many(self, xs: Sequence[NDArray[np.float32]], ticket: Ticket | None = None) -> list[R]:
         """Queue the blocks `xs` together (one queue slot each, all or none), then close `ticket`.
 
         While closing, only a request admitted by an open ticket taken before the close is queued.
@@ -155,7 +170,7 @@ class Batcher:
             if self._pending and len(self._pending) + len(xs) > self.queue_size:
                 raise QueueFullError(self.queue_size)
             loop = asyncio.get_running_loop()
-            items = [_Item(x, loop.create_future()) for x in xs]
+            items: list[_Item[R]] = [_Item(x, loop.create_future()) for x in xs]
             self._pending.extend(items)
             self._depth_changed()
             self._event.set()
@@ -200,8 +215,8 @@ class Batcher:
             if batch:
                 await self._run(loop, batch)
 
-    def _take(self) -> list[_Item]:
-        batch: list[_Item] = []
+    def _take(self) -> list[_Item[R]]:
+        batch: list[_Item[R]] = []
         rows = 0
         while self._pending:
             item = self._pending[0]
@@ -215,16 +230,16 @@ class Batcher:
             rows += len(item.x)
         return batch
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[R]]) -> None:
         x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch], axis=0)
         n = len(x)
         if self._on_batch is not None:
             self._on_batch(n)
         try:
-            outputs = tuple(await loop.run_in_executor(self._executor, self._run_batch, x))
-            bad = [len(o) for o in outputs if len(o) != n]
-            if not outputs or bad:
-                raise EngineError(f"model returned {[len(o) for o in outputs]} rows for {n} inputs")
+            result = await loop.run_in_executor(self._executor, self._run_batch, x)
+            counts = _row_counts(result)
+            if not counts or any(c != n for c in counts):
+                raise EngineError(f"model returned {counts} rows for {n} inputs")
         except Exception as exc:  # set the batch's exception on every future
             log.exception("batch of %d rows failed", n)
             for it in batch:
@@ -235,7 +250,7 @@ class Batcher:
         for it in batch:
             end = start + len(it.x)
             if not it.future.done():
-                it.future.set_result(tuple(o[start:end] for o in outputs))
+                it.future.set_result(_rows(result, start, end))
             start = end
 
     async def close(self, timeout: float | None = 30.0) -> None:
@@ -275,7 +290,7 @@ class ModelRuntime:
         self._mean = np.asarray(m.angle_mean_deg, np.float64)
         self._std = np.asarray(m.angle_std_deg, np.float64)
         self.input_shape: tuple[int, int, int] = m.input.shape
-        self.batcher = Batcher(
+        self.batcher: Batcher[Verdicts] = Batcher(
             self._run_batch,
             max_batch=max_batch,
             max_delay_s=max_delay_s,
@@ -299,10 +314,9 @@ class ModelRuntime:
         logits, cosines = self.model.session.run(["logits", "cosines"], {self.model.input_name: x})
         return np.asarray(logits), np.asarray(cosines)
 
-    def _run_batch(self, x: NDArray[np.float32]) -> Outputs:
+    def _run_batch(self, x: NDArray[np.float32]) -> Verdicts:
         logits, cosines = self.run_model(x)
-        v = geodesic_verdict(logits, cosines, self._mean, self._std, self.rho)
-        return (v.labels, v.angles_deg, v.thresholds_deg, v.accepted, v.probabilities)
+        return geodesic_verdict(logits, cosines, self._mean, self._std, self.rho)
 
     def warmup(self) -> None:
         """One blocking call at batch size 1 and max batch size (allocations, kernels)."""
@@ -324,9 +338,7 @@ class ModelRuntime:
             x = x[None]
         step = self.batcher.max_batch
         parts = await self.batcher.submit_many([x[i : i + step] for i in range(0, len(x), step)], ticket)
-        outs = parts[0] if len(parts) == 1 else tuple(np.concatenate(cols) for cols in zip(*parts, strict=True))
-        labels, angles, thresholds, accepted, probs = outs
-        return Verdicts(labels, angles, thresholds, accepted, probs)  # type: ignore[arg-type]
+        return parts[0] if len(parts) == 1 else Verdicts.concat(parts)
 
     async def close(self, timeout: float | None = 30.0) -> None:
         await self.batcher.close(timeout)

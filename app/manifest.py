@@ -56,7 +56,7 @@ class OperatingPoint(_Strict):
     pgd_defended_rate: float = Field(ge=0, le=1)
 
 
-class Metrics(_Strict):
+class ManifestMetrics(_Strict):
     """Measured at export on the test set; recomputable from model.onnx + this file.
 
     clean_reject_rate, accepted_accuracy and the pgd_* rates use `rho` of the manifest.
@@ -106,7 +106,7 @@ class Manifest(_Strict):
     angle_std_deg: list[float] = Field(description="per class std of that angle, training set")
     rho: float = Field(gt=0, description="calibrated threshold multiplier")
     calibration: Calibration
-    metrics: Metrics
+    metrics: ManifestMetrics
     training: TrainingInfo
 
     @model_validator(mode="after")

@@ -28,6 +28,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from app.verdict import Verdicts
+
 ANGLE_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 70, 80, 90, 105, 120, 135, 150, 165, 180)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -100,17 +102,8 @@ class Metrics:
         self.model_info.labels(*labels).set(1)
         self._info_labels = labels
 
-    def observe_verdicts(
-        self,
-        model: str,
-        version: str,
-        class_names: list[str],
-        labels: list[int],
-        angles: list[float],
-        accepted: list[bool],
-    ) -> None:
-        for label, angle, ok in zip(labels, angles, accepted, strict=True):
-            verdict = "accept" if ok else "reject"
+    def observe_verdicts(self, model: str, version: str, class_names: list[str], v: Verdicts) -> None:
+        for label, angle, verdict in zip(v.labels.tolist(), v.angles_deg.tolist(), v.names(), strict=True):
             self.classifications.labels(model, version, class_names[label], verdict).inc()
             self.angle.labels(model, version, verdict).observe(angle)
 

@@ -62,7 +62,7 @@ def list_versions(store: Path, name: str) -> list[str]:
     return sorted((p.name for p in d.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name)), key=natural_key)
 
 
-def resolve_version(store: Path, name: str, version: str = "latest") -> str:
+def find_version(store: Path, name: str, version: str = "latest") -> str:
     """The concrete version; "latest" is the highest version whose manifest.json exists.
 
     (Writers should copy model.onnx first and manifest.json last; a version still
@@ -81,6 +81,10 @@ def resolve_version(store: Path, name: str, version: str = "latest") -> str:
     if version not in versions:
         raise ModelNotFoundError(f"version '{version}' of model '{name}' not found in {store / name}")
     return version
+
+
+# The old name, still imported by tests/deploy; remove once it imports find_version.
+resolve_version = find_version
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -151,7 +155,7 @@ def load_version(
     providers: list[str] | None = None,
     intra_op_threads: int = 0,
 ) -> LoadedModel:
-    version = resolve_version(store, name, version)
+    version = find_version(store, name, version)
     vdir = store / name / version
     manifest = read_manifest(vdir / MANIFEST_FILE)
     if manifest.name != name or manifest.version != version:

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.manifest import Calibration, Metrics
+from app.manifest import Calibration, ManifestMetrics
+from app.verdict import VerdictName
 
 
 class ErrorResponse(BaseModel):
@@ -29,7 +30,7 @@ class Classification(BaseModel):
     probability: float = Field(description="softmax probability of the label")
     angle_deg: float = Field(description="geodesic angle to the predicted class weight, degrees")
     threshold_deg: float = Field(description="rho * (angle_mean_deg + angle_std_deg) of the label")
-    verdict: Literal["accept", "reject"] = Field(description="reject iff angle_deg > threshold_deg")
+    verdict: VerdictName = Field(description="reject iff angle_deg > threshold_deg")
     model: ModelRef = Field(description="the version that produced this result")
     request_id: str
 
@@ -56,7 +57,7 @@ class ManifestSummary(BaseModel):
     rho: float = Field(description="rho the service applies (manifest value unless DSPHERE_RHO overrides)")
     manifest_rho: float
     calibration: Calibration
-    metrics: Metrics
+    metrics: ManifestMetrics
 
 
 class ModelSummary(BaseModel):

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from app.deps import ServiceDep
 from app.engine import ModelRuntime
 from app.errors import APIError
 from app.model_store import list_versions
@@ -45,13 +46,8 @@ ALL_OUTPUTS = {
 }
 
 
-def _service(request: Request) -> Service:
-    svc: Service = request.app.state.service
-    return svc
-
-
-def _model(request: Request, name: str) -> ModelRuntime:
-    svc = _service(request)
+def _model(svc: Service, name: str) -> ModelRuntime:
+    """The served runtime if it is model `name`: 404 for another name, 503 while not ready."""
     try:
         rt = svc.current()
     except NotReadyError as exc:
@@ -69,18 +65,18 @@ async def live() -> V2Live:
 
 
 @router.get("/health/ready", response_model=V2Ready, responses={503: {"model": V2Ready}})
-async def ready(request: Request) -> V2Ready | JSONResponse:
+async def ready(svc: ServiceDep) -> V2Ready | JSONResponse:
     try:
-        _service(request).current()
+        svc.current()
     except NotReadyError:
         return JSONResponse({"ready": False}, status_code=503)
     return V2Ready(ready=True)
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, responses=v2_error_responses(404, 503))
-async def metadata(request: Request, name: str) -> V2ModelMetadata:
-    rt = _model(request, name)
-    versions = list_versions(_service(request).settings.model_store, name) or [rt.version]
+async def metadata(svc: ServiceDep, name: str) -> V2ModelMetadata:
+    rt = _model(svc, name)
+    versions = list_versions(svc.settings.model_store, name) or [rt.version]
     return V2ModelMetadata(
         name=name,
         versions=versions,
@@ -91,8 +87,8 @@ async def metadata(request: Request, name: str) -> V2ModelMetadata:
 
 
 @router.get("/models/{name}/ready", response_model=V2ModelReady, responses=v2_error_responses(404, 503))
-async def model_ready(request: Request, name: str) -> V2ModelReady:
-    _model(request, name)
+async def model_ready(svc: ServiceDep, name: str) -> V2ModelReady:
+    _model(svc, name)
     return V2ModelReady(name=name, ready=True)
 
 
@@ -139,9 +135,8 @@ def _tensor(req: V2InferRequest, rt: ModelRuntime, max_n: int) -> np.ndarray:
         }
     },
 )
-async def infer(request: Request, name: str) -> V2InferResponse:
-    svc = _service(request)
-    rt = _model(request, name)
+async def infer(request: Request, svc: ServiceDep, name: str) -> V2InferResponse:
+    rt = _model(svc, name)
     with rt.ticket() as ticket:  # admitted now: a reload while the body is read still runs it on rt
         body = await read_body(request, svc.settings.max_batch_upload_bytes)
         try:
@@ -161,16 +156,13 @@ async def infer(request: Request, name: str) -> V2InferResponse:
             raise APIError(400, f"unknown output(s) {unknown}; available: {sorted(ALL_OUTPUTS)}")
         x = _tensor(req, rt, svc.settings.max_batch_files)
         v = await rt.classify(x, ticket)
-    svc.metrics.observe_verdicts(
-        rt.name, rt.version, rt.model.manifest.class_names,
-        v.labels.tolist(), v.angles_deg.tolist(), v.accepted.tolist(),
-    )
+    svc.metrics.observe_verdicts(rt.name, rt.version, rt.model.manifest.class_names, v)
     cols: dict[str, list[Any]] = {
-        "label": [int(a) for a in v.labels],
-        "angle_deg": [float(a) for a in v.angles_deg],
-        "accepted": [bool(a) for a in v.accepted],
-        "threshold_deg": [float(a) for a in v.thresholds_deg],
-        "probability": [float(a) for a in v.probabilities],
+        "label": v.labels.tolist(),
+        "angle_deg": v.angles_deg.tolist(),
+        "accepted": v.accepted.tolist(),
+        "threshold_deg": v.thresholds_deg.tolist(),
+        "probability": v.probabilities.tolist(),
     }
     n = len(v.labels)
     return V2InferResponse(

@@ -12,21 +12,40 @@ numbers in a manifest are what the service computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+VerdictName = Literal["accept", "reject"]
+
 
 @dataclass(frozen=True)
 class Verdicts:
-    """Per-example verdicts for a batch of N inputs."""
+    """Per-example verdicts for a batch of N inputs; `len` is N, `v[a:b]` its rows a..b-1."""
 
     labels: NDArray[np.int64]  # (N,)
     angles_deg: NDArray[np.float64]  # (N,)
     thresholds_deg: NDArray[np.float64]  # (N,)
     accepted: NDArray[np.bool_]  # (N,)
     probabilities: NDArray[np.float64]  # (N,) softmax probability of the label
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, rows: slice) -> Verdicts:
+        return Verdicts(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @staticmethod
+    def concat(parts: Sequence[Verdicts]) -> Verdicts:
+        """The rows of `parts`, in order."""
+        return Verdicts(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Verdicts)})
+
+    def names(self) -> list[VerdictName]:
+        """Each verdict as the API answers it and the metrics label it: "accept" or "reject"."""
+        return ["accept" if ok else "reject" for ok in self.accepted.tolist()]
 
 
 def softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:

@@ -4,9 +4,9 @@
 
 Starts two real uvicorn servers (1 worker each) on 127.0.0.1:
   * `app.main:app`  (the service; bundled model if model_store/fashion-mnist-dsphere exists,
-                     else the tiny fixture model of tests/app/fake_store.py)
+                     else the tiny fixture model of support/fake_store.py)
   * `bench/bare_app.py` (same multipart parsing + image decoding, no model: the ceiling)
-then runs wrk (multipart POST via the Lua script of bench/loadgen.py) at each concurrency against
+then runs wrk (multipart POST via the Lua script of support/loadgen.py) at each concurrency against
 /classify, /classify/batch and their bare counterparts, and prints req/s, p50, p99,
 the ratio to the ceiling, and non-2xx counts. Nothing is asserted.
 Targets: /classify >= 0.6x the ceiling; p99 <= 25 ms at c=16.
@@ -26,17 +26,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "app"))
-sys.path.insert(0, str(REPO))
-
-from fake_store import load_fashion_mnist_test, png_bytes, write_version  # noqa: E402
-
-from app.model_store import load_version, resolve_version  # noqa: E402
-from bench.loadgen import WrkResult, multipart, run_wrk  # noqa: E402
-from tests.server_process import free_port  # noqa: E402
-
-NAME = "fashion-mnist-dsphere"
+from app.model_store import load_version
+from support.bundled import BUNDLED_STORE, REPO, bundled_version
+from support.bundled import MODEL_NAME as NAME
+from support.fake_store import write_version
+from support.fashion_mnist import fashion_pngs
+from support.loadgen import WrkResult, multipart, run_wrk
+from support.server import free_port
 
 
 def start(target: str, env: dict[str, str], ready_path: str, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -83,13 +79,13 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="dsphere-bench-"))
     try:
-        resolve_version(REPO / "model_store", NAME)
-        store, which = REPO / "model_store", "bundled"
+        bundled_version()
+        store, which = BUNDLED_STORE, "bundled"
     except Exception:
         store, which = tmp / "store", "fixture"
         write_version(store, "1")
     per_image_us = model_compute(store)  # before the servers start, alone on the machine
-    imgs = [png_bytes(a) for a in load_fashion_mnist_test(max(args.batch_files, 1))]
+    imgs = fashion_pngs(max(args.batch_files, 1))
     single, batch = multipart("file", imgs[:1]), multipart("files", imgs[: args.batch_files])
 
     env = {**os.environ, "DSPHERE_MODEL_STORE": str(store), "DSPHERE_MODEL_NAME": NAME,

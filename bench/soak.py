@@ -2,7 +2,7 @@
 
     python bench/soak.py [--requests 100000] [--burst-connections 500] [--swaps 50] [--only sustained,...]
 
-Runs the four scenarios of bench/soak_scenarios.py at full size (tests/reliability/
+Runs the four scenarios of support/soak_scenarios.py at full size (tests/reliability/
 test_load_faults.py runs them small in `make test`):
 
   sustained  100 000 POST /classify by wrk: no non-2xx, no socket error, VmRSS growth < 20 MiB
@@ -34,10 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.soak_scenarios import run_hot_reload, run_overload, run_sigterm, run_sustained  # noqa: E402
+from support.bundled import REPO
+from support.soak_scenarios import run_hot_reload, run_overload, run_sigterm, run_sustained
 
 DOC = REPO / "docs" / "RELIABILITY.md"
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
@@ -92,8 +90,8 @@ def markdown(report: dict[str, Any]) -> str:
     if "reload" in r:
         f = r["reload"]["figures"]
         refused = ", ".join(f"{v} {s}" for v, (s, _) in f["refused"].items())
-        row("reload", f"{f['swaps']} swaps 1.0.1 <-> 1.0.0 under load: no failed request, each response names "
-            f"its version; tampered / incomplete versions refused, old one serving",
+        row("reload", f"{f['swaps']} swaps 1.0.1 <-> bundled version under load: no failed request, each "
+            f"response names its version; tampered / incomplete versions refused, old one serving",
             f"{f['requests']:,} requests {f['statuses']}, per version {f['per_version']}; request p50 "
             f"{f['request_p50_ms']} ms, p99 {f['request_p99_ms']} ms; reload p50 {f['reload_p50_ms']} ms, max "
             f"{f['reload_max_ms']} ms; refused: {refused}")

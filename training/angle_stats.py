@@ -1,9 +1,9 @@
-"""Angle statistics and robust geodesic inference on the torch side (PAPER.md §4).
+"""Angle statistics of robust geodesic inference on the torch side (PAPER.md §4).
 
 After training, for every class j: the mean θ*_j and standard deviation θσ_j (degrees) of
 the angles between the features of all class-j training samples and W_j. The verdict rule
-itself lives in app/verdict.py (NumPy) and is applied here to PyTorch outputs, so the
-service and the training side share one definition.
+that uses them lives in app/verdict.py (NumPy); export and evaluation apply it to the
+model's outputs, so the service and the training side share one definition.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from app.verdict import Verdicts, angles_deg, geodesic_verdict
+from app.verdict import angles_deg
 from training.attacks import predict
 
 
@@ -49,10 +49,3 @@ def compute_angle_stats(model: nn.Module, x: Tensor, y: Tensor, num_classes: int
         stds.append(float(t.std()) if len(t) else 0.0)
         counts.append(int(len(t)))
     return AngleStats(tuple(means), tuple(stds), tuple(counts))
-
-
-def verdicts_for(model: nn.Module, x: Tensor, stats: AngleStats, rho: float, batch_size: int = 1000) -> Verdicts:
-    """Label, angle, threshold and accept/reject for a batch, by the one rule."""
-    logits, cosines = predict(model, x, batch_size)
-    return geodesic_verdict(logits.double().cpu().numpy(), cosines.double().cpu().numpy(),
-                            stats.mean_deg, stats.std_deg, rho)

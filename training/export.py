@@ -40,7 +40,7 @@ from app.manifest import (
     Calibration,
     InputSpec,
     Manifest,
-    Metrics,
+    ManifestMetrics,
     OperatingPoint,
     TrainingInfo,
 )
@@ -188,7 +188,7 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
             input=InputSpec(shape=cfg.input_shape), angle_mean_deg=list(mean), angle_std_deg=list(std), rho=rho,
             calibration=Calibration(target_false_reject_rate=target_reject_rate, n_validation=len(val),
                                     validation_reject_rate=val_reject, paper_rho1_validation_reject_rate=val_reject1),
-            metrics=Metrics(
+            metrics=ManifestMetrics(
                 n_test=len(test), clean_accuracy=clean.accuracy, clean_reject_rate=clean.reject_rate,
                 accepted_accuracy=clean.accepted_accuracy, pgd_robust_accuracy=adv.accuracy,
                 pgd_reject_rate=adv.reject_rate, pgd_defended_rate=adv.defended_rate,

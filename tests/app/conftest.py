@@ -1,20 +1,16 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # fake_store, whatever pytest's import mode
-
-from fake_store import write_version  # noqa: E402
 from prometheus_client import CollectorRegistry
 
 from app.main import create_app
 from app.settings import load_settings
+from support.fake_store import write_version
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 

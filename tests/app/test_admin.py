@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import ADMIN_TOKEN
-from fake_store import png_bytes, prototype, write_version
+
+from support.fake_store import prototype, write_version
+from support.fashion_mnist import png_bytes
+from tests.app.conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.anyio
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -7,8 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from fake_store import CLASS_NAMES, png_bytes, prototype
 from PIL import Image
+
+from support.fake_store import CLASS_NAMES, prototype
+from support.fashion_mnist import png_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -258,7 +260,7 @@ async def test_not_ready_503(make_client, tmp_path) -> None:
 
 
 async def test_models(make_client, store) -> None:
-    from fake_store import write_version
+    from support.fake_store import write_version
 
     write_version(store, "2")
     write_version(store, "10")

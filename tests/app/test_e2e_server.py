@@ -14,22 +14,24 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fake_store import load_fashion_mnist_test, png_bytes, write_version
 
 from app.manifest import MANIFEST_FILE, MODEL_FILE
-from app.model_store import read_manifest, resolve_version
+from app.model_store import find_version, read_manifest
 from app.verdict import geodesic_verdict
-from tests.server_process import BUNDLED_STORE, start_server
-from tests.server_process import MODEL_NAME as NAME
+from support.bundled import BUNDLED_STORE
+from support.bundled import MODEL_NAME as NAME
+from support.fake_store import write_version
+from support.fashion_mnist import TEST_IMAGES as FMNIST
+from support.fashion_mnist import load_fashion_mnist_test, png_bytes
+from support.server import start_server
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 N_IMAGES = 48
 N_NOISE = 24
 
 
 def _bundled_present() -> bool:
     try:
-        resolve_version(BUNDLED_STORE, NAME)
+        find_version(BUNDLED_STORE, NAME)
         return True
     except Exception:
         return False
@@ -47,7 +49,7 @@ def server_store(request, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("server_store", ["bundled-model" if _bundled_present() else "fixture-model"], indirect=True)
 def test_real_server_verdicts_match_onnxruntime(server_store: Path, tmp_path: Path) -> None:
     assert FMNIST.exists(), f"{FMNIST} is needed for the end-to-end test"
-    version = resolve_version(server_store, NAME)
+    version = find_version(server_store, NAME)
     vdir = server_store / NAME / version
     manifest = read_manifest(vdir / MANIFEST_FILE)
     log = tmp_path / "server.log"

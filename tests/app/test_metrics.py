@@ -6,7 +6,9 @@ import shutil
 import subprocess
 
 import pytest
-from fake_store import png_bytes, prototype
+
+from support.fake_store import prototype
+from support.fashion_mnist import png_bytes
 
 pytestmark = pytest.mark.anyio
 NAME = "fashion-mnist-dsphere"

@@ -4,17 +4,17 @@ import json
 from pathlib import Path
 
 import pytest
-from fake_store import build_model, write_version
 
 from app.model_store import (
     ModelInvalidError,
     ModelNotFoundError,
+    find_version,
     list_models,
     list_versions,
     load_version,
     natural_key,
-    resolve_version,
 )
+from support.fake_store import build_model, write_version
 
 NAME = "fashion-mnist-dsphere"
 
@@ -25,7 +25,7 @@ def test_natural_sort_and_latest(tmp_path: Path) -> None:
     assert list_versions(tmp_path, NAME) == ["1", "2", "10", "v1.9", "v1.10"]
     assert sorted(["1.10.0", "1.9.3", "1.2"], key=natural_key) == ["1.2", "1.9.3", "1.10.0"]
     assert list_models(tmp_path) == [NAME]
-    assert resolve_version(tmp_path, NAME) == "v1.10"
+    assert find_version(tmp_path, NAME) == "v1.10"
     m = load_version(tmp_path, NAME)
     assert m.version == "v1.10" and m.providers == ("CPUExecutionProvider",)
 
@@ -34,7 +34,7 @@ def test_latest_skips_version_without_manifest(tmp_path: Path) -> None:
     write_version(tmp_path, "1")
     (tmp_path / NAME / "2").mkdir()
     (tmp_path / NAME / "2" / "model.onnx").write_bytes(b"partial")
-    assert resolve_version(tmp_path, NAME) == "1"
+    assert find_version(tmp_path, NAME) == "1"
 
 
 def test_tampered_byte(tmp_path: Path) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_store import png_bytes, prototype
 
 from app.quarantine import Quarantine
 from app.settings import SettingsError, load_settings
+from support.fake_store import prototype
+from support.fashion_mnist import png_bytes
 
 NOISE = np.random.default_rng(3).integers(0, 256, (28, 28), dtype=np.uint8)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fake_store import prototype
+
+from support.fake_store import prototype
 
 pytestmark = pytest.mark.anyio
 NAME = "fashion-mnist-dsphere"

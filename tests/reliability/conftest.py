@@ -1,8 +1,9 @@
-"""Shared fixtures of tests/reliability: real service processes on loopback (tests/server_process.py).
+"""Shared fixtures of tests/reliability: real service processes on loopback (support/server.py).
 
-`server`: one `uvicorn app.main:app` on the bundled model store for the whole module.
+`server`: one `uvicorn app.main:app` on the bundled model store for the whole module; it serves
+BUNDLED_VERSION (the store's latest version, support.bundled.bundled_version).
 `server_factory`: start_server(...) whose servers are all stopped (and checked) at teardown.
-`store_copy`: a temporary copy of the bundled store, free to corrupt.
+`store_copy`: a temporary store holding a copy of BUNDLED_VERSION alone, free to corrupt.
 """
 
 from __future__ import annotations
@@ -14,29 +15,11 @@ from typing import Any
 
 import pytest
 
-from tests.app.fake_store import load_fashion_mnist_test, png_bytes
-from tests.server_process import (
-    BUNDLED_STORE,
-    CLEAN_EXIT,
-    MODEL_NAME,
-    ServerHandle,
-    free_port,
-    rss_of,
-    start_server,
-)
+from support.bundled import BUNDLED_STORE, MODEL_NAME, bundled_version
+from support.server import CLEAN_EXIT, ServerHandle, start_server
 
-__all__ = [
-    "BUNDLED_STORE", "CLEAN_EXIT", "MODEL_NAME", "ServerHandle", "free_port", "rss_of", "start_server",
-    "fashion_pngs", "load_fashion_mnist_test", "png_bytes",
-]
-
-BUNDLED_VERSION = "1.0.0"
+BUNDLED_VERSION = bundled_version()
 ADMIN_TOKEN = "reliability-admin-token-0123456789"
-
-
-def fashion_pngs(n: int) -> list[bytes]:
-    """The first n Fashion-MNIST test images as PNG bytes."""
-    return [png_bytes(img) for img in load_fashion_mnist_test(n)]
 
 
 @pytest.fixture(scope="module")
@@ -65,5 +48,5 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerHandle]]:
 @pytest.fixture
 def store_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "store"
-    shutil.copytree(BUNDLED_STORE / MODEL_NAME, dst / MODEL_NAME)
+    shutil.copytree(BUNDLED_STORE / MODEL_NAME / BUNDLED_VERSION, dst / MODEL_NAME / BUNDLED_VERSION)
     return dst

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tests.app.fake_store import load_fashion_mnist_test
+from support.fashion_mnist import load_fashion_mnist_test
 
 MiB = 1024 * 1024
 BIG_BODY = 40 * MiB  # over both caps (10 MiB /classify, 32 MiB batch and v2)

@@ -17,9 +17,11 @@ import pytest
 
 from app.manifest import MANIFEST_FILE
 from app.model_store import read_manifest
-from tests.reliability.conftest import ADMIN_TOKEN, BUNDLED_STORE, BUNDLED_VERSION, MODEL_NAME, fashion_pngs
+from support.bundled import BUNDLED_STORE, MODEL_NAME
+from support.fashion_mnist import fashion_pngs
+from support.server import ServerHandle
+from tests.reliability.conftest import ADMIN_TOKEN, BUNDLED_VERSION
 from tests.reliability.hostile_corpus import AdminKind, Kind, Request, V2Kind, admin_corpus, corpus, v2_corpus
-from tests.server_process import ServerHandle
 
 CORPUS = corpus()
 BATCH = [k for k in CORPUS if k.batch is not None]

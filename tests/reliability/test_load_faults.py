@@ -1,6 +1,6 @@
 """Load, overload, hot reload and SIGTERM against a real uvicorn on 127.0.0.1, bundled model.
 
-Fast versions of the scenarios in bench/soak_scenarios.py (each returns what it measured and the
+Fast versions of the scenarios in support/soak_scenarios.py (each returns what it measured and the
 list of requirements the run broke); `make soak` runs them large (bench/soak.py). Bounds and
 figures: docs/RELIABILITY.md, sections Load, Overload, Hot reload, SIGTERM.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak_scenarios import run_hot_reload, run_overload, run_sigterm, run_sustained
+from support.soak_scenarios import run_hot_reload, run_overload, run_sigterm, run_sustained
 
 SUSTAINED_REQUESTS = 3000
 RSS_GROWTH_BOUND_MB = 20

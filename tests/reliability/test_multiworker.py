@@ -24,9 +24,10 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.app.fake_store import png_bytes
-from tests.reliability.conftest import BUNDLED_VERSION, MODEL_NAME, fashion_pngs
-from tests.server_process import ServerHandle
+from support.bundled import MODEL_NAME
+from support.fashion_mnist import fashion_pngs, png_bytes
+from support.server import ServerHandle
+from tests.reliability.conftest import BUNDLED_VERSION
 
 WORKERS = 2
 N_REAL = 100

@@ -20,9 +20,11 @@ import pytest
 from onnx import helper, numpy_helper
 
 from app.manifest import MANIFEST_FILE, MODEL_FILE
-from tests.app.fake_store import build_model, write_version
-from tests.reliability.conftest import ADMIN_TOKEN, BUNDLED_STORE, BUNDLED_VERSION, MODEL_NAME, fashion_pngs
-from tests.server_process import ServerHandle
+from support.bundled import BUNDLED_STORE, MODEL_NAME
+from support.fake_store import build_model, write_version
+from support.fashion_mnist import fashion_pngs
+from support.server import ServerHandle
+from tests.reliability.conftest import ADMIN_TOKEN, BUNDLED_VERSION
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 GOOD_VERSION = "1.0.1"  # a good copy of the bundled version, added after the start

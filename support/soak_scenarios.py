@@ -2,7 +2,7 @@
 127.0.0.1 with the bundled model (docs/RELIABILITY.md, sections Load, Overload, Hot reload and
 SIGTERM).
 
-Each `run_*` starts its own server (`tests/server_process.start_server`), drives it and returns
+Each `run_*` starts its own server (`support.server.start_server`), drives it and returns
 what it measured; the result's `violations()` lists every requirement the run broke (empty: it
 passed) and `figures()` the numbers worth reporting. tests/reliability/test_load_faults.py runs
 them small (part of `make test`), bench/soak.py large (`make soak`).
@@ -19,7 +19,6 @@ them small (part of `make test`), bench/soak.py large (`make soak`).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import re
 import shutil
@@ -35,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from PIL import Image
 
-from bench.loadgen import (
+from support.bundled import BUNDLED_STORE, MODEL_NAME, bundled_version
+from support.fashion_mnist import fashion_pngs
+from support.loadgen import (
     MULTIPART,
     ClientPool,
     Sample,
@@ -49,25 +49,10 @@ from bench.loadgen import (
     run_wrk,
     sequential,
 )
-from tests.app.fake_store import load_fashion_mnist_test, png_bytes
-from tests.server_process import BUNDLED_STORE, CLEAN_EXIT, MODEL_NAME, ServerHandle, start_server
+from support.server import CLEAN_EXIT, ServerHandle, start_server
 
-BUNDLED_VERSION = "1.0.0"
 ADMIN_TOKEN = "soak-admin-token-0123456789abcdef"
 MB = 1024 * 1024
-
-
-def fashion_pngs(n: int, side: int = 28) -> list[bytes]:
-    """The first n Fashion-MNIST test images as PNG bytes, resized to side x side."""
-    imgs = load_fashion_mnist_test(n)
-    if side == 28:
-        return [png_bytes(a) for a in imgs]
-    out = []
-    for a in imgs:
-        buf = io.BytesIO()
-        Image.fromarray(a).resize((side, side), Image.Resampling.BILINEAR).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def classify_count(srv: ServerHandle) -> int:
@@ -84,7 +69,8 @@ def _stop(srv: ServerHandle) -> int:
         return -9
 
 
-def _ms(seconds: list[float], q: float) -> float:
+def _percentile_ms(seconds: list[float], q: float) -> float:
+    """The q-th percentile of `seconds`, in milliseconds to 0.1."""
     return round(percentile(seconds, q) * 1e3, 1)
 
 
@@ -226,7 +212,8 @@ class Overload:
             return []
         t0 = self.shots[0].sent
         third = (self.shots[-1].sent - t0) / 3 or 1.0
-        return [_ms([s.latency for s in self.shots if s.status == 200 and k <= (s.sent - t0) / third < k + 1], 99)
+        return [_percentile_ms([s.latency for s in self.shots
+                                if s.status == 200 and k <= (s.sent - t0) / third < k + 1], 99)
                 for k in range(3)]
 
     def figures(self) -> dict[str, Any]:
@@ -236,15 +223,15 @@ class Overload:
             "connect_max_ms": round(max((s.latency for s in self.connects), default=0) * 1e3, 1),
             "steady_connections": self.steady_connections, "steady_req_per_s": round(self.steady.rps, 1),
             "steady_statuses": self.steady.statuses,
-            "baseline_sequential_p50_ms": _ms([s.latency for s in self.baseline], 50),
+            "baseline_sequential_p50_ms": _percentile_ms([s.latency for s in self.baseline], 50),
             "baseline_sequential_p90_ms": round(self.baseline_p90_s * 1e3, 1),
             "responses": len(self.shots), "statuses": dict(Counter(s.status for s in self.shots)),
             "accepted_per_s": round(len(acc) / self.burst_s, 1),
-            "accepted_p50_ms": _ms(acc, 50), "accepted_p99_ms": _ms(acc, 99),
+            "accepted_p50_ms": _percentile_ms(acc, 50), "accepted_p99_ms": _percentile_ms(acc, 99),
             "accepted_max_ms": round(max(acc, default=float("nan")) * 1e3, 1),
             "accepted_p99_bound_ms": self.accepted_p99_bound_s * 1e3,
             "accepted_p99_by_third_ms": self.accepted_p99_by_third_ms(),
-            "rejected_p50_ms": _ms(rej, 50), "rejected_p99_ms": _ms(rej, 99),
+            "rejected_p50_ms": _percentile_ms(rej, 50), "rejected_p99_ms": _percentile_ms(rej, 99),
             "retry_after": sorted({s.retry_after for s in self.shots if s.status == 503}, key=str),
             "recovery_s": round(self.recovery_s, 3), "recovery_bound_s": self.recovery_bound_s,
             "after_first_5_ms": [round(s.latency * 1e3, 1) for s in self.after[:5]],
@@ -337,17 +324,17 @@ class HotReload:
             "swaps": len(self.swaps), "requests": len(self.samples),
             "statuses": dict(Counter(s.status for s in self.samples)),
             "per_version": dict(Counter(s.version for s in self.samples)),
-            "reload_p50_ms": _ms(took, 50), "reload_max_ms": round(max(took, default=0) * 1e3, 1),
-            "request_p50_ms": _ms(lat, 50), "request_p99_ms": _ms(lat, 99),
+            "reload_p50_ms": _percentile_ms(took, 50), "reload_max_ms": round(max(took, default=0) * 1e3, 1),
+            "request_p50_ms": _percentile_ms(lat, 50), "request_p99_ms": _percentile_ms(lat, 99),
             "refused": {r.version: [r.status, r.body.get("detail", "")[:100]] for r in self.refusals},
         }
 
 
-def make_store(root: Path) -> dict[str, str]:
-    """A copy of the bundled model's 1.0.0 in `root`, plus 1.0.1 (the same model.onnx, manifest
-    version 1.0.1: its sha256 stays valid), 1.0.2 (one byte of model.onnx flipped: sha256
+def make_store(root: Path, bundled: str) -> dict[str, str]:
+    """A copy of the bundled model's version `bundled` in `root`, plus 1.0.1 (the same model.onnx,
+    manifest version 1.0.1: its sha256 stays valid), 1.0.2 (one byte of model.onnx flipped: sha256
     mismatch), 1.0.3 (no manifest.json) and 1.0.4 (no model.onnx). Returns version -> what it is."""
-    src = BUNDLED_STORE / MODEL_NAME / BUNDLED_VERSION
+    src = BUNDLED_STORE / MODEL_NAME / bundled
     model = root / MODEL_NAME
 
     def copy(version: str) -> Path:
@@ -358,14 +345,14 @@ def make_store(root: Path) -> dict[str, str]:
         (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
         return d
 
-    shutil.copytree(src, model / BUNDLED_VERSION)
+    shutil.copytree(src, model / bundled)
     copy("1.0.1")
     onnx = bytearray((copy("1.0.2") / "model.onnx").read_bytes())
     onnx[len(onnx) // 2] ^= 0xFF
     (model / "1.0.2" / "model.onnx").write_bytes(bytes(onnx))
     (copy("1.0.3") / "manifest.json").unlink()
     (copy("1.0.4") / "model.onnx").unlink()
-    return {"1.0.0": "bundled", "1.0.1": "same model, second version", "1.0.2": "model.onnx tampered",
+    return {bundled: "bundled", "1.0.1": "same model, second version", "1.0.2": "model.onnx tampered",
             "1.0.3": "manifest.json missing", "1.0.4": "model.onnx missing"}
 
 
@@ -384,11 +371,12 @@ def run_hot_reload(swaps: int = 10, clients: int = 4, per_window: int = 8, log_p
     """`clients` threads POST to /classify (half a 28x28 Fashion-MNIST PNG, decoded on the event
     loop; half the same image at 320x320, decoded in a worker thread, so those requests hold the
     old runtime across an await when a swap comes) while `swaps` reloads alternate 1.0.1 and
-    1.0.0, each waiting for `per_window` answers to requests sent after it; then reloads to
-    1.0.2-1.0.4 (broken, see make_store) must be refused while 1.0.x keeps serving."""
+    the bundled version, each waiting for `per_window` answers to requests sent after it; then
+    reloads to 1.0.2-1.0.4 (broken, see make_store) must be refused while the good two keep serving."""
+    bundled = bundled_version()
     tmp = Path(tempfile.mkdtemp(prefix="dsphere-reload-"))
-    make_store(tmp)
-    env = {"DSPHERE_MODEL_STORE": str(tmp), "DSPHERE_MODEL_VERSION": BUNDLED_VERSION,
+    make_store(tmp, bundled)
+    env = {"DSPHERE_MODEL_STORE": str(tmp), "DSPHERE_MODEL_VERSION": bundled,
            "DSPHERE_ADMIN_TOKEN": ADMIN_TOKEN}
     try:
         srv = start_server(env, log_path=log_path)
@@ -407,7 +395,7 @@ def run_hot_reload(swaps: int = 10, clients: int = 4, per_window: int = 8, log_p
             p.wait_for(per_window, after=0)
         with srv.client() as c:
             for k in range(swaps):
-                r = _reload(c, ("1.0.1", BUNDLED_VERSION)[k % 2])
+                r = _reload(c, ("1.0.1", bundled)[k % 2])
                 done.append(r)
                 for p in pools:
                     p.wait_for(per_window, after=r.t1)
@@ -421,7 +409,7 @@ def run_hot_reload(swaps: int = 10, clients: int = 4, per_window: int = 8, log_p
         samples = sorted([s for p in pools for s in p.stop()], key=lambda s: s.sent)
         rc = _stop(srv)
         shutil.rmtree(tmp, ignore_errors=True)
-    return HotReload(("1.0.1", BUNDLED_VERSION), done, refused, samples, ready, rc, srv.log_tail())
+    return HotReload(("1.0.1", bundled), done, refused, samples, ready, rc, srv.log_tail())
 
 
 # -------------------------------------------------------------------------------------- SIGTERM

@@ -1,0 +1,73 @@
+"""The verdict rule (app/verdict.py) on tiny arrays: calibrate_rho, angle_ratio and Verdicts rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.verdict import Verdicts, angle_ratio, calibrate_rho, geodesic_verdict
+
+
+def reject_rate(ratios: np.ndarray, rho: float) -> float:
+    return float(np.mean(ratios > rho))
+
+
+def test_calibrate_rho_on_a_known_set() -> None:
+    ratios = np.random.default_rng(0).permutation(np.arange(1, 101) / 100)  # 0.01 .. 1.00
+    rho = calibrate_rho(ratios, 0.05)
+    assert rho == pytest.approx(0.95)  # the 5 largest (0.96 .. 1.00) are rejected
+    assert reject_rate(ratios, rho) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("target", [0.01, 0.05, 0.3, 0.99])
+@pytest.mark.parametrize("n", [1, 7, 200])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_calibrate_rho_is_the_smallest_rho_within_the_target(seed: int, n: int, target: float) -> None:
+    # rounded: ties among the ratios must not change the answer's properties
+    ratios = np.round(np.random.default_rng(seed).gamma(4.0, 0.25, n), 1)
+    rho = calibrate_rho(ratios, target)
+    assert rho in ratios
+    assert reject_rate(ratios, rho) <= target
+    assert reject_rate(ratios, float(np.nextafter(rho, -np.inf))) > target  # any smaller rho rejects more
+
+
+def test_calibrate_rho_below_one_rejection_rejects_nothing() -> None:
+    ratios = np.array([0.5, 2.0, 1.0])
+    assert calibrate_rho(ratios, 0.1) == 2.0 and reject_rate(ratios, 2.0) == 0.0
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, -0.1, 1.5])
+def test_calibrate_rho_refuses_a_target_outside_0_1(target: float) -> None:
+    with pytest.raises(ValueError, match=r"target_reject_rate must be in \(0, 1\)"):
+        calibrate_rho([1.0, 2.0], target)
+
+
+def _batch(seed: int, n: int = 64, k: int = 5) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    cosines = rng.uniform(-1, 1, (n, k))
+    logits = 3.0 * cosines + rng.normal(0, 0.1, (n, k))
+    mean, std = rng.uniform(20, 60, k), rng.uniform(1, 10, k)
+    return logits, cosines, mean, std
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_calibrated_rho_applied_by_the_verdict_keeps_the_target(seed: int) -> None:
+    """The verdict rejects iff angle_ratio > rho, so rho calibrated on the ratios of a set
+    rejects at most the target fraction of that set."""
+    logits, cosines, mean, std = _batch(seed)
+    ratios = angle_ratio(logits, cosines, mean, std)
+    rho = calibrate_rho(ratios, 0.2)
+    v = geodesic_verdict(logits, cosines, mean, std, rho)
+    np.testing.assert_array_equal(v.accepted, ratios <= rho)
+    assert 1 - v.accepted.mean() <= 0.2
+
+
+def test_verdicts_rows_and_concat_give_back_the_batch() -> None:
+    v = geodesic_verdict(*_batch(3), 1.0)
+    assert len(v) == 64
+    parts = [v[0:10], v[10:11], v[11:64]]
+    assert [len(p) for p in parts] == [10, 1, 53]
+    whole = Verdicts.concat(parts)
+    for name in ("labels", "angles_deg", "thresholds_deg", "accepted", "probabilities"):
+        np.testing.assert_array_equal(getattr(whole, name), getattr(v, name))
+    assert v[5:7].names() == ["accept" if a else "reject" for a in v.accepted[5:7]]
