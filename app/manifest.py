@@ -35,7 +35,8 @@ class InputSpec(_Strict):
 
 
 class AttackSpec(_Strict):
-    """An L-inf PGD attack as run at export time."""
+    """The L-inf PGD attack behind the manifest's pgd_* figures (at export, or the strong
+    evaluation's PGD with its converged number of restarts)."""
 
     name: Literal["pgd"] = "pgd"
     norm: Literal["linf"] = "linf"
@@ -72,6 +73,16 @@ class ManifestMetrics(_Strict):
     pgd_defended_rate: float = Field(ge=0, le=1)
     pgd_attack: AttackSpec
     paper_rho1: OperatingPoint = Field(description="the same figures at the paper's rho = 1")
+    # From the strong evaluation (`python -m training evaluate`, passed to export with
+    # --evaluation); absent in manifests exported without one. Per example, the worst
+    # outcome over every attack listed: robust = correct under all of them, defended =
+    # rejected or correct under all of them.
+    worst_case_robust_accuracy: float | None = Field(None, ge=0, le=1)
+    worst_case_defended_rate: float | None = Field(None, ge=0, le=1)
+    adaptive_defended_rate: float | None = Field(
+        None, ge=0, le=1, description="the attack that knows rho and the angle statistics")
+    worst_case_attacks: list[str] | None = Field(None, description="the attacks behind the worst case")
+    worst_case_n_examples: int | None = Field(None, ge=1, description="test examples of the worst case")
 
 
 class Calibration(_Strict):

@@ -129,13 +129,16 @@ def export(
     n_test: Annotated[int, typer.Option(help="test examples for metrics (0 = all)")] = 0,
     n_attack: Annotated[int, typer.Option(help="test examples attacked for the PGD metrics (0 = all)")] = 2000,
     data_dir: Annotated[str | None, typer.Option(help="dataset directory")] = None,
+    evaluation: Annotated[Path | None, typer.Option(
+        help="report.json of `evaluate` on an export of this same checkpoint: the manifest's PGD and "
+             "worst-case figures come from it (no attack at export)")] = None,
 ) -> None:
     """Export a checkpoint to model_store/<name>/<version>/ (model.onnx + manifest.json)."""
     from training.export import export_version
 
     path = export_version(checkpoint, store, name, version, target_reject_rate=target_reject_rate, eps=eps,
                           pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, n_test=n_test, n_attack=n_attack,
-                          data_dir=data_dir, command=command_line())
+                          data_dir=data_dir, command=command_line(), evaluation=evaluation)
     typer.echo(f"exported {path}")
 
 

@@ -17,6 +17,7 @@ Steps, each checked:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -48,6 +49,7 @@ from app.verdict import Verdicts, angle_ratio, calibrate_rho, geodesic_verdict
 from training.attacks import PGD, attack_dataset
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import DEFAULT_EPS, load_dataset, sha256_file, train_val_split
+from training.evaluation.schema import Report
 from training.models import ConvNet
 
 log = logging.getLogger("dsphere.export")
@@ -120,11 +122,29 @@ def default_version() -> str:
     return datetime.now(UTC).strftime("%Y.%m.%d-%H%M")
 
 
+@dataclass(frozen=True)
+class PgdFigures:
+    """The manifest's pgd_* figures at rho and at rho = 1, and the attack behind them."""
+
+    robust_accuracy: float
+    reject_rate: float
+    defended_rate: float
+    rho1_reject_rate: float
+    rho1_defended_rate: float
+    attack: AttackSpec
+
+
 def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[str], name: str,
                    version: str | None = None, *, target_reject_rate: float = 0.05, eps: float | None = None,
                    pgd_steps: int = 20, pgd_restarts: int = 1, n_test: int = 0, n_attack: int = 2000,
-                   data_dir: str | None = None, command: str = "", seed: int = 0) -> Path:
-    """Export `checkpoint` as store/name/version and return that directory."""
+                   data_dir: str | None = None, command: str = "", seed: int = 0,
+                   evaluation: str | os.PathLike[str] | None = None) -> Path:
+    """Export `checkpoint` as store/name/version and return that directory.
+
+    With `evaluation` (a report.json of `python -m training evaluate` on an export of this
+    same checkpoint, e.g. into a staging store), the manifest's pgd_* and worst-case figures
+    come from that report, and export runs no attack of its own; the report must have been
+    made on a byte-identical model.onnx (export is deterministic) at the same eps and rho."""
     version = version or default_version()
     target = Path(store) / name / version
     if target.exists():
@@ -139,6 +159,7 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
     tc = ckpt.training_config
     dataset = ckpt.dataset or tc.get("dataset", "fashion-mnist")
     eps = eps if eps is not None else DEFAULT_EPS[dataset]
+    report = read_report(evaluation, eps) if evaluation is not None else None
     torch.manual_seed(seed)
 
     # the same split as training: validation held out, seed 0
@@ -158,6 +179,11 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
         onnx_model = OnnxModel(onnx_path)
         diff = check_parity(model, onnx_model, test.images[:512])
         log.info("ONNX parity with PyTorch: max abs diff %.2e", diff)
+        sha = sha256_file(onnx_path)
+        if report is not None and report.model.sha256 != sha:
+            raise ExportError(f"--evaluation {evaluation} was made on a model.onnx with sha256 "
+                              f"{report.model.sha256[:12]}..., this export's is {sha[:12]}...: evaluate an export "
+                              "of this same checkpoint (e.g. into a staging store) and pass that report")
 
         v_logits, v_cos = onnx_model(val.images)
         rho = calibrate_rho(angle_ratio(v_logits, v_cos, mean, std), target_reject_rate)
@@ -165,38 +191,33 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
         val_reject1 = float((~geodesic_verdict(v_logits, v_cos, mean, std, 1.0).accepted).mean())
         log.info("calibrated rho %.4f on %d validation images (reject %.4f; rho=1 rejects %.4f)",
                  rho, len(val), val_reject, val_reject1)
+        if report is not None and not math.isclose(report.rho, rho, rel_tol=1e-9):
+            raise ExportError(f"--evaluation {evaluation} judged verdicts at rho {report.rho}, this export "
+                              f"calibrates {rho}: export with the options the evaluated version was exported with")
 
         y = test.labels.numpy()
         t_logits, t_cos = onnx_model(test.images)
         clean = rates(geodesic_verdict(t_logits, t_cos, mean, std, rho), y)
         clean1 = rates(geodesic_verdict(t_logits, t_cos, mean, std, 1.0), y)
-
-        n_att = min(n_attack or len(test), len(test))
-        step = 2.5 * eps / pgd_steps
-        t0 = time.time()
-        x_adv = attack_dataset(model, PGD(eps, steps=pgd_steps, step_size=step, restarts=pgd_restarts),
-                               test.images[:n_att], test.labels[:n_att])
-        log.info("PGD-%d x%d on %d test images: %.0fs", pgd_steps, pgd_restarts, n_att, time.time() - t0)
-        a_logits, a_cos = onnx_model(x_adv)
-        adv = rates(geodesic_verdict(a_logits, a_cos, mean, std, rho), y[:n_att])
-        adv1 = rates(geodesic_verdict(a_logits, a_cos, mean, std, 1.0), y[:n_att])
+        pgd = (pgd_from_report(report) if report is not None else
+               pgd_at_export(model, onnx_model, test.images, y, eps, mean, std, rho, pgd_steps, pgd_restarts, n_attack))
 
         cfg = model.config
         manifest = Manifest(
-            name=name, version=version, created_at=datetime.now(UTC), sha256=sha256_file(onnx_path),
+            name=name, version=version, created_at=datetime.now(UTC), sha256=sha,
             class_names=list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)],
             input=InputSpec(shape=cfg.input_shape), angle_mean_deg=list(mean), angle_std_deg=list(std), rho=rho,
             calibration=Calibration(target_false_reject_rate=target_reject_rate, n_validation=len(val),
                                     validation_reject_rate=val_reject, paper_rho1_validation_reject_rate=val_reject1),
             metrics=ManifestMetrics(
                 n_test=len(test), clean_accuracy=clean.accuracy, clean_reject_rate=clean.reject_rate,
-                accepted_accuracy=clean.accepted_accuracy, pgd_robust_accuracy=adv.accuracy,
-                pgd_reject_rate=adv.reject_rate, pgd_defended_rate=adv.defended_rate,
-                pgd_attack=AttackSpec(eps=eps, steps=pgd_steps, step_size=step, restarts=pgd_restarts,
-                                      n_examples=n_att),
+                accepted_accuracy=clean.accepted_accuracy, pgd_robust_accuracy=pgd.robust_accuracy,
+                pgd_reject_rate=pgd.reject_rate, pgd_defended_rate=pgd.defended_rate, pgd_attack=pgd.attack,
                 paper_rho1=OperatingPoint(rho=1.0, clean_reject_rate=clean1.reject_rate,
                                           accepted_accuracy=clean1.accepted_accuracy,
-                                          pgd_reject_rate=adv1.reject_rate, pgd_defended_rate=adv1.defended_rate),
+                                          pgd_reject_rate=pgd.rho1_reject_rate,
+                                          pgd_defended_rate=pgd.rho1_defended_rate),
+                **(worst_case_from_report(report) if report is not None else {}),
             ),
             training=TrainingInfo(model_config_=cfg.to_dict(), training_config=_jsonable(tc),
                                   command=ckpt.command or command, dataset=dataset, git_commit=ckpt.git_commit),
@@ -211,8 +232,56 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s: clean accuracy %.4f, reject %.4f at rho %.3f; PGD robust %.4f, defended %.4f",
-             target, clean.accuracy, clean.reject_rate, rho, adv.accuracy, adv.defended_rate)
+             target, clean.accuracy, clean.reject_rate, rho, pgd.robust_accuracy, pgd.defended_rate)
     return target
+
+
+def pgd_at_export(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: np.ndarray, eps: float, mean: Any, std: Any,
+                  rho: float, steps: int, restarts: int, n_attack: int) -> PgdFigures:
+    """PGD crafted on the PyTorch model, judged by ONNX Runtime (no evaluation report given)."""
+    n_att = min(n_attack or len(x), len(x))
+    step = 2.5 * eps / steps
+    t0 = time.time()
+    x_adv = attack_dataset(model, PGD(eps, steps=steps, step_size=step, restarts=restarts), x[:n_att],
+                           torch.from_numpy(y[:n_att]))
+    log.info("PGD-%d x%d on %d test images: %.0fs", steps, restarts, n_att, time.time() - t0)
+    a_logits, a_cos = onnx_model(x_adv)
+    adv = rates(geodesic_verdict(a_logits, a_cos, mean, std, rho), y[:n_att])
+    adv1 = rates(geodesic_verdict(a_logits, a_cos, mean, std, 1.0), y[:n_att])
+    return PgdFigures(adv.accuracy, adv.reject_rate, adv.defended_rate, adv1.reject_rate, adv1.defended_rate,
+                      AttackSpec(eps=eps, steps=steps, step_size=step, restarts=restarts, n_examples=n_att))
+
+
+def read_report(path: str | os.PathLike[str], eps: float) -> Report:
+    try:
+        report = Report.model_validate_json(Path(path).read_text())
+    except OSError as e:
+        raise ExportError(f"--evaluation {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ExportError(f"--evaluation {path} is not an evaluation report: {str(e).splitlines()[0]}") from None
+    if not math.isclose(report.eps, eps):
+        raise ExportError(f"--evaluation {path} attacked at eps {report.eps}, the manifest's threat model is {eps}")
+    if not any(a.name.startswith("pgd-") and a.status == "ok" for a in report.attacks):
+        raise ExportError(f"--evaluation {path} has no PGD result")
+    return report
+
+
+def pgd_from_report(report: Report) -> PgdFigures:
+    a = next(a for a in report.attacks if a.name.startswith("pgd-") and a.status == "ok")
+    assert a.robust_accuracy is not None and a.reject_rate is not None and a.defended_rate is not None
+    assert a.rho1_reject_rate is not None and a.rho1_defended_rate is not None
+    p = a.params
+    return PgdFigures(a.robust_accuracy, a.reject_rate, a.defended_rate, a.rho1_reject_rate, a.rho1_defended_rate,
+                      AttackSpec(eps=report.eps, steps=int(p["steps"]), step_size=float(p["step_size"]),
+                                 restarts=int(p["restarts"]), n_examples=a.n_examples))
+
+
+def worst_case_from_report(report: Report) -> dict[str, Any]:
+    wc = report.worst_case
+    adaptive = next((a for a in report.attacks if a.name == "adaptive" and a.status == "ok"), None)
+    return {"worst_case_robust_accuracy": wc.robust_accuracy, "worst_case_defended_rate": wc.defended_rate,
+            "adaptive_defended_rate": adaptive.defended_rate if adaptive else None,
+            "worst_case_attacks": [n for n in wc.attacks if n != "clean"], "worst_case_n_examples": wc.n_examples}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

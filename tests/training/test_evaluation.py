@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.manifest import Manifest
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.evaluation.attacks import AttackOutOfBall, check_ball
 from training.evaluation.config import EvalConfig, EvaluationError
@@ -21,7 +22,7 @@ from training.evaluation.detectors import Mahalanobis
 from training.evaluation.markdown import render_report_markdown
 from training.evaluation.schema import Report
 from training.evaluation.scoring import Judged, roc_auc, worst_case
-from training.export import export_version
+from training.export import ExportError, export_version
 from training.models import ModelConfig
 from training.train import TrainConfig, TrainingDidNotLearn, train
 
@@ -156,6 +157,36 @@ def test_interrupted_evaluation_resumes_from_its_cache(full, tiny) -> None:  # t
     for name in ("fgsm", "pgd-10", "adaptive"):
         assert again.attack(name).robust_accuracy == full.report.attack(name).robust_accuracy
         assert again.attack(name).defended_rate == full.report.attack(name).defended_rate
+
+
+def test_export_takes_its_figures_from_the_evaluation(full, tiny) -> None:  # type: ignore[no-untyped-def]
+    report = tiny["root"] / "report" / "report.json"
+    vdir = export_version(tiny["checkpoint"], tiny["root"] / "published", "tiny", "v1", n_test=200,
+                          evaluation=report)
+    m = Manifest.model_validate_json((vdir / "manifest.json").read_text()).metrics
+    r, pgd = full.report, full.report.attack("pgd-10")
+    assert (vdir / "model.onnx").read_bytes() == (tiny["version"] / "model.onnx").read_bytes()
+    assert (m.pgd_robust_accuracy, m.pgd_defended_rate) == (pgd.robust_accuracy, pgd.defended_rate)
+    assert m.pgd_attack.restarts == pgd.params["restarts"] and m.pgd_attack.n_examples == pgd.n_examples
+    assert m.worst_case_defended_rate == r.worst_case.defended_rate
+    assert m.worst_case_robust_accuracy == r.worst_case.robust_accuracy
+    assert m.adaptive_defended_rate == r.attack("adaptive").defended_rate
+    assert m.worst_case_attacks is not None
+    assert "adaptive" in m.worst_case_attacks and "clean" not in m.worst_case_attacks
+    assert m.worst_case_n_examples == r.worst_case.n_examples
+
+
+def test_export_refuses_an_evaluation_of_another_model(full, tiny) -> None:  # type: ignore[no-untyped-def]
+    report = tiny["root"] / "report" / "report.json"
+    model, ckpt = load_checkpoint(tiny["checkpoint"])
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.01)  # another model: another model.onnx
+    other = save_checkpoint(tiny["root"] / "nudged", model, ckpt)
+    with pytest.raises(ExportError, match="sha256"):
+        export_version(other, tiny["root"] / "other", "tiny", "v1", n_test=200, evaluation=report)
+    with pytest.raises(ExportError, match="eps"):
+        export_version(tiny["checkpoint"], tiny["root"] / "other", "tiny", "v2", n_test=200, eps=0.2,
+                       evaluation=report)
 
 
 def test_outputs_written_and_schema_round_trips(full, tiny) -> None:  # type: ignore[no-untyped-def]
