@@ -1,10 +1,11 @@
-# syntax=docker/dockerfile:1.7
-#
 # dsphere serving images: ONNX Runtime + FastAPI, no torch, no training code.
 #
 #   docker build -t dsphere:cpu .                 # CPU image (the default, last stage)
 #   docker build --target cpu -t dsphere:cpu .    # same, explicit
 #   docker build --target gpu -t dsphere:gpu .    # CUDA image (onnxruntime-gpu)
+#
+# No heredocs, no RUN --mount: builds with Docker (BuildKit or not) and with
+# podman/buildah as Debian 12 ships them (deploy/local-image.sh, no registry needed).
 #
 # Both images serve model_store/ as copied at build time (bind-mount a host
 # model_store over /srv/dsphere/model_store to add versions without a rebuild;
@@ -18,34 +19,13 @@ ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 # (base dependencies + the `serve` extra). The gpu list swaps onnxruntime for
 # the `gpu` extra (onnxruntime-gpu): both wheels install the same `onnxruntime`
 # module and must never be installed together. Fails the build if torch (or
-# anything of the `train` extra) would end up in a serving image.
+# anything of the `train` extra) would end up in a serving image
+# (deploy/serving_requirements.py).
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS requirements
 WORKDIR /src
-COPY pyproject.toml ./
-RUN python - <<'EOF'
-import re
-import tomllib
-
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-extras = project["optional-dependencies"]
-serve = list(project.get("dependencies", [])) + list(extras["serve"])
-
-
-def name(req):
-    return re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0].lower().replace("_", "-")
-
-
-cpu = serve
-gpu = [r for r in serve if name(r) != "onnxruntime"] + list(extras["gpu"])
-for flavour, reqs in (("cpu", cpu), ("gpu", gpu)):
-    names = {name(r) for r in reqs}
-    assert not names & {"torch", "torchvision", "onnx", "onnxscript"}, (flavour, reqs)
-    assert len(names & {"onnxruntime", "onnxruntime-gpu"}) == 1, (flavour, reqs)
-    with open(f"requirements-{flavour}.txt", "w") as f:
-        f.write("\n".join(reqs) + "\n")
-    print(f"requirements-{flavour}.txt:", *reqs, sep="\n  ")
-EOF
+COPY pyproject.toml deploy/serving_requirements.py ./
+RUN python serving_requirements.py
 
 # ---------------------------------------------------------------------------
 # gpu: CUDA 12 + cuDNN 9 runtime (what onnxruntime-gpu >= 1.19 links against).
@@ -57,9 +37,11 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=requirements /src/requirements-gpu.txt /tmp/requirements.txt
+# The installed set checked too, not only the list: no torch or onnx, and never the CPU
+# onnxruntime wheel next to onnxruntime-gpu (`pip show` fails only when none is installed).
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install -r /tmp/requirements.txt \
- && ! /opt/venv/bin/pip show torch >/dev/null 2>&1
+ && ! /opt/venv/bin/pip show torch onnx onnxruntime >/dev/null 2>&1
 
 FROM ${CUDA_IMAGE} AS gpu
 ENV DEBIAN_FRONTEND=noninteractive
@@ -94,9 +76,10 @@ CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-ser
 FROM ${PYTHON_IMAGE} AS cpu-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=requirements /src/requirements-cpu.txt /tmp/requirements.txt
+# Same check as gpu-build, with the flavours swapped.
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -r /tmp/requirements.txt \
- && ! /opt/venv/bin/pip show torch >/dev/null 2>&1
+ && ! /opt/venv/bin/pip show torch onnx onnxruntime-gpu >/dev/null 2>&1
 
 FROM ${PYTHON_IMAGE} AS cpu
 RUN useradd --system --uid 10001 --user-group --home-dir /srv/dsphere --shell /usr/sbin/nologin dsphere \

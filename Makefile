@@ -5,7 +5,7 @@ PYTHON ?= python3
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test serve train evaluate reproduce bench soak lint clean
+.PHONY: install test serve images train evaluate reproduce bench soak lint clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,12 @@ test: install
 
 serve: install
 	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --timeout-graceful-shutdown 20
+
+images:
+	# Serving images with podman, no registry needed: a debootstrap Debian 12 base (made once, as root),
+	# dsphere:cpu, dsphere:gpu (on a stand-in base where the CUDA image cannot be pulled) and a
+	# Prometheus stand-in. docs/DEPLOYMENT.md, "Building and running without Docker".
+	bash deploy/local-image.sh
 
 lint: install
 	$(VENV)/bin/ruff check app training support tests bench

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import re
 import shutil
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +31,50 @@ DOCKERIGNORE = REPO / ".dockerignore"
 API_JOB = "dsphere-api"
 
 
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist_test(n: int) -> tuple[Any, list[int]]:
+    """The first n Fashion-MNIST test images, uint8 [n, 28, 28], and their labels (IDX files:
+    a 16-byte header before the pixels, an 8-byte one before the labels)."""
+    import numpy as np
+
+    with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz", "rb") as f:
+        f.read(16)
+        images = np.frombuffer(f.read(n * 28 * 28), np.uint8).reshape(n, 28, 28)
+    with gzip.open(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz", "rb") as f:
+        f.read(8)
+        labels = list(f.read(n))
+    return images, labels
+
+
+def png_bytes(img: Any) -> bytes:
+    """A uint8 [H, W] array as a PNG file."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def tool(name: str) -> str | None:
     return shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
+    """Poll `check` until it returns something truthy; AssertionError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # connection refused while starting, etc.
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def free_port() -> int:
@@ -129,7 +175,8 @@ def interpolate(value: str, env: dict[str, str] | None = None) -> str:
 
 # ----------------------------------------------------------------- Dockerfile
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs; line continuations joined, heredoc bodies skipped."""
+    """(INSTRUCTION, arguments) pairs; line continuations joined (the Dockerfile has no heredocs:
+    test_dockerfile_needs_no_recent_frontend)."""
     out: list[tuple[str, str]] = []
     lines = text.splitlines()
     i = 0
@@ -145,21 +192,22 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
                 continue
             line = line[:-1].rstrip() + " " + nxt
         instr, _, args = line.partition(" ")
-        heredoc = re.search(r"<<-?'?\"?([A-Z_]+)'?\"?", args)
-        if heredoc:
-            end = heredoc.group(1)
-            while i < len(lines) and lines[i].strip() != end:
-                i += 1
-            i += 1
         out.append((instr.upper(), args.strip()))
     return out
 
 
-def dockerfile_heredoc(text: str, marker: str = "EOF") -> str:
-    """The body of the first `RUN python - <<'EOF'` heredoc (the requirements script)."""
-    m = re.search(rf"RUN python - <<'{marker}'\n(.*?)\n{marker}\n", text, re.S)
-    assert m, "Dockerfile: requirements heredoc not found"
-    return m.group(1)
+def dockerfile_cuda_major() -> int:
+    """The CUDA major version of the gpu image's default base (ARG CUDA_IMAGE=nvidia/cuda:M.m...)."""
+    m = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.", DOCKERFILE.read_text(), re.M)
+    assert m, "Dockerfile: no ARG CUDA_IMAGE=nvidia/cuda:<major>.<minor>..."
+    return int(m.group(1))
+
+
+def cuda_majors(requires_dist: list[str]) -> set[int]:
+    """The CUDA major versions an onnxruntime-gpu wheel's metadata asks for (its `cuda` extra names
+    nvidia-cuda-runtime-cu12~=12.0, or nvidia-cuda-runtime~=13.0 from 1.29 on)."""
+    found = (re.match(r"nvidia-cuda-runtime(?:-cu\d+)?\s*~=\s*(\d+)", r) for r in requires_dist)
+    return {int(m.group(1)) for m in found if m}
 
 
 def dockerfile_stages(text: str) -> list[dict[str, Any]]:

@@ -23,7 +23,8 @@ from .deploy_helpers import (
     DOCKERFILE,
     PROMETHEUS_CONFIG,
     REPO,
-    dockerfile_heredoc,
+    cuda_majors,
+    dockerfile_cuda_major,
     dockerfile_stages,
     dockerignore_includes,
     interpolate,
@@ -138,13 +139,64 @@ def test_dockerignore_keeps_the_context_small() -> None:
         assert dockerignore_includes(needed), needed
 
 
+def test_dockerfile_needs_no_recent_frontend() -> None:
+    """Podman/buildah as Debian 12 ships them (buildah 1.28) and Docker without BuildKit read
+    neither heredocs, RUN --mount, COPY --link/--chmod/--parents, nor a `# syntax=` frontend."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), "a # syntax= line pulls a frontend image"
+    for stage in dockerfile_stages(text):
+        for instr, args in stage["instructions"]:
+            assert "<<" not in args, f"{stage['name']}: heredoc in {instr} {args[:60]}"
+            flags = (
+                {w.split("=")[0] for w in args.split() if w.startswith("--")}
+                if instr in {"RUN", "COPY", "ADD"}
+                else set()
+            )
+            assert not flags & {"--mount", "--network", "--security", "--link", "--chmod", "--parents", "--exclude"}, (
+                f"{stage['name']}: {instr} {sorted(flags)} needs BuildKit"
+            )
+
+
+def _requirements_stage_script() -> Path:
+    """The script the Dockerfile's `requirements` stage copies and runs."""
+    instrs = _stages()["requirements"]["instructions"]
+    (copy,) = [shlex.split(a) for i, a in instrs if i == "COPY"]
+    (run,) = [shlex.split(a) for i, a in instrs if i == "RUN"]
+    script = next(REPO / src for src in copy[:-1] if src.endswith(".py"))
+    assert run == ["python", script.name], run
+    return script
+
+
+def _run_requirements_script(tmp_path: Path, pyproject: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    script = _requirements_stage_script()
+    return subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
 def _requirements(tmp_path: Path) -> dict[str, list[str]]:
     """Run the Dockerfile's own requirements script on pyproject.toml."""
-    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    script = dockerfile_heredoc(DOCKERFILE.read_text())
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    r = _run_requirements_script(tmp_path, (REPO / "pyproject.toml").read_text())
     assert r.returncode == 0, r.stdout + r.stderr
     return {f: (tmp_path / f"requirements-{f}.txt").read_text().split() for f in SERVING_STAGES}
+
+
+@pytest.mark.parametrize(
+    ("extra", "added", "message"),
+    [
+        ("serve", '"torch>=2.2"', "training dependencies in a serving image: ['torch']"),
+        ("serve", '"onnx>=1.16"', "training dependencies in a serving image: ['onnx']"),
+        ("gpu", '"onnxruntime>=1.18"', "needs exactly one onnxruntime flavour, has ['onnxruntime', 'onnxruntime-gpu']"),
+    ],
+)
+def test_requirements_script_refuses_a_bad_pyproject(tmp_path: Path, extra: str, added: str, message: str) -> None:
+    """The build-time guard itself: a training dependency in the serve extra, or both onnxruntime
+    flavours in one list, stops the build with a one-line reason (no traceback), writing nothing."""
+    text = (REPO / "pyproject.toml").read_text()
+    bad, n = re.subn(rf"^{extra} = \[\n", f"{extra} = [\n    {added},\n", text, count=1, flags=re.M)
+    assert n == 1, f"pyproject.toml: no `{extra} = [` line"
+    r = _run_requirements_script(tmp_path, bad)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not list(tmp_path.glob("requirements-*.txt"))
 
 
 def _name(req: str) -> str:
@@ -223,6 +275,11 @@ def test_serving_dependencies_resolve_without_torch(tmp_path: Path) -> None:
         assert ("onnxruntime-gpu" if k == "gpu" else "onnxruntime") in names
     cpu_names = {_name(i["metadata"]["name"]) for i in json.loads((tmp_path / "cpu.json").read_text())["install"]}
     assert "onnxruntime-gpu" not in cpu_names
+    # onnxruntime-gpu >= 1.27 is built for CUDA 13: on the CUDA 12 base it would never use the GPU
+    gpu_ort = next(i["metadata"] for i in json.loads((tmp_path / "gpu.json").read_text())["install"]
+                   if _name(i["metadata"]["name"]) == "onnxruntime-gpu")  # fmt: skip
+    wants = cuda_majors(gpu_ort.get("requires_dist", []))
+    assert wants == {dockerfile_cuda_major()}, f"onnxruntime-gpu {gpu_ort['version']} wants CUDA {wants}"
 
 
 # ================================================================== compose

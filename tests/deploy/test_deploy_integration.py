@@ -24,57 +24,45 @@ cancels in the ratio of sums. Only float rounding remains (compared to 1e-9).
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import io
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .deploy_helpers import API_JOB, REPO, dashboard, dashboard_queries, derived_prometheus_config, free_port, tool
+from .deploy_helpers import (
+    API_JOB,
+    FASHION_MNIST_DIR,
+    REPO,
+    dashboard,
+    dashboard_queries,
+    derived_prometheus_config,
+    fashion_mnist_test,
+    free_port,
+    png_bytes,
+    tool,
+    wait_for,
+)
 
 httpx = pytest.importorskip("httpx")
 np = pytest.importorskip("numpy")
 
 PROMETHEUS = tool("prometheus")
 MODEL_NAME = "fashion-mnist-dsphere"
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+FASHION_MNIST = FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz"
 
 pytestmark = [
     pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (Debian: apt install prometheus)"),
     pytest.mark.skipif(not (REPO / "app" / "main.py").exists(), reason="app/main.py not written yet"),
     pytest.mark.timeout(180),
 ]
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            last = check()
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def _png(img: Any) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _bundled_store() -> Path | None:
@@ -89,15 +77,13 @@ def _bundled_store() -> Path | None:
 
 def _model_store_and_images(tmp: Path) -> tuple[Path, list[bytes]]:
     rng = np.random.default_rng(1234)
-    noise = [_png(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(8)]
+    noise = [png_bytes(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(8)]
     checker = (np.indices((28, 28)).sum(axis=0) % 2 * 255).astype(np.uint8)
-    odd = [_png(checker), _png(np.full((28, 28), 255, np.uint8))]  # more out-of-distribution inputs
+    odd = [png_bytes(checker), png_bytes(np.full((28, 28), 255, np.uint8))]  # more out-of-distribution inputs
     store = _bundled_store()
     if store is not None:
-        with gzip.open(FASHION_MNIST, "rb") as f:
-            f.read(16)
-            real = np.frombuffer(f.read(32 * 784), np.uint8).reshape(32, 28, 28)
-        return store, [_png(x) for x in real] + noise + odd
+        real, _ = fashion_mnist_test(32)
+        return store, [png_bytes(x) for x in real] + noise + odd
     sys.path.insert(0, str(REPO / "tests" / "app"))
     try:
         fake_store = pytest.importorskip("fake_store", reason="no bundled model and no tests/app/fake_store.py")
@@ -105,7 +91,7 @@ def _model_store_and_images(tmp: Path) -> tuple[Path, list[bytes]]:
         sys.path.remove(str(REPO / "tests" / "app"))
     store = tmp / "store"
     fake_store.write_version(store, "1")
-    return store, [_png(fake_store.prototype(k)) for k in range(fake_store.K)] + noise
+    return store, [png_bytes(fake_store.prototype(k)) for k in range(fake_store.K)] + noise
 
 
 @dataclass
@@ -188,7 +174,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             return client.get(f"{api}/readyz", timeout=2).status_code == 200
 
         try:
-            _wait("the service to be ready", ready, timeout=60)
+            wait_for("the service to be ready", ready, timeout=60)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{_log_tail(api_log)}") from None
 
@@ -210,7 +196,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             assert prom_proc is not None and prom_proc.poll() is None, "prometheus exited:\n" + _log_tail(prom_log)
             return s.scalar("sum(dsphere_classifications_total)") == n_warm
 
-        _wait("Prometheus to scrape the warm-up state", scraped_warmup, timeout=45)
+        wait_for("Prometheus to scrape the warm-up state", scraped_warmup, timeout=45)
         info = s.query("dsphere_model_info == 1")
         s.model, s.version = info[0]["metric"]["model"], info[0]["metric"]["version"]
 
@@ -218,7 +204,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.measured = _classify(client, api, images)
         assert s.measured == warm, "the service is not deterministic on identical inputs"
         total = n_warm + sum(s.measured.values())
-        _wait("Prometheus to scrape the measured traffic",
+        wait_for("Prometheus to scrape the measured traffic",
               lambda: s.scalar("sum(dsphere_classifications_total)") == total, timeout=30)  # fmt: skip
         yield s
     except BaseException:
@@ -255,7 +241,7 @@ def test_rejection_ratio_rule_equals_client_ratio(stack: Stack, rule: str) -> No
         return v if v is not None and math.isclose(v, expected, rel_tol=1e-9, abs_tol=1e-12) else None
 
     try:
-        _wait(f"{rule} == {expected}", close, timeout=15)
+        wait_for(f"{rule} == {expected}", close, timeout=15)
     except AssertionError:
         pytest.fail(f"{rule} = {stack.scalar(sel)}, client-side ratio = {expected} ({dict(stack.measured)})")
 
@@ -273,7 +259,7 @@ def test_rejection_ratio_by_class_equals_client_ratio(stack: Stack) -> None:
         return all(c in g and math.isclose(g[c], e, rel_tol=1e-9, abs_tol=1e-12) for c, e in expected.items())
 
     try:
-        _wait("per-class rejection ratios", close, timeout=15)
+        wait_for("per-class rejection ratios", close, timeout=15)
     except AssertionError:
         pytest.fail(f"recorded {got()} != client-side {expected}")
 
