@@ -1,4 +1,4 @@
-"""Angle statistics of robust geodesic inference on the torch side (PAPER.md §4).
+"""Angle statistics of robust geodesic inference on the torch side (docs/METHOD.md §4).
 
 After training, for every class j: the mean θ*_j and standard deviation θσ_j (degrees) of
 the angles between the features of all class-j training samples and W_j. The verdict rule

@@ -176,7 +176,7 @@ def main() -> None:
 
 
 def _register_optional_commands() -> None:
-    """evaluate/reproduce live in their own modules (training/evaluate, training/reproduce)."""
+    """evaluate/figure2 and reproduce live in their own modules (training/evaluation/cli.py, training/reproduce.py)."""
     import importlib
 
     for mod in ("training.evaluation.cli", "training.reproduce"):

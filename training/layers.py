@@ -1,5 +1,5 @@
 """SphereConv2d and SphereLinear: layers whose output is a bounded function of the
-angle between kernel and input (PAPER.md §1, "SphereCorr").
+angle between kernel and input (docs/METHOD.md §1, "SphereCorr").
 
 For a kernel w and the input patch x under it, cos θ = <w, x> / (||w|| ||x||), and the
 layer outputs g(θ) for one of the corr functions below instead of <w, x>. No bias.
@@ -47,7 +47,7 @@ def sphere_corr(
     sigmoid_k: float = 0.3,
     quadratic_a: float = 1.0,
 ) -> Tensor:
-    """g(θ) of PAPER.md §1 from cos θ. `input_norm` (broadcastable to cos) is needed by
+    """g(θ) of docs/METHOD.md §1 from cos θ. `input_norm` (broadcastable to cos) is needed by
     "truncated" only."""
     if corr == "cosine":
         return cos
@@ -176,7 +176,7 @@ def sphere_layers(module: nn.Module) -> list[nn.Module]:
 
 def orthogonality_penalty(module: nn.Module) -> Tensor:
     """Σ_layers ||Ŵᵀ Ŵ - I||_F² over sphere layers, the columns of Ŵ being the layer's
-    flattened, normalized kernels (PAPER.md §1). Zero for orthonormal kernels."""
+    flattened, normalized kernels (docs/METHOD.md §1). Zero for orthonormal kernels."""
     total: Tensor | None = None
     for layer in sphere_layers(module):
         w = layer.weight.flatten(1)  # type: ignore[operator]  # (out, fan_in)

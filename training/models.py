@@ -1,4 +1,4 @@
-"""Baseline CNN and D-SphereNet (PAPER.md §2, Table 4) with the heads of §3.
+"""Baseline CNN and D-SphereNet (docs/METHOD.md §2, Table 4) with the heads of §3.
 
 Every model returns `(logits, cosines)`: the logits the head trains on, and the cosine
 between the feature x (the FC layer's output, the classifier's input) and every class

@@ -1,4 +1,4 @@
-"""Learning objectives (PAPER.md §3): cross-entropy on the head's logits, the weight
+"""Learning objectives (docs/METHOD.md §3): cross-entropy on the head's logits, the weight
 multiplier penalty η|α| (eq. 6), loss annealing between the sphere-normalized softmax
 and W-Softmax (eq. 8), and the orthogonality regularizer on sphere layers.
 

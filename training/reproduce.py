@@ -1,4 +1,4 @@
-"""`python -m training reproduce`: the paper's Table 1 grid (PAPER.md §6) trained and
+"""`python -m training reproduce`: the paper's Table 1 grid (MNIST figures quoted in this module) trained and
 evaluated here, beside the paper's MNIST numbers.
 
 Grid: 6 models x 3 trainings (natural, FGSM with random start, PGD). Each cell lives in
@@ -59,7 +59,7 @@ MODELS: dict[str, tuple[str, dict[str, str]]] = {
 TRAININGS = ("natural", "fgsm", "pgd")
 PROTOCOLS = ("quick", "paper")
 
-# PAPER.md §6, Table 1 (MNIST, accuracy %): model -> training -> (clean, FGSM eps=0.3, PGD-100)
+# The paper's Table 1 (MNIST, accuracy %): model -> training -> (clean, FGSM eps=0.3, PGD-100)
 PAPER_TABLE1: dict[str, dict[str, tuple[float, float, float]]] = {
     "baseline": {"natural": (99.36, 29.42, 0.51), "fgsm": (99.43, 98.76, 1.45), "pgd": (99.29, 98.04, 94.18)},
     "dsphere": {"natural": (99.50, 84.70, 2.31), "fgsm": (99.51, 98.81, 10.16), "pgd": (99.40, 98.36, 95.96)},
@@ -233,7 +233,7 @@ def render_reproduction_markdown(rows: list[dict[str, Any]], dataset: str, proto
          f"eps = {eps:g} (L-inf); evaluation on {protocol.n_eval or 'all'} test images: FGSM and "
          f"PGD-{protocol.eval_pgd_steps}; accuracy ignores rejection; 'defended' = rejected OR correct at rho "
          f"calibrated on validation to {protocol.target_reject_rate:.0%} clean false rejects. "
-         "Paper columns: MNIST, eps 0.3, PGD-100 (PAPER.md §6, Table 1)"
+         "Paper columns: MNIST, eps 0.3, PGD-100 (the paper's Table 1)"
          + ("" if dataset == "mnist" else " -- a reference only, not the same dataset/eps as this run") + ".\n",
          f"Training ({protocol.name} protocol): {_schedule(protocol)}, batch {protocol.batch_size}, Adam 1e-3 "
          f"/10 at {', '.join(f'{m:.0%}' for m in protocol.lr_milestones)} of the run; FGSM and PGD training "

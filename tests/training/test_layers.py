@@ -16,7 +16,7 @@ from training.models import ModelConfig, build_model
 
 
 def reference_corr(cos: torch.Tensor, norm: torch.Tensor, corr: str, k: float = 0.3, a: float = 1.0) -> torch.Tensor:
-    """PAPER.md §1 written out literally, per patch."""
+    """docs/METHOD.md §1 written out literally, per patch."""
     theta = torch.acos(cos.clamp(-1, 1))
     if corr == "cosine":
         return cos
