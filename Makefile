@@ -5,7 +5,7 @@ PYTHON ?= python3
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test serve images train evaluate reproduce bench soak lint clean
+.PHONY: install test serve images train evaluate publish reproduce bench soak lint clean
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
+MODEL ?= fashion-mnist-dsphere
+
 serve: install
-	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --timeout-graceful-shutdown 20
+	# The latest version of MODEL in model_store/ (make serve MODEL=fashion-mnist-baseline for the baseline).
+	DSPHERE_MODEL_NAME=$(MODEL) $(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) \
+		--timeout-graceful-shutdown 20
 
 images:
 	# Serving images with podman, no registry needed: a debootstrap Debian 12 base (made once, as root),
@@ -36,20 +40,46 @@ lint: install
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-train: install
-	# The bundled default model (about 70 min on 2 cores): natural warm start, then FGSM-RS (eps 0.1).
-	$(PY) -m training train --out runs/dsphere-fgsm --mode fgsm --adv-weight 0.5 --natural-epochs 2 \
-		--eps-warmup-epochs 0.5 --epochs 6 --lr-milestones 0.7,0.9 --checkpoint-every 200
-	$(PY) -m training export runs/dsphere-fgsm/final --name fashion-mnist-dsphere --n-attack 1000 --pgd-steps 20
+# The 2.0.0 campaign (docs/results/model-comparison-2.0.0.md): one recipe for the D-SphereNet
+# (input-truncated + WM) and the baseline CNN: 2 natural epochs, then 10 N-FGSM epochs at eps 0.1
+# (eps ramp over 2, lr 1e-3 /10 at 50 % and 75 %), the overfitting guard keeping best/. About
+# 1 h per model on 2 cores; every step resumes (--resume) or is skipped when done. The chosen
+# checkpoints are committed under checkpoints/, so export and evaluation never need runs/.
+RECIPE := --mode nfgsm --eps 0.1 --eps-warmup-epochs 2 --epochs 10 --lr-milestones 0.5,0.75 \
+	--checkpoint-every 250 --guard-every 500 --resume
+WARM := --mode natural --epochs 2 --checkpoint-every 200 --resume
+DSPHERE := --arch dsphere --corr truncated --head wm
+BASELINE := --arch baseline --head softmax
 
+train: install
+	$(PY) -m training train --out runs/v2/warm-dsphere-wm-truncated $(DSPHERE) $(WARM)
+	$(PY) -m training train --out runs/v2/dsphere-wm-truncated-nfgsm $(DSPHERE) \
+		--init-from runs/v2/warm-dsphere-wm-truncated/final $(RECIPE)
+	$(PY) -m training train --out runs/v2/warm-baseline $(BASELINE) $(WARM)
+	$(PY) -m training train --out runs/v2/baseline-nfgsm $(BASELINE) --init-from runs/v2/warm-baseline/final $(RECIPE)
+	$(PY) -m training train --out runs/v2/warm-dsphere-wm-cosine --arch dsphere --corr cosine --head wm $(WARM)
+	for run in dsphere-wm-truncated-nfgsm baseline-nfgsm warm-baseline warm-dsphere-wm-cosine; do \
+		$(PY) -m training keep runs/v2/$$run checkpoints/$$run; done
+
+# Full evaluation (n = 1000; each about 30-40 min on 2 cores, resumable from its cache): each
+# model is exported to a staging store, attacked (transfer both ways between the two models, and
+# from two natural substitutes), then published to model_store/ with the report's figures.
 evaluate: install
-	# Full report of the bundled model (white-box gradients from its own model.onnx weights); the
-	# transfer substitutes are two cells of `make reproduce` (seed 1, independent of the model's seed 0).
-	$(PY) -m training evaluate --store model_store --name fashion-mnist-dsphere --version 1.0.0 \
-		--substitute runs/reproduce/cells/baseline-fgsm/run/final \
-		--substitute runs/reproduce/cells/dsphere-wm-fgsm/run/final \
-		--out docs/results/fashion-mnist-dsphere-1.0.0 --n-examples 1000
+	$(MAKE) publish NAME=fashion-mnist-dsphere VERSION=2.0.0 CKPT=checkpoints/dsphere-wm-truncated-nfgsm \
+		SUBS="checkpoints/baseline-nfgsm checkpoints/warm-baseline checkpoints/warm-dsphere-wm-cosine"
+	$(MAKE) publish NAME=fashion-mnist-baseline VERSION=1.0.0 CKPT=checkpoints/baseline-nfgsm \
+		SUBS="checkpoints/dsphere-wm-truncated-nfgsm checkpoints/warm-baseline checkpoints/warm-dsphere-wm-cosine"
+	$(PY) -m training compare docs/results/fashion-mnist-dsphere-2.0.0/report.json \
+		docs/results/fashion-mnist-baseline-1.0.0/report.json --out docs/results/model-comparison-2.0.0.md
 	$(PY) -m training figure2 --out docs/results/figure2 --runs-dir runs/figure2
+
+publish: install
+	test -d runs/v2/staging/$(NAME)/$(VERSION) || $(PY) -m training export $(CKPT) --store runs/v2/staging \
+		--name $(NAME) --version $(VERSION) --n-attack 200
+	$(PY) -m training evaluate runs/v2/staging/$(NAME)/$(VERSION) --n-examples 1000 --threads 2 \
+		$(foreach s,$(SUBS),--substitute $(s)) --out docs/results/$(NAME)-$(VERSION)
+	test -d model_store/$(NAME)/$(VERSION) || $(PY) -m training export $(CKPT) --name $(NAME) --version $(VERSION) \
+		--evaluation docs/results/$(NAME)-$(VERSION)/report.json
 
 reproduce: install
 	# Table 1 grid, quick protocol (about 1.5 h on 2 cores; cached per cell, resumable).
@@ -58,6 +88,7 @@ reproduce: install
 	cp runs/reproduce/reproduction.json runs/reproduce/reproduction.md docs/results/reproduce-fashion-mnist-quick/
 
 bench: install
+	$(PY) bench/bench_models.py
 	$(PY) bench/bench_sphere_conv.py
 	$(PY) bench/bench_service.py
 

@@ -169,3 +169,20 @@ def load_optimizer_state(path: str | os.PathLike[str], optimizer: torch.optim.Op
         state.setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return True
+
+
+def keep_checkpoint(run: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Copy a run's chosen checkpoint (best/, else final/) to `dest`: weights and metadata
+    only (no optimizer or random state: a kept checkpoint is for export and evaluation,
+    small enough to commit), plus the run's summary.json beside them."""
+    import shutil
+
+    src = checkpoint_dir(run)
+    model, ckpt = load_checkpoint(src)  # refuses what is not a checkpoint
+    if ckpt.learned is not True or ckpt.angle_stats is None:
+        raise CheckpointError(f"{src} is not a finished, exportable checkpoint (learned={ckpt.learned})")
+    out = save_checkpoint(dest, model, ckpt)
+    summary = Path(run) / "summary.json"
+    if summary.is_file():
+        shutil.copyfile(summary, out / "summary.json")
+    return out

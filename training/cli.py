@@ -142,6 +142,18 @@ def export(
     typer.echo(f"exported {path}")
 
 
+@app.command()
+def keep(
+    run: Annotated[Path, typer.Argument(help="run directory (takes best/, else final/) or checkpoint directory")],
+    dest: Annotated[Path, typer.Argument(help="where the kept checkpoint goes (e.g. checkpoints/<run>)")],
+) -> None:
+    """Copy a run's chosen checkpoint (weights, metadata, the run's summary.json) to a folder
+    small enough to commit, so that export and evaluation never need the run again."""
+    from training.checkpoint import keep_checkpoint
+
+    typer.echo(f"kept {keep_checkpoint(run, dest)}")
+
+
 def main() -> None:
     from training.checkpoint import CheckpointError
     from training.data import DataError

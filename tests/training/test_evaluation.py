@@ -189,6 +189,20 @@ def test_export_refuses_an_evaluation_of_another_model(full, tiny) -> None:  # t
                        evaluation=report)
 
 
+def test_comparison_puts_reports_side_by_side(full, tiny) -> None:  # type: ignore[no-untyped-def]
+    out = tiny["root"] / "cmp.md"
+    report = tiny["root"] / "report" / "report.json"
+    r = _cli("compare", str(report), str(report), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    wc = next(line for line in rows if "worst case per example: defended" in line)
+    assert wc.count(f"{100 * full.report.worst_case.defended_rate:.1f} %") == 2
+    assert any("Mahalanobis distance: AUROC" in line for line in rows)
+    assert any(line.startswith("| ε sweep 0.5:") for line in rows)
+    bad = _cli("compare", str(tiny["root"] / "nope.json"), "--out", str(out))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot read" in bad.stderr
+
+
 def test_outputs_written_and_schema_round_trips(full, tiny) -> None:  # type: ignore[no-untyped-def]
     out = tiny["root"] / "report"
     for f in ("report.json", "report.md", "angle_hist.png", "roc.png", "eps_sweep.png"):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from tests.training.conftest import TINY
 from training.adversarial import adversarial_input, training_loss
 from training.attacks import NFGSM, TradesPGD, kl_clean_adv
-from training.checkpoint import checkpoint_dir, load_checkpoint
+from training.checkpoint import checkpoint_dir, keep_checkpoint, load_checkpoint
 from training.guard import CatastrophicOverfitting, GuardConfig, GuardPoint, OverfittingGuard
 from training.models import ModelConfig, build_model
 from training.objectives import ObjectiveConfig
@@ -206,3 +206,13 @@ def test_collapse_stops_the_run_and_keeps_best(tmp_path: Path) -> None:
     assert summary["stopped"] == str(e.value)
     assert not (tmp_path / "final").exists() and (tmp_path / "best").is_dir()
     assert load_checkpoint(tmp_path)[1].learned is not None
+
+
+def test_keep_copies_the_chosen_checkpoint_small(uninterrupted: Path, tmp_path: Path) -> None:
+    kept = keep_checkpoint(uninterrupted, tmp_path / "kept")
+    assert sorted(p.name for p in kept.iterdir()) == ["checkpoint.json", "model.safetensors", "summary.json"]
+    a, ca = load_checkpoint(kept)
+    b, cb = load_checkpoint(uninterrupted / "best")
+    assert ca.iteration == cb.iteration and ca.angle_stats == cb.angle_stats
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=0)

@@ -40,15 +40,15 @@ def evaluate(
     pgd_restarts: Annotated[int, typer.Option()] = 2,
     n_pgd: Annotated[int, typer.Option(help="examples for PGD (0 = --n-examples)")] = 0,
     apgd_iter: Annotated[int, typer.Option()] = 100,
-    n_apgd: Annotated[int, typer.Option(help="examples for each APGD")] = 500,
+    n_apgd: Annotated[int, typer.Option(help="examples for each APGD (0 = --n-examples)")] = 0,
     square_queries: Annotated[int, typer.Option()] = 1000,
-    n_square: Annotated[int, typer.Option(help="examples for Square")] = 200,
+    n_square: Annotated[int, typer.Option(help="examples for Square (0 = --n-examples)")] = 0,
     transfer_steps: Annotated[int, typer.Option(help="PGD steps on each substitute")] = 100,
-    n_transfer: Annotated[int, typer.Option(help="examples per transfer attack")] = 500,
+    n_transfer: Annotated[int, typer.Option(help="examples per transfer attack (0 = --n-examples)")] = 0,
     adaptive_k: Annotated[int, typer.Option(help="target classes tried by the adaptive attack")] = 3,
     adaptive_steps: Annotated[int, typer.Option()] = 100,
     adaptive_restarts: Annotated[int, typer.Option()] = 1,
-    n_adaptive: Annotated[int, typer.Option(help="examples for the adaptive attack")] = 500,
+    n_adaptive: Annotated[int, typer.Option(help="examples for the adaptive attack (0 = --n-examples)")] = 0,
     sanity: Annotated[bool, typer.Option(help="PGD budget check and eps sweep")] = True,
     n_budget_check: Annotated[int, typer.Option(help="examples for the doubled-PGD check")] = 100,
     sweep_eps: Annotated[str, typer.Option(help="eps values of the sweep")] = "0,0.05,0.1,0.2,0.3,0.5",
@@ -121,3 +121,14 @@ def figure2(
                         runs_dir=str(runs_dir) if runs_dir else None)
     path = make_figure2(cfg, out, progress=typer.echo)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def compare(
+    reports: Annotated[list[Path], typer.Argument(help="report.json files of `evaluate`, one column each")],
+    out: Annotated[Path, typer.Option(help="markdown file to write")] = Path("docs/results/model-comparison.md"),
+) -> None:
+    """Put evaluation reports side by side, row by row (attacks, worst case, rejection scores, eps sweep)."""
+    from training.evaluation.compare import write_comparison
+
+    typer.echo(f"wrote {write_comparison(reports, out)}")

@@ -16,7 +16,8 @@ class EvaluationError(ValueError):
 @dataclass(frozen=True)
 class EvalConfig:
     """Budgets. n_* are caps on the number of test examples an attack runs on (the first
-    n of the evaluation subset, so every attack sees the same images)."""
+    n of the evaluation subset, so every attack sees the same images); 0 = all n_examples,
+    the default, so that the worst case per example covers the whole subset."""
 
     eps: float | None = None  # default: the dataset's (training.data.DEFAULT_EPS)
     n_examples: int = 1000
@@ -35,23 +36,23 @@ class EvalConfig:
     # APGD (ART)
     apgd_iter: int = 100
     apgd_restarts: int = 1
-    n_apgd: int = 500
+    n_apgd: int = 0
     # Square (ART, queries the ONNX model)
     square_queries: int = 1000
     square_restarts: int = 1
-    n_square: int = 200
+    n_square: int = 0
     # transfer from substitutes (PGD on the substitute)
     substitutes: tuple[str, ...] = ()
     transfer_steps: int = 100
     transfer_restarts: int = 1
-    n_transfer: int = 500
+    n_transfer: int = 0
     # adaptive attack on the pipeline
     adaptive_k: int = 3
     adaptive_steps: int = 100
     adaptive_restarts: int = 1
     adaptive_c: float = 10.0
     adaptive_margin: float = 0.5
-    n_adaptive: int = 500
+    n_adaptive: int = 0
     # sanity checks
     sanity: bool = True
     n_budget_check: int = 100
