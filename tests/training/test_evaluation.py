@@ -107,6 +107,10 @@ def test_sanity_checks_and_detectors_present(full) -> None:  # type: ignore[no-u
     assert s.eps_sweep.points[0].robust_accuracy >= s.eps_sweep.points[-1].robust_accuracy
     assert s.eps_sweep.points[-1].robust_accuracy <= 0.1  # eps 0.5 breaks any honest model
     assert {d.attack for d in full.report.detectors} == {"pgd-10", "adaptive"}
+    noise = s.noise
+    assert noise is not None and noise.n_uniform == 1000 and noise.n_constant == 11
+    assert 0 <= noise.uniform_reject_rate <= 1 and noise.ok == (min(noise.uniform_reject_rate,
+                                                                    noise.constant_reject_rate) >= 0.99)
     for d in full.report.detectors:
         assert 0 <= d.auc <= 1
 

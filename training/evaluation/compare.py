@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from training.evaluation.schema import AttackResult, Report
 
@@ -61,6 +62,8 @@ def _rows(reports: list[Report]) -> list[tuple[str, Cell]]:
     for eps in sweep:
         rows.append((f"ε sweep {eps:g}: robust accuracy / defended", _sweep_cell(eps)))
     rows += [
+        ("uniform-noise images rejected", lambda r: _pct(r.sanity.noise.uniform_reject_rate) if r.sanity.noise
+         else "not run"),
         ("check: PGD budget (doubled steps and restarts)", lambda r: _ok(r.sanity.pgd_budget)),
         ("check: accuracy falls with ε", lambda r: _ok(r.sanity.eps_sweep)),
         ("check: Square not stronger than white-box", lambda r: _ok(r.sanity.gradient_free)),
@@ -86,7 +89,7 @@ def _sweep_cell(eps: float) -> Cell:
     return cell
 
 
-def _ok(check: object) -> str:
+def _ok(check: Any) -> str:
     if check is None:
         return "not run"
     return "ok" if check.ok else "**failed**"

@@ -42,7 +42,7 @@ from training.evaluation.attacks import AdaptiveAttack, ArtAPGD, ArtSquare, Tran
 from training.evaluation.config import ALL_ATTACKS, EvalConfig, EvaluationError
 from training.evaluation.detectors import Mahalanobis, Scores, detector, features_of
 from training.evaluation.loading import OnnxLogits, WhiteBox, load_manifest, version_path, white_box_model
-from training.evaluation.sanity import eps_sweep, gradient_free_check, pgd_budget_check
+from training.evaluation.sanity import eps_sweep, gradient_free_check, noise_check, pgd_budget_check
 from training.evaluation.schema import AttackResult, Detector, ModelRef, Report, Sanity
 from training.evaluation.scoring import Judged, judge, rate_fields, worst_case
 from training.export import OnnxModel
@@ -192,7 +192,7 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
 
     done = [clean, *runner.judged.values()]
     sanity, sweep = _sanity(runner, wb.model)
-    warnings += [c.verdict for c in (sanity.pgd_budget, sanity.eps_sweep, sanity.gradient_free)
+    warnings += [c.verdict for c in (sanity.noise, sanity.pgd_budget, sanity.eps_sweep, sanity.gradient_free)
                  if c is not None and not c.ok]
     detectors = _detectors(runner, clean, wb.model) if cfg.detectors else []
     report = _report(target, cfg, command, checkpoint, wb, clean, runner.results, done, detectors, sanity, warnings)
@@ -296,6 +296,8 @@ def _transfer(runner: AttackRunner, wb: WhiteBox, sub_path: str, warnings: list[
 def _sanity(runner: AttackRunner, model: ConvNet | None) -> tuple[Sanity, list[tuple[float, Judged]]]:
     cfg, t = runner.cfg, runner.t
     sanity, sweep = Sanity(), list[tuple[float, Judged]]()
+    sanity.noise = noise_check(t.onnx_model, tuple(t.manifest.input.shape), t.mean, t.std, t.rho, seed=cfg.seed)
+    runner.say(f"noise check: {sanity.noise.verdict}")
     if cfg.sanity and model is not None:
         sanity.pgd_budget = pgd_budget_check(model, t.onnx_model, t.x, t.y, t.eps, t.mean, t.std, t.rho, cfg,
                                              runner.judged.get(f"pgd-{cfg.pgd_steps}"), runner.say)

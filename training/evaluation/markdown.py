@@ -87,6 +87,7 @@ def render_report_markdown(r: Report) -> str:
             L.append("")
     s = r.sanity
     L.append("## Sanity checks\n")
+    L.append(f"- noise and constant images: {s.noise.verdict}" if s.noise else "- noise images: not run")
     if s.pgd_budget:
         b = s.pgd_budget
         L.append(f"- PGD budget (n = {b.n_examples}): {b.verdict}. Defended {_pct(b.base_defended_rate)} -> "

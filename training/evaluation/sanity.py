@@ -1,5 +1,7 @@
 """Sanity checks that tell gradient masking from robustness (Athalye et al. 2018; Carlini et
-al. 2019, "On Evaluating Adversarial Robustness"):
+al. 2019, "On Evaluating Adversarial Robustness"), and one of the verdict itself:
+
+- noise: uniform-noise and constant images must be rejected (>= 99 %);
 
 - PGD budget: doubling PGD's steps and restarts must not lower robust accuracy much;
 - accuracy vs ε: PGD accuracy must fall towards 0 as ε grows, monotonically;
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 from training.attacks import PGD, attack_dataset
 from training.evaluation.attacks import check_ball
 from training.evaluation.config import EvalConfig
-from training.evaluation.schema import EpsPoint, EpsSweep, GradientFreeCheck, PgdBudgetCheck
+from training.evaluation.schema import EpsPoint, EpsSweep, GradientFreeCheck, NoiseCheck, PgdBudgetCheck
 from training.evaluation.scoring import Judged, judge, rate_fields
 from training.export import OnnxModel
 from training.models import ConvNet
@@ -117,3 +119,19 @@ def gradient_free_check(judged: dict[str, Judged]) -> GradientFreeCheck:
                f"white-box attack {best_name} ({best:.3f}); the white-box numbers overstate robustness")
     return GradientFreeCheck(n_examples=m, square_robust_accuracy=sq_acc, best_white_box_robust_accuracy=best,
                              best_white_box=best_name, ok=ok, verdict=verdict)
+
+
+def noise_check(onnx_model: OnnxModel, shape: tuple[int, ...], mean: list[float], std: list[float], rho: float,
+                n: int = 1000, seed: int = 0, target: float = 0.99) -> NoiseCheck:
+    """Reject rates of n uniform-noise images and of 11 constant images (0, 0.1, ..., 1)."""
+    g = torch.Generator().manual_seed(seed)
+    uniform = torch.rand((n, *shape), generator=g)
+    constant = torch.linspace(0, 1, 11).view(-1, *([1] * len(shape))).expand(11, *shape).contiguous()
+    ju = judge(onnx_model, uniform, torch.zeros(n, dtype=torch.long), mean, std, rho, "uniform noise")
+    jc = judge(onnx_model, constant, torch.zeros(11, dtype=torch.long), mean, std, rho, "constant")
+    u, c = float((~ju.accepted).mean()), float((~jc.accepted).mean())
+    ok = u >= target and c >= target
+    verdict = (f"{'ok' if ok else 'FAILED'}: rejected {100 * u:.1f} % of {n} uniform-noise images and "
+               f"{100 * c:.1f} % of 11 constant images (target {100 * target:g} %)")
+    return NoiseCheck(n_uniform=n, uniform_reject_rate=u, n_constant=11, constant_reject_rate=c, target=target,
+                      ok=ok, verdict=verdict)

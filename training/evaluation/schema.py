@@ -100,7 +100,21 @@ class GradientFreeCheck(_Model):
     verdict: str
 
 
+class NoiseCheck(_Model):
+    """Inputs that are no garment at all must be rejected: uniform noise in [0, 1] and
+    constant images (black, white, gray levels)."""
+
+    n_uniform: int
+    uniform_reject_rate: float
+    n_constant: int
+    constant_reject_rate: float
+    target: float = 0.99
+    ok: bool
+    verdict: str
+
+
 class Sanity(_Model):
+    noise: NoiseCheck | None = None
     pgd_budget: PgdBudgetCheck | None = None
     eps_sweep: EpsSweep | None = None
     gradient_free: GradientFreeCheck | None = None
