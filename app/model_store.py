@@ -83,10 +83,6 @@ def find_version(store: Path, name: str, version: str = "latest") -> str:
     return version
 
 
-# The old name, still imported by tests/deploy; remove once it imports find_version.
-resolve_version = find_version
-
-
 def read_manifest(path: Path) -> Manifest:
     """Parse and validate one manifest.json; ModelInvalidError naming the file otherwise."""
     try:

@@ -47,8 +47,8 @@ from app.manifest import (
 )
 from app.verdict import Verdicts, angle_ratio, calibrate_rho, geodesic_verdict
 from training.attacks import PGD, attack_dataset
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.data import DEFAULT_EPS, load_dataset, sha256_file, train_val_split
+from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from training.data import DEFAULT_EPS, Dataset, load_dataset, sha256_file, train_val_split
 from training.evaluation.schema import Report
 from training.models import ConvNet
 
@@ -149,26 +149,16 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
     target = Path(store) / name / version
     if target.exists():
         raise FileExistsError(f"{target} already exists; model-store versions are never overwritten")
-    model, ckpt = load_checkpoint(checkpoint)
-    if ckpt.learned is not True:
-        why = "did not learn" if ckpt.learned is False else "is not a finished run (no final angle statistics)"
-        raise CheckpointError(f"refusing to export {checkpoint}: the run {why}")
-    if ckpt.angle_stats is None:
-        raise CheckpointError(f"refusing to export {checkpoint}: no angle statistics")
-    model.eval()
+    model, ckpt = exportable(checkpoint)
     tc = ckpt.training_config
     dataset = ckpt.dataset or tc.get("dataset", "fashion-mnist")
     eps = eps if eps is not None else DEFAULT_EPS[dataset]
     report = read_report(evaluation, eps) if evaluation is not None else None
     torch.manual_seed(seed)
 
-    # the same split as training: validation held out, seed 0
-    full_train = load_dataset(dataset, "train", data_dir or tc.get("data_dir"))
-    _, val = train_val_split(full_train, min(int(tc.get("n_val", 5000)), len(full_train) // 10), seed=0)
-    test = load_dataset(dataset, "test", data_dir or tc.get("data_dir"))
-    if n_test:
-        test = test.subset(slice(0, n_test))
+    val, test = validation_and_test(dataset, data_dir or tc.get("data_dir"), int(tc.get("n_val", 5000)), n_test)
     stats = ckpt.angle_stats
+    assert stats is not None  # exportable() refuses a checkpoint without
     mean, std = stats.mean_deg, stats.std_deg
 
     Path(store, name).mkdir(parents=True, exist_ok=True)
@@ -185,12 +175,8 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
                               f"{report.model.sha256[:12]}..., this export's is {sha[:12]}...: evaluate an export "
                               "of this same checkpoint (e.g. into a staging store) and pass that report")
 
-        v_logits, v_cos = onnx_model(val.images)
-        rho = calibrate_rho(angle_ratio(v_logits, v_cos, mean, std), target_reject_rate)
-        val_reject = float((~geodesic_verdict(v_logits, v_cos, mean, std, rho).accepted).mean())
-        val_reject1 = float((~geodesic_verdict(v_logits, v_cos, mean, std, 1.0).accepted).mean())
-        log.info("calibrated rho %.4f on %d validation images (reject %.4f; rho=1 rejects %.4f)",
-                 rho, len(val), val_reject, val_reject1)
+        calibration = calibrate(onnx_model, val.images, mean, std, target_reject_rate)
+        rho = calibration.rho
         if report is not None and not math.isclose(report.rho, rho, rel_tol=1e-9):
             raise ExportError(f"--evaluation {evaluation} judged verdicts at rho {report.rho}, this export "
                               f"calibrates {rho}: export with the options the evaluated version was exported with")
@@ -207,8 +193,7 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
             name=name, version=version, created_at=datetime.now(UTC), sha256=sha,
             class_names=list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)],
             input=InputSpec(shape=cfg.input_shape), angle_mean_deg=list(mean), angle_std_deg=list(std), rho=rho,
-            calibration=Calibration(target_false_reject_rate=target_reject_rate, n_validation=len(val),
-                                    validation_reject_rate=val_reject, paper_rho1_validation_reject_rate=val_reject1),
+            calibration=calibration.record,
             metrics=ManifestMetrics(
                 n_test=len(test), clean_accuracy=clean.accuracy, clean_reject_rate=clean.reject_rate,
                 accepted_accuracy=clean.accepted_accuracy, pgd_robust_accuracy=pgd.robust_accuracy,
@@ -234,6 +219,44 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
     log.info("exported %s: clean accuracy %.4f, reject %.4f at rho %.3f; PGD robust %.4f, defended %.4f",
              target, clean.accuracy, clean.reject_rate, rho, pgd.robust_accuracy, pgd.defended_rate)
     return target
+
+
+def exportable(checkpoint: str | os.PathLike[str]) -> tuple[ConvNet, Checkpoint]:
+    """The checkpoint's model in eval mode, if its run learned and it has angle statistics."""
+    model, ckpt = load_checkpoint(checkpoint)
+    if ckpt.learned is not True:
+        why = "did not learn" if ckpt.learned is False else "is not a finished run (no final angle statistics)"
+        raise CheckpointError(f"refusing to export {checkpoint}: the run {why}")
+    if ckpt.angle_stats is None:
+        raise CheckpointError(f"refusing to export {checkpoint}: no angle statistics")
+    return model.eval(), ckpt
+
+
+def validation_and_test(dataset: str, data_dir: str | None, n_val: int, n_test: int) -> tuple[Dataset, Dataset]:
+    """The validation split held out by training (same size, seed 0) and the test set (first n_test)."""
+    full_train = load_dataset(dataset, "train", data_dir)
+    _, val = train_val_split(full_train, min(n_val, len(full_train) // 10), seed=0)
+    test = load_dataset(dataset, "test", data_dir)
+    return val, test.subset(slice(0, n_test)) if n_test else test
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    rho: float
+    record: Calibration
+
+
+def calibrate(onnx_model: OnnxModel, x_val: Tensor, mean: Any, std: Any, target_reject_rate: float) -> Calibrated:
+    """rho such that the verdict rejects `target_reject_rate` of the clean validation images."""
+    v_logits, v_cos = onnx_model(x_val)
+    rho = calibrate_rho(angle_ratio(v_logits, v_cos, mean, std), target_reject_rate)
+    val_reject = float((~geodesic_verdict(v_logits, v_cos, mean, std, rho).accepted).mean())
+    val_reject1 = float((~geodesic_verdict(v_logits, v_cos, mean, std, 1.0).accepted).mean())
+    log.info("calibrated rho %.4f on %d validation images (reject %.4f; rho=1 rejects %.4f)",
+             rho, len(x_val), val_reject, val_reject1)
+    return Calibrated(rho, Calibration(target_false_reject_rate=target_reject_rate, n_validation=len(x_val),
+                                       validation_reject_rate=val_reject,
+                                       paper_rho1_validation_reject_rate=val_reject1))
 
 
 def pgd_at_export(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: np.ndarray, eps: float, mean: Any, std: Any,

@@ -2,7 +2,7 @@
 
 1. `uvicorn app.main:app` (subprocess) serves the bundled model
    (model_store/fashion-mnist-dsphere + the Fashion-MNIST test images) when both exist,
-   else the app tests' fixture model (tests/app/fake_store.py: prototypes are accepted,
+   else the app tests' fixture model (support/fake_store.py: prototypes are accepted,
    uniform noise rejected).
 2. Warm-up: every image is sent once BEFORE Prometheus starts, so every
    dsphere_classifications_total series the measured traffic touches already exists,
@@ -84,11 +84,8 @@ def _model_store_and_images(tmp: Path) -> tuple[Path, list[bytes]]:
     if store is not None:
         real, _ = fashion_mnist_test(32)
         return store, [png_bytes(x) for x in real] + noise + odd
-    sys.path.insert(0, str(REPO / "tests" / "app"))
-    try:
-        fake_store = pytest.importorskip("fake_store", reason="no bundled model and no tests/app/fake_store.py")
-    finally:
-        sys.path.remove(str(REPO / "tests" / "app"))
+    from support import fake_store
+
     store = tmp / "store"
     fake_store.write_version(store, "1")
     return store, [png_bytes(fake_store.prototype(k)) for k in range(fake_store.K)] + noise

@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from training.evaluation.schema import Report
+from training.evaluation.scoring import Judged
+
 if TYPE_CHECKING:
     from training.evaluation.core import Outcome
 
@@ -30,15 +33,26 @@ def roc_curve(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def write_figures(outcome: Outcome, out: Path) -> list[str]:
-    plt = _plt()
+    """The report's PNG figures into `out`; returns their file names."""
     r = outcome.report
     clean = outcome.clean
-    files: list[str] = []
     assert clean is not None
     pgd = next((j for k, j in outcome.judged.items() if k.startswith("pgd")), None)
     adaptive = outcome.judged.get("adaptive")
+    files = [angle_histogram(r, clean, pgd, adaptive, out), detector_roc(r, clean, pgd, adaptive, out),
+             *report_figures(r, out)]
+    return [f for f in files if f is not None]
 
-    # 1. angle-ratio histograms with the threshold
+
+def report_figures(r: Report, out: Path) -> list[str]:
+    """The figures that need report.json alone (accuracy vs eps, per-attack bars): they can be
+    redrawn from a committed report."""
+    return [f for f in (eps_sweep_figure(r, out), attack_bars(r, out)) if f is not None]
+
+
+def angle_histogram(r: Report, clean: Judged, pgd: Judged | None, adaptive: Judged | None, out: Path) -> str | None:
+    """Angle-ratio histograms (clean accepted/rejected, PGD, adaptive) with the thresholds."""
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     allr = np.concatenate([clean.ratio] + [j.ratio for j in (pgd, adaptive) if j])
     lo = min(float(np.percentile(allr, 0.5)), r.rho, 1.0)
@@ -60,9 +74,13 @@ def write_figures(outcome: Outcome, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "angle_hist.png", dpi=110)
     plt.close(fig)
-    files.append("angle_hist.png")
+    return "angle_hist.png"
+    return None
 
-    # 2. ROC of the angle ratio as a detector
+
+def detector_roc(r: Report, clean: Judged, pgd: Judged | None, adaptive: Judged | None, out: Path) -> str | None:
+    """ROC of the angle ratio as a detector of misclassified attacked inputs."""
+    plt = _plt()
     if pgd is not None or adaptive is not None:
         fig, ax = plt.subplots(figsize=(5, 5))
         for j, lab in ((pgd, "PGD"), (adaptive, "adaptive")):
@@ -85,9 +103,13 @@ def write_figures(outcome: Outcome, out: Path) -> list[str]:
         fig.tight_layout()
         fig.savefig(out / "roc.png", dpi=110)
         plt.close(fig)
-        files.append("roc.png")
+        return "roc.png"
+    return None
 
-    # 3. accuracy and defended rate vs eps
+
+def eps_sweep_figure(r: Report, out: Path) -> str | None:
+    """Robust accuracy, defended and reject rates vs eps."""
+    plt = _plt()
     sweep = r.sanity.eps_sweep
     if sweep is not None:
         e = [p.eps for p in sweep.points]
@@ -103,9 +125,13 @@ def write_figures(outcome: Outcome, out: Path) -> list[str]:
         fig.tight_layout()
         fig.savefig(out / "eps_sweep.png", dpi=110)
         plt.close(fig)
-        files.append("eps_sweep.png")
+        return "eps_sweep.png"
+    return None
 
-    # 4. per-attack bars
+
+def attack_bars(r: Report, out: Path) -> str | None:
+    """Robust accuracy and defended rate per attack."""
+    plt = _plt()
     done = [a for a in r.attacks if a.status == "ok"]
     if done:
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(done) + 2), 4))
@@ -122,5 +148,5 @@ def write_figures(outcome: Outcome, out: Path) -> list[str]:
         fig.tight_layout()
         fig.savefig(out / "attacks.png", dpi=110)
         plt.close(fig)
-        files.append("attacks.png")
-    return files
+        return "attacks.png"
+    return None

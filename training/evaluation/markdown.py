@@ -40,6 +40,19 @@ def render_report_markdown(r: Report) -> str:
     L.append(f"accuracy {_pct(r.clean_accuracy)}, reject rate {_pct(r.clean_reject_rate)} "
              f"(at rho = 1: {_pct(r.clean_rho1_reject_rate)}), accuracy on accepted {_pct(r.clean_accepted_accuracy)}, "
              f"defended {_pct(r.clean_defended_rate)}\n")
+    L += _attacks_section(r)
+    L += _worst_case_section(r)
+    L += _detectors_section(r)
+    L += _sanity_section(r)
+    if r.figures:
+        L.append("\n## Figures\n")
+        L.extend(f"![{f}]({f})" for f in r.figures)
+    return "\n".join(L) + "\n"
+
+
+def _attacks_section(r: Report) -> list[str]:
+    """The attack table, then how PGD's restarts converged."""
+    L: list[str] = []
     L.append("## Attacks\n")
     L.append("| attack | kind | n | robust acc. | reject | defended | success | defended at rho=1 | budget | s |")
     L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -57,6 +70,11 @@ def render_report_markdown(r: Report) -> str:
             state = "converged" if a.params.get("converged") else "stopped at the restart cap"
             L.append(f"{a.name} restarts doubled until doubling lowers robust accuracy by at most "
                      f"{100 * a.params['restart_tolerance']:g} points ({state}): restarts: robust accuracy {steps}\n")
+    return L
+
+def _worst_case_section(r: Report) -> list[str]:
+    """Per example, the worst over all attacks."""
+    L: list[str] = []
     L.append("## Worst case over all attacks\n")
     for wc in (r.worst_case, r.worst_case_all_examples):
         if wc is None:
@@ -64,6 +82,11 @@ def render_report_markdown(r: Report) -> str:
         L.append(f"- {wc.note}: n = {wc.n_examples}: robust accuracy **{_pct(wc.robust_accuracy)}**, "
                  f"defended **{_pct(wc.defended_rate)}** (broken: {_pct(wc.success_rate)})")
     L.append(f"- attacks: {', '.join(r.worst_case.attacks)}\n")
+    return L
+
+def _detectors_section(r: Report) -> list[str]:
+    """The angle ratio as a detector, beside the max-softmax and Mahalanobis scores."""
+    L: list[str] = []
     if r.detectors:
         L.append("## The angle ratio as an attack detector\n")
         L.append("| attack | AUC | clean rejected at rho | adversarial caught at rho | "
@@ -85,6 +108,11 @@ def render_report_markdown(r: Report) -> str:
                 L.extend(f"| {d.attack} | {s.score} | {s.auroc:.3f} | {_pct(s.validation_reject)} / "
                          f"{_pct(s.clean_reject)} | {_pct(s.adversarial_catch)} |" for s in d.scores)
             L.append("")
+    return L
+
+def _sanity_section(r: Report) -> list[str]:
+    """Noise, PGD budget, accuracy vs eps, gradient-free vs white-box."""
+    L: list[str] = []
     s = r.sanity
     L.append("## Sanity checks\n")
     L.append(f"- noise and constant images: {s.noise.verdict}" if s.noise else "- noise images: not run")
@@ -107,7 +135,4 @@ def render_report_markdown(r: Report) -> str:
         L.append(f"- gradient-free vs white-box (n = {s.gradient_free.n_examples}): {s.gradient_free.verdict}")
     else:
         L.append("- gradient-free vs white-box: not run")
-    if r.figures:
-        L.append("\n## Figures\n")
-        L.extend(f"![{f}]({f})" for f in r.figures)
-    return "\n".join(L) + "\n"
+    return L
