@@ -239,7 +239,8 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, co
         model_cfg = replace(model_cfg, input_shape=train_ds.input_shape)
 
     model = build_model(model_cfg)
-    if init_from:
+    resuming = resume and (out / "last").is_dir()
+    if init_from and not resuming:  # a resumed run takes its weights from last/ (init_from may be gone)
         src, _ = load_checkpoint(init_from)
         if src.config.to_dict() != model_cfg.to_dict():
             raise ValueError(f"--init-from {init_from}: its model config differs from the requested one")
@@ -255,7 +256,7 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, co
     if info.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(cfg, out, device, info, model, net, optimizer, train_ds, val_ds, iters_per_epoch, total, ckpt, guard)
-    if resume and (out / "last").is_dir():
+    if resuming:
         _resume(run, out / "last")
     return run
 

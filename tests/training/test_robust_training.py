@@ -153,10 +153,12 @@ SMALL = dict(mode="nfgsm", epochs=2, limit_train=256, n_val=300, batch_size=32, 
              min_accuracy_over_chance=-1.0)  # these runs test the mechanics, not learning
 
 
-def small_run(out: Path, stop_after: int | None = None, resume: bool = False, **over: object):
+def small_run(out: Path, stop_after: int | None = None, resume: bool = False, init_from: str | None = None,
+              **over: object):
     torch.set_num_threads(1)
     cfg = TrainConfig(**{**SMALL, **over})  # type: ignore[arg-type]
-    return train(ModelConfig(**TINY), cfg, out, resume=resume, show_progress=False, stop_after=stop_after)
+    return train(ModelConfig(**TINY), cfg, out, resume=resume, show_progress=False, stop_after=stop_after,
+                 init_from=init_from)
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +191,13 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted: Path, tmp_path: Pat
     assert resumed["weights_sha256"] == whole["weights_sha256"]
     assert resumed["guard"] == whole["guard"]
     assert resumed["best"]["iteration"] == whole["best"]["iteration"]
+
+
+def test_resume_needs_no_init_checkpoint(tmp_path: Path) -> None:
+    """A resumed run's weights come from last/: the warm start it began from may be gone."""
+    small_run(tmp_path, stop_after=4)
+    small_run(tmp_path, resume=True, init_from=str(tmp_path / "gone"), stop_after=6)
+    assert load_checkpoint(tmp_path / "last")[1].iteration == 6
 
 
 def test_resume_refuses_other_options(uninterrupted: Path, tmp_path: Path) -> None:
