@@ -71,12 +71,12 @@ def train(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Train a baseline CNN or a D-SphereNet (natural, FGSM, PGD, N-FGSM or TRADES training)."""
+    from training.config import TrainConfig
     from training.data import DEFAULT_EPS, load_dataset
     from training.data import download as fetch
     from training.guard import GuardConfig
     from training.models import ModelConfig
     from training.objectives import ObjectiveConfig
-    from training.train import TrainConfig
     from training.train import train as run_training
 
     if download:

@@ -42,9 +42,10 @@ from app.verdict import angle_ratio, calibrate_rho, geodesic_verdict
 from training.attacks import FGSM, PGD, attack_dataset, predict
 from training.checkpoint import load_checkpoint
 from training.cli import app, command_line
+from training.config import TrainConfig
 from training.data import DATASETS, DEFAULT_EPS, load_dataset, train_val_split
 from training.models import ModelConfig
-from training.train import TrainConfig, TrainingDidNotLearn, train
+from training.train import TrainingDidNotLearn, train
 
 log = logging.getLogger("dsphere.reproduce")
 
@@ -127,7 +128,7 @@ def _digest(d: dict[str, Any]) -> str:
 def evaluate_cell(run_final: Path, dataset: str, data_dir: str | None, protocol: Protocol, eps: float,
                   seed: int, device: str = "cpu") -> dict[str, Any]:
     """Clean / FGSM / PGD accuracy and defended rates at rho calibrated on validation."""
-    from training.train import resolve_device
+    from training.distributed import resolve_device
 
     dev = resolve_device(device)
     model, ckpt = load_checkpoint(run_final)

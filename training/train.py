@@ -2,8 +2,8 @@
 training (what each mode minimizes: training/adversarial.py), on one process or under
 `torchrun` (DistributedDataParallel: gloo on CPU, nccl on GPU).
 
-Schedule (paper §5, scaled to the run's length): Adam, lr 1e-3, divided by 10 after 1/3
-and 2/3 of the iterations (the paper's MNIST run: /10 at 10k and 20k, stop at 30k).
+The configuration and its lr/ε schedules: training/config.py; device and torchrun:
+training/distributed.py.
 
 Remedies for adversarial training that does not start (PGD from scratch sits at chance on
 a cosine D-SphereNet): `natural_epochs` of natural training first, then a linear ε warm-up
@@ -19,7 +19,6 @@ with the optimizer and random-generator states, so `resume=True` continues exact
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,106 +35,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from training.adversarial import MODES, adversarial_input, training_loss
+from training.adversarial import adversarial_input, training_loss
 from training.angle_stats import compute_angle_stats
 from training.attacks import predict
 from training.checkpoint import Checkpoint, load_checkpoint, load_optimizer_state, restore_rng, save_checkpoint
+from training.config import TrainConfig, eps_at, lr_at
 from training.data import Dataset, load_dataset, train_val_split
-from training.guard import CatastrophicOverfitting, GuardConfig, GuardPoint, OverfittingGuard
+from training.distributed import DistInfo, check_ranks_agree, init_distributed, resolve_device, weights_digest
+from training.guard import CatastrophicOverfitting, GuardPoint, OverfittingGuard
 from training.models import ConvNet, ModelConfig, build_model
-from training.objectives import ObjectiveConfig, regularizer
+from training.objectives import regularizer
 
 log = logging.getLogger("dsphere.train")
 
 
 class TrainingDidNotLearn(Exception):
     """The run ended near chance accuracy; its result must not be exported."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    mode: str = "natural"
-    eps: float = 0.1
-    attack_steps: int = 7
-    attack_step_size: float | None = None  # default 2.5 ε / steps (PGD), 1.25 ε (FGSM-RS)
-    adv_weight: float = 1.0  # fgsm/pgd: loss = (1-w) CE(clean) + w CE(adv); 1.0 = pure adversarial
-    trades_beta: float = 6.0  # trades: loss = CE(clean) + β KL(clean ‖ adv)
-    natural_epochs: float = 0.0  # natural training before the adversarial phase
-    eps_warmup_epochs: float = 0.0  # linear ramp of ε after the natural phase
-    epochs: float = 0.0  # if > 0, overrides iterations
-    iterations: int = 30000  # the paper's MNIST schedule
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_milestones: tuple[float, ...] = (1 / 3, 2 / 3)
-    n_val: int = 5000
-    limit_train: int = 0  # train on the first N examples of the training split (smoke runs)
-    seed: int = 0
-    checkpoint_every: int = 500
-    checkpoint_minutes: float = 5.0
-    device: str = "auto"
-    min_accuracy_over_chance: float = 0.15
-    objective: ObjectiveConfig = ObjectiveConfig()
-    guard: GuardConfig = GuardConfig()
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown training mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        if not 0 <= self.adv_weight <= 1:
-            raise ValueError("adv_weight must be in [0, 1]")
-        if self.eps < 0:
-            raise ValueError("eps must be >= 0")
-        if self.mode == "nfgsm" and self.adv_weight != 1.0:
-            raise ValueError("--mode nfgsm puts all of the loss on the adversarial input; leave --adv-weight at 1")
-        if self.trades_beta < 0:
-            raise ValueError("trades_beta must be >= 0")
-        if not 0 < self.guard.every:
-            raise ValueError("the guard's check interval must be a positive number of iterations")
-
-    @property
-    def adversarial(self) -> bool:
-        return self.mode != "natural" and self.eps > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        d["objective"] = ObjectiveConfig(**d.get("objective", {}))
-        d["guard"] = GuardConfig(**d.get("guard", {}))
-        d["lr_milestones"] = tuple(d.get("lr_milestones", (1 / 3, 2 / 3)))
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("CUDA requested but not available; falling back to CPU")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
 def git_commit() -> str | None:
@@ -147,34 +62,10 @@ def git_commit() -> str | None:
         return None
 
 
-def lr_at(iteration: int, total: int, cfg: TrainConfig) -> float:
-    drops = sum(iteration >= m * total for m in cfg.lr_milestones)
-    return cfg.lr * (0.1**drops)
-
-
-def eps_at(iteration: int, iters_per_epoch: int, cfg: TrainConfig) -> float:
-    """0 during the natural phase, then a linear ramp to ε over the warm-up."""
-    start = cfg.natural_epochs * iters_per_epoch
-    if iteration < start:
-        return 0.0
-    warm = cfg.eps_warmup_epochs * iters_per_epoch
-    if warm <= 0:
-        return cfg.eps
-    return cfg.eps * min(1.0, (iteration - start + 1) / warm)
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     logits, _ = predict(model, x, batch_size)
     return float((logits.argmax(1).cpu() == y.cpu()).float().mean())
-
-
-def weights_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
@@ -423,7 +314,7 @@ def _finish(run: Run, reason: str | None) -> tuple[ConvNet, Checkpoint]:
     exportable, summary.json; raises if the run did not learn or collapsed."""
     digest = weights_digest(run.model)
     if run.info.world_size > 1:
-        _check_ranks_agree(run, digest)
+        check_ranks_agree(run.info, digest, run.out)
         if not run.info.is_main:
             dist.barrier()
             return run.model, run.ckpt
@@ -477,15 +368,6 @@ def _seal_best(run: Run) -> dict[str, Any] | None:
     ckpt.metrics = {**ckpt.metrics, "val_accuracy": val_acc, "best": asdict(point)}
     save_checkpoint(best_dir, model, ckpt)
     return {"checkpoint": str(best_dir), **asdict(point), "val_accuracy": val_acc, "learned": ckpt.learned}
-
-
-def _check_ranks_agree(run: Run, digest: str) -> None:
-    digests: list[Any] = [None] * run.info.world_size
-    dist.all_gather_object(digests, digest)
-    (run.out / f"rank{run.info.rank}.digest").parent.mkdir(parents=True, exist_ok=True)
-    (run.out / f"rank{run.info.rank}.digest").write_text(digest)
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"ranks ended with different weights: {digests}")
 
 
 def _write_summary(run: Run, status: str = "", summary: dict[str, Any] | None = None) -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.config import TrainConfig
 from training.data import DEFAULT_DIRS, Dataset, load_dataset
 from training.models import ModelConfig
-from training.train import TrainConfig, train
+from training.train import train
 
 FASHION_DIR = Path(DEFAULT_DIRS["fashion-mnist"])
 TINY = dict(widths=(8, 16, 16), fc_dim=32)

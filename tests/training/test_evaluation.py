@@ -15,6 +15,7 @@ import torch
 
 from app.manifest import Manifest
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import TrainConfig
 from training.evaluation.attacks import AttackOutOfBall, check_ball
 from training.evaluation.config import EvalConfig, EvaluationError
 from training.evaluation.core import evaluate
@@ -24,7 +25,7 @@ from training.evaluation.schema import Report
 from training.evaluation.scoring import Judged, roc_auc, worst_case
 from training.export import ExportError, export_version
 from training.models import ModelConfig
-from training.train import TrainConfig, TrainingDidNotLearn, train
+from training.train import TrainingDidNotLearn, train
 
 ROOT = Path(__file__).resolve().parents[2]
 EPS = 0.1

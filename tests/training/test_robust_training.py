@@ -16,10 +16,11 @@ from tests.training.conftest import TINY
 from training.adversarial import adversarial_input, training_loss
 from training.attacks import NFGSM, TradesPGD, kl_clean_adv
 from training.checkpoint import checkpoint_dir, keep_checkpoint, load_checkpoint
+from training.config import TrainConfig
 from training.guard import CatastrophicOverfitting, GuardConfig, GuardPoint, OverfittingGuard
 from training.models import ModelConfig, build_model
 from training.objectives import ObjectiveConfig
-from training.train import TrainConfig, train
+from training.train import train
 
 EPS = 0.1
 

@@ -21,8 +21,8 @@ from training.angle_stats import compute_angle_stats
 from training.attacks import predict
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Dataset
+from training.distributed import weights_digest
 from training.export import export_version
-from training.train import weights_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 

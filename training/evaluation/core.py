@@ -204,7 +204,7 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
 
 
 def _device(name: str) -> torch.device:
-    from training.train import resolve_device
+    from training.distributed import resolve_device
 
     return resolve_device(name)
 

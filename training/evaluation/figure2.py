@@ -17,9 +17,10 @@ import torch
 
 from training.attacks import PGD, attack_dataset, predict
 from training.checkpoint import load_checkpoint
+from training.config import TrainConfig
 from training.data import load_dataset
 from training.models import ConvNet, ModelConfig
-from training.train import TrainConfig, TrainingDidNotLearn, train
+from training.train import TrainingDidNotLearn, train
 
 log = logging.getLogger("dsphere.evaluation")
 
