@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.fake_store import CLASS_NAMES, prototype
+from support.fake_store import CLASS_NAMES, prototype, write_version
 from support.fashion_mnist import png_bytes
 
 pytestmark = pytest.mark.anyio
@@ -260,8 +260,6 @@ async def test_not_ready_503(make_client, tmp_path) -> None:
 
 
 async def test_models(make_client, store) -> None:
-    from support.fake_store import write_version
-
     write_version(store, "2")
     write_version(store, "10")
     async with make_client(model_version="2") as c:
@@ -340,3 +338,18 @@ async def test_unexpected_error_is_json_500(make_client, monkeypatch) -> None:
     assert r.status_code == 500
     assert r.json() == {"detail": "internal server error"}
     assert ok.status_code == 200
+
+
+async def test_model_detail_shows_the_strong_evaluation(make_client, store) -> None:
+    """A version published with --evaluation carries its worst case; GET /models/{name} shows it."""
+    from support.fake_store import manifest_dict
+
+    metrics = manifest_dict("3", "0" * 64)["metrics"]
+    strong = {"worst_case_robust_accuracy": 0.61, "worst_case_defended_rate": 0.7,
+              "adaptive_defended_rate": 0.74, "worst_case_attacks": ["fgsm", "pgd-100", "adaptive"],
+              "worst_case_n_examples": 1000}
+    write_version(store, "3", manifest_overrides={"metrics": {**metrics, **strong}})
+    async with make_client() as c:
+        d = (await c.get("/models/fashion-mnist-dsphere")).json()
+    assert d["served_version"] == "3"
+    assert {k: d["manifest"]["metrics"][k] for k in strong} == strong
