@@ -118,3 +118,33 @@ def test_torchrun_two_cpu_processes_end_with_equal_weights(tmp_path: Path) -> No
     # an 8-iteration run does not learn: the command must say so instead of pretending
     # (torchrun exits 1 when a rank exits 3)
     assert r.returncode == 0 or "error: the run did not learn" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_baseline_cnn_is_served_by_name_with_geodesic_rejection(tmp_path: Path, fashion_test: Dataset) -> None:
+    """The baseline CNN exports like a D-SphereNet (its FC feature and last-layer weights give
+    the angles) and the real service serves it by name, with verdicts."""
+    from support.fashion_mnist import png_bytes
+    from support.server import start_server
+    from training.config import TrainConfig
+    from training.models import ModelConfig
+    from training.train import train
+
+    torch.set_num_threads(1)
+    run = tmp_path / "baseline"
+    train(ModelConfig(arch="baseline", head="softmax", widths=(8, 16, 16), fc_dim=32),
+          TrainConfig(epochs=3, limit_train=4000, n_val=500, checkpoint_every=0, batch_size=64, lr=3e-3),
+          run, show_progress=False)
+    export_version(run, tmp_path / "store", "fashion-mnist-baseline", "1.0.0", n_test=500, n_attack=20, pgd_steps=2)
+    srv = start_server({"DSPHERE_MODEL_STORE": str(tmp_path / "store"), "DSPHERE_MODEL_NAME": "fashion-mnist-baseline"})
+    try:
+        with srv.client(timeout=10) as c:
+            images = (fashion_test.images[:20, 0].numpy() * 255).round().astype(np.uint8)
+            answers = [c.post("/classify", content=png_bytes(img), headers={"content-type": "image/png"}).json()
+                       for img in images]
+            detail = c.get("/models/fashion-mnist-baseline").json()
+    finally:
+        srv.stop()
+    assert {a["model"]["name"] for a in answers} == {"fashion-mnist-baseline"}
+    assert sum(a["label"] == int(y) for a, y in zip(answers, fashion_test.labels[:20], strict=True)) >= 10
+    assert all(a["verdict"] in ("accept", "reject") and 0 <= a["angle_deg"] <= 180 for a in answers)
+    assert detail["served_version"] == "1.0.0" and detail["manifest"]["rho"] > 0
