@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,9 +157,11 @@ def test_mahalanobis_distance_is_the_closest_class_in_the_shared_metric() -> Non
 def test_interrupted_evaluation_resumes_from_its_cache(full, tiny) -> None:  # type: ignore[no-untyped-def]
     cache = tiny["root"] / "report" / ".cache"
     assert any(cache.glob("pgd-10-*.safetensors")) and any(cache.glob("adaptive-*.safetensors"))
+    again_dir = tiny["root"] / "report-again"  # a second run into a folder holding the first one's cache
+    shutil.copytree(cache, again_dir / ".cache", dirs_exist_ok=True)
     cfg = EvalConfig(eps=EPS, attacks=("fgsm", "pgd", "adaptive"), sanity=False, figures=False, detectors=False,
                      **FAST)  # type: ignore[arg-type]
-    again = evaluate(tiny["version"], tiny["checkpoint"], cfg, tiny["root"] / "report").report
+    again = evaluate(tiny["version"], tiny["checkpoint"], cfg, again_dir).report
     for name in ("fgsm", "pgd-10", "adaptive"):
         assert again.attack(name).robust_accuracy == full.report.attack(name).robust_accuracy
         assert again.attack(name).defended_rate == full.report.attack(name).defended_rate
