@@ -43,23 +43,31 @@ clean:
 # The 2.0.0 campaign (docs/results/model-comparison-2.0.0.md): one recipe for the D-SphereNet
 # (input-truncated + WM) and the baseline CNN: 2 natural epochs, then 10 N-FGSM epochs at eps 0.1
 # (eps ramp over 2, lr 1e-3 /10 at 50 % and 75 %), the overfitting guard keeping best/. About
-# 1 h per model on 2 cores; every step resumes (--resume) or is skipped when done. The chosen
-# checkpoints are committed under checkpoints/, so export and evaluation never need runs/.
+# 1 h per model on 2 cores; every step resumes (--resume) or is skipped when its checkpoint is
+# kept. The chosen checkpoints are committed under checkpoints/, so export and evaluation never
+# need runs/.
 RECIPE := --mode nfgsm --eps 0.1 --eps-warmup-epochs 2 --epochs 10 --lr-milestones 0.5,0.75 \
 	--checkpoint-every 250 --guard-every 500 --resume
 WARM := --mode natural --epochs 2 --checkpoint-every 200 --resume
 DSPHERE := --arch dsphere --corr truncated --head wm
 BASELINE := --arch baseline --head softmax
 
+# $(call run,NAME,OPTIONS): train runs/v2/NAME unless checkpoints/NAME is already kept (committed),
+# continuing from checkpoints/in-progress/NAME (its last/ and best/) when an earlier session left
+# one; then keep it.
+define run
+	test -f checkpoints/$(1)/checkpoint.json || { \
+		if [ -d checkpoints/in-progress/$(1)/last ] && [ ! -d runs/v2/$(1)/last ]; then \
+			mkdir -p runs/v2/$(1) && cp -r checkpoints/in-progress/$(1)/. runs/v2/$(1)/; fi; \
+		$(PY) -m training train --out runs/v2/$(1) $(2) && $(PY) -m training keep runs/v2/$(1) checkpoints/$(1); }
+endef
+
 train: install
-	$(PY) -m training train --out runs/v2/warm-dsphere-wm-truncated $(DSPHERE) $(WARM)
-	$(PY) -m training train --out runs/v2/dsphere-wm-truncated-nfgsm $(DSPHERE) \
-		--init-from runs/v2/warm-dsphere-wm-truncated/final $(RECIPE)
-	$(PY) -m training train --out runs/v2/warm-baseline $(BASELINE) $(WARM)
-	$(PY) -m training train --out runs/v2/baseline-nfgsm $(BASELINE) --init-from runs/v2/warm-baseline/final $(RECIPE)
-	$(PY) -m training train --out runs/v2/warm-dsphere-wm-cosine --arch dsphere --corr cosine --head wm $(WARM)
-	for run in dsphere-wm-truncated-nfgsm baseline-nfgsm warm-baseline warm-dsphere-wm-cosine; do \
-		$(PY) -m training keep runs/v2/$$run checkpoints/$$run; done
+	$(call run,warm-dsphere-wm-truncated,$(DSPHERE) $(WARM))
+	$(call run,warm-baseline,$(BASELINE) $(WARM))
+	$(call run,warm-dsphere-wm-cosine,--arch dsphere --corr cosine --head wm $(WARM))
+	$(call run,dsphere-wm-truncated-nfgsm,$(DSPHERE) --init-from checkpoints/warm-dsphere-wm-truncated $(RECIPE))
+	$(call run,baseline-nfgsm,$(BASELINE) --init-from checkpoints/warm-baseline $(RECIPE))
 
 # Full evaluation (n = 1000; each about 30-40 min on 2 cores, resumable from its cache): each
 # model is exported to a staging store, attacked (transfer both ways between the two models, and
