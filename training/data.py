@@ -176,6 +176,13 @@ def train_val_split(ds: Dataset, n_val: int, seed: int = 0) -> tuple[Dataset, Da
     return ds.subset(perm[n_val:]), ds.subset(perm[:n_val])
 
 
+def training_splits(name: str, data_dir: str | os.PathLike[str] | None, n_val: int) -> tuple[Dataset, Dataset]:
+    """The training split's (train, validation) parts as every run makes them: n_val images (at
+    most a tenth) held out with seed 0. Export and evaluation calibrate and fit on the same split."""
+    full = load_dataset(name, "train", data_dir)
+    return train_val_split(full, min(n_val, len(full) // 10), seed=0)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -48,7 +48,7 @@ from app.manifest import (
 from app.verdict import Verdicts, angle_ratio, calibrate_rho, geodesic_verdict
 from training.attacks import PGD, attack_dataset
 from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from training.data import DEFAULT_EPS, Dataset, load_dataset, sha256_file, train_val_split
+from training.data import DEFAULT_EPS, Dataset, load_dataset, sha256_file, training_splits
 from training.evaluation.schema import Report
 from training.models import ConvNet
 
@@ -234,8 +234,7 @@ def exportable(checkpoint: str | os.PathLike[str]) -> tuple[ConvNet, Checkpoint]
 
 def validation_and_test(dataset: str, data_dir: str | None, n_val: int, n_test: int) -> tuple[Dataset, Dataset]:
     """The validation split held out by training (same size, seed 0) and the test set (first n_test)."""
-    full_train = load_dataset(dataset, "train", data_dir)
-    _, val = train_val_split(full_train, min(n_val, len(full_train) // 10), seed=0)
+    _, val = training_splits(dataset, data_dir, n_val)
     test = load_dataset(dataset, "test", data_dir)
     return val, test.subset(slice(0, n_test)) if n_test else test
 

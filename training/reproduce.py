@@ -43,7 +43,7 @@ from training.attacks import FGSM, PGD, attack_dataset, predict
 from training.checkpoint import load_checkpoint
 from training.cli import app, command_line
 from training.config import TrainConfig
-from training.data import DATASETS, DEFAULT_EPS, load_dataset, train_val_split
+from training.data import DATASETS, DEFAULT_EPS, load_dataset, training_splits
 from training.models import ModelConfig
 from training.train import TrainingDidNotLearn, train
 
@@ -137,8 +137,7 @@ def evaluate_cell(run_final: Path, dataset: str, data_dir: str | None, protocol:
         raise ValueError(f"{run_final} has no angle statistics (unfinished run)")
     mean, std = ckpt.angle_stats.mean_deg, ckpt.angle_stats.std_deg
     tc = ckpt.training_config
-    full = load_dataset(dataset, "train", data_dir)
-    _, val = train_val_split(full, min(int(tc.get("n_val", 5000)), len(full) // 10), seed=0)
+    _, val = training_splits(dataset, data_dir, int(tc.get("n_val", 5000)))
     v_logits, v_cos = (t.double().cpu().numpy() for t in predict(model, val.images.to(dev)))
     rho = calibrate_rho(angle_ratio(v_logits, v_cos, mean, std), protocol.target_reject_rate)
     test = load_dataset(dataset, "test", data_dir)

@@ -40,7 +40,7 @@ from training.angle_stats import compute_angle_stats
 from training.attacks import predict
 from training.checkpoint import Checkpoint, load_checkpoint, load_optimizer_state, restore_rng, save_checkpoint
 from training.config import TrainConfig, eps_at, lr_at
-from training.data import Dataset, load_dataset, train_val_split
+from training.data import Dataset, training_splits
 from training.distributed import DistInfo, check_ranks_agree, init_distributed, resolve_device, weights_digest
 from training.guard import CatastrophicOverfitting, GuardPoint, OverfittingGuard
 from training.models import ConvNet, ModelConfig, build_model
@@ -69,8 +69,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
-    full = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    train, val = train_val_split(full, min(cfg.n_val, len(full) // 10), seed=0)
+    train, val = training_splits(cfg.dataset, cfg.data_dir, cfg.n_val)
     if cfg.limit_train:
         train = train.subset(slice(0, cfg.limit_train))
     return train, val
@@ -165,8 +164,7 @@ def _resume(run: Run, last: Path) -> None:
     run.epochs = list(prev.metrics.get("epochs", []))
     run.minutes_before = float(prev.metrics.get("train_minutes", 0.0))
     if run.guard is not None:
-        run.guard.history = OverfittingGuard(run.guard.cfg, run.guard.x, run.guard.y, run.cfg.eps,
-                                             prev.metrics.get("guard", [])).history
+        run.guard.history = [GuardPoint(**h) for h in prev.metrics.get("guard", [])]
     log.info("resumed from %s at iteration %d", last, run.it)
 
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from app.manifest import MODEL_FILE, Manifest
 from training.attacks import FGSM, PGD, attack_dataset
 from training.checkpoint import load_checkpoint
-from training.data import DEFAULT_EPS, Dataset, load_dataset, train_val_split
+from training.data import DEFAULT_EPS, Dataset, load_dataset, training_splits
 from training.evaluation.attacks import AdaptiveAttack, ArtAPGD, ArtSquare, TransferAttack, check_ball
 from training.evaluation.config import ALL_ATTACKS, EvalConfig, EvaluationError
 from training.evaluation.detectors import Mahalanobis, Scores, detector, features_of
@@ -154,7 +154,7 @@ class AttackRunner:
             else:
                 take = (jb.broken & ~worst.broken) | (~jb.correct & worst.correct & ~worst.broken)
                 x_adv = torch.where(torch.from_numpy(take).view(-1, 1, 1, 1), xb, x_adv)
-                worst = self.t.judge(x_adv, name)
+                worst = worst.where(take, jb)  # the merged inputs' verdicts, without running them again
             total += batch
             schedule.append({"restarts": total, "robust_accuracy": float(worst.correct.mean()),
                              "defended_rate": float((~worst.broken).mean())})
@@ -332,9 +332,7 @@ def _detectors(runner: AttackRunner, clean: Judged, model: ConvNet | None) -> li
 def _splits(manifest: Manifest, cfg: EvalConfig) -> tuple[Dataset, Dataset]:
     """The version's training and validation splits, as its training run made them."""
     tc = manifest.training.training_config
-    full = load_dataset(manifest.training.dataset, "train", cfg.data_dir or tc.get("data_dir"))
-    train, val = train_val_split(full, min(int(tc.get("n_val", 5000)), len(full) // 10), seed=0)
-    return train, val
+    return training_splits(manifest.training.dataset, cfg.data_dir or tc.get("data_dir"), int(tc.get("n_val", 5000)))
 
 
 def _report(t: Target, cfg: EvalConfig, command: str, checkpoint: str | Path | None, wb: WhiteBox, clean: Judged,

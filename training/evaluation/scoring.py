@@ -35,6 +35,14 @@ class Judged:
         return Judged(name or self.name, self.correct[keep], self.accepted[keep], self.accepted_rho1[keep],
                       self.ratio[keep], self.msp[keep])
 
+    def where(self, take: np.ndarray, other: Judged) -> Judged:
+        """Per example, `other`'s outcome where `take` holds, else this one's."""
+        def pick(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return np.where(take, b, a)
+        return Judged(self.name, pick(self.correct, other.correct), pick(self.accepted, other.accepted),
+                      pick(self.accepted_rho1, other.accepted_rho1), pick(self.ratio, other.ratio),
+                      pick(self.msp, other.msp))
+
     @property
     def n(self) -> int:
         return len(self.correct)
