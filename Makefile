@@ -68,6 +68,8 @@ train: install
 	$(call run,warm-dsphere-wm-cosine,--arch dsphere --corr cosine --head wm $(WARM))
 	$(call run,dsphere-wm-truncated-nfgsm,$(DSPHERE) --init-from checkpoints/warm-dsphere-wm-truncated $(RECIPE))
 	$(call run,baseline-nfgsm,$(BASELINE) --init-from checkpoints/warm-baseline $(RECIPE))
+	# the other D-SphereNet variant, to choose on validation (docs/results/variant-choice-2.0.0.md)
+	$(call run,dsphere-wm-cosine-nfgsm,--arch dsphere --corr cosine --head wm --init-from checkpoints/warm-dsphere-wm-cosine $(RECIPE))
 
 # Full evaluation (n = 1000; each about 30-40 min on 2 cores, resumable from its cache): each
 # model is exported to a staging store, attacked (transfer both ways between the two models, and

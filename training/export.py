@@ -281,6 +281,9 @@ def read_report(path: str | os.PathLike[str], eps: float) -> Report:
         raise ExportError(f"--evaluation {path}: cannot read it ({e.strerror})") from None
     except ValueError as e:
         raise ExportError(f"--evaluation {path} is not an evaluation report: {str(e).splitlines()[0]}") from None
+    if report.split != "test":
+        raise ExportError(f"--evaluation {path} attacked the {report.split} split; the manifest's metrics come "
+                          "from the test set")
     if not math.isclose(report.eps, eps):
         raise ExportError(f"--evaluation {path} attacked at eps {report.eps}, the manifest's threat model is {eps}")
     if not any(a.name.startswith("pgd-") and a.status == "ok" for a in report.attacks):

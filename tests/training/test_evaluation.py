@@ -247,6 +247,27 @@ def test_adaptive_breaks_an_undefended_model_at_least_as_often_as_pgd(tiny) -> N
     assert adaptive.success_rate >= pgd.success_rate
 
 
+def test_validation_split_attacks_the_held_out_images_and_never_reaches_a_manifest(tiny) -> None:
+    from training.data import training_splits
+    from training.export import OnnxModel
+
+    out = tiny["root"] / "validation"
+    cfg = EvalConfig(eps=EPS, split="validation", attacks=("fgsm",), sanity=False, figures=False,
+                     detectors=False, **FAST)  # type: ignore[arg-type]
+    r = evaluate(tiny["version"], tiny["checkpoint"], cfg, out).report
+    _, val = training_splits("fashion-mnist", None, 500)
+    logits, _ = OnnxModel(tiny["version"] / "model.onnx")(val.images[:r.n_examples])
+    assert r.split == "validation" and "60 validation examples" in render_report_markdown(r)
+    assert r.clean_accuracy == pytest.approx(float((logits.argmax(1) == val.labels[:r.n_examples].numpy()).mean()))
+    with pytest.raises(ExportError, match="validation split"):
+        export_version(tiny["checkpoint"], tiny["root"] / "from-validation", "tiny", "v1", n_test=200,
+                       evaluation=out / "report.json")
+    test_cfg = EvalConfig(eps=EPS, attacks=("fgsm",), sanity=False, figures=False, detectors=False,
+                          **FAST)  # type: ignore[arg-type]
+    evaluate(tiny["version"], tiny["checkpoint"], test_cfg, out)
+    assert len(list((out / ".cache").glob("fgsm-*.safetensors"))) == 2  # the same attack, two splits, two entries
+
+
 def test_transfer_without_substitutes_is_listed_as_skipped(tiny) -> None:
     cfg = EvalConfig(eps=EPS, attacks=("transfer",), sanity=False, figures=False, **FAST)  # type: ignore[arg-type]
     r = evaluate(tiny["version"], None, cfg).report
@@ -337,6 +358,7 @@ def test_cli_end_to_end(tiny) -> None:
     (["--name", "tiny", "--version", "nope"], "does not exist"),
     (["--eps", "-0.1"], "eps"),
     (["--eps", "0.1", "--attacks", "fgsm,bogus"], "unknown attack"),
+    (["--split", "train"], "split"),
 ])
 def test_cli_user_errors_are_one_line(tiny, args: list[str], match: str) -> None:
     store = tiny["version"].parent.parent

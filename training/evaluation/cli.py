@@ -32,6 +32,8 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="output dir (reports, figures)")] = Path("reports/eval"),
     eps: Annotated[float | None, typer.Option(help="L-inf eps (default 0.1; CIFAR-10 8/255)")] = None,
     n_examples: Annotated[int, typer.Option(help="test examples (clean, FGSM, PGD)")] = 1000,
+    split: Annotated[str, typer.Option(help="attack the test set, or the validation split the training run held out "
+                                            "(to choose a variant or checkpoint without the test set)")] = "test",
     attacks: Annotated[str, typer.Option(help="comma-separated subset of " + ",".join(ALL_ATTACKS))] = ",".join(
         ALL_ATTACKS),
     rho: Annotated[float | None, typer.Option(help="override the manifest's rho")] = None,
@@ -72,7 +74,7 @@ def evaluate(
         torch.set_num_threads(threads)
     vdir = version_path(version_dir, store, name, version)
     cfg = EvalConfig(
-        eps=eps, n_examples=n_examples, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+        eps=eps, split=split, n_examples=n_examples, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
         seed=seed, rho=rho, data_dir=data_dir, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
         pgd_restarts=pgd_restarts, n_pgd=n_pgd, apgd_iter=apgd_iter, n_apgd=n_apgd, square_queries=square_queries,
         n_square=n_square, substitutes=tuple(str(s) for s in (substitute or ())), transfer_steps=transfer_steps,

@@ -38,7 +38,7 @@ def _transfer_names(reports: list[Report]) -> list[str]:
 
 def _rows(reports: list[Report]) -> list[tuple[str, Cell]]:
     rows: list[tuple[str, Cell]] = [
-        ("threat model", lambda r: f"L∞ ε = {r.eps:g}, n = {r.n_examples}"),
+        ("threat model", lambda r: f"L∞ ε = {r.eps:g}, n = {r.n_examples} {r.split}"),
         ("ρ (5 % clean false-reject on validation)", lambda r: f"{r.rho:.4f}"),
         ("clean accuracy", lambda r: _pct(r.clean_accuracy)),
         ("clean reject rate", lambda r: _pct(r.clean_reject_rate)),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 ALL_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "square", "transfer", "adaptive")
 DEFAULT_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+SPLITS = ("test", "validation")
 
 
 class EvaluationError(ValueError):
@@ -20,6 +21,9 @@ class EvalConfig:
     the default, so that the worst case per example covers the whole subset."""
 
     eps: float | None = None  # default: the dataset's (training.data.DEFAULT_EPS)
+    # the examples attacked: the test set (reports), or the validation split the training run held
+    # out (choosing a variant or a checkpoint without looking at the test set)
+    split: str = "test"
     n_examples: int = 1000
     attacks: tuple[str, ...] = ALL_ATTACKS
     seed: int = 0
@@ -68,6 +72,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.eps is not None and not (0 < self.eps <= 1 and math.isfinite(self.eps)):
             raise EvaluationError(f"eps must be in (0, 1] (L-inf on [0, 1] images), got {self.eps}")
+        if self.split not in SPLITS:
+            raise EvaluationError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.n_examples < 1:
             raise EvaluationError("n_examples must be >= 1")
         unknown = set(self.attacks) - set(ALL_ATTACKS)

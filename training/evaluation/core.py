@@ -102,8 +102,9 @@ class AttackRunner:
 
     def craft(self, name: str, attack: Attack, on: nn.Module, m: int, params: dict[str, Any], seed: int) -> Tensor:
         """Adversarial inputs for the first m examples, from the cache when this exact run was made."""
-        key = hashlib.sha256(json.dumps([self.t.manifest.sha256, name, params, m, seed, self.t.eps],
-                                        sort_keys=True, default=str).encode()).hexdigest()[:20]
+        what = [self.t.manifest.sha256, name, params, m, seed, self.t.eps]
+        what += [self.cfg.split] if self.cfg.split != "test" else []  # test keys as before: old caches stay valid
+        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
         path = self.cache / f"{name.replace(':', '_')}-{key}.safetensors" if self.cache else None
         if path is not None and path.is_file():
             return load_file(str(path))["x_adv"]
@@ -214,8 +215,9 @@ def _target(version_dir: str | Path, cfg: EvalConfig) -> tuple[Target, Dataset]:
     manifest = load_manifest(vdir)
     dataset = manifest.training.dataset
     test = load_dataset(dataset, "test", cfg.data_dir or manifest.training.training_config.get("data_dir"))
-    n = min(cfg.n_examples, len(test))
-    x, y = test.images[:n], test.labels[:n]
+    examples = test if cfg.split == "test" else _splits(manifest, cfg)[1]
+    n = min(cfg.n_examples, len(examples))
+    x, y = examples.images[:n], examples.labels[:n]
     if tuple(x.shape[1:]) != tuple(manifest.input.shape):
         raise EvaluationError(f"{dataset} images are {tuple(x.shape[1:])}, the model takes {manifest.input.shape}")
     eps = cfg.eps if cfg.eps is not None else DEFAULT_EPS[dataset]
@@ -345,7 +347,8 @@ def _report(t: Target, cfg: EvalConfig, command: str, checkpoint: str | Path | N
         model=ModelRef(name=m.name, version=m.version, sha256=m.sha256, path=str(t.vdir),
                        dataset=m.training.dataset, checkpoint=str(checkpoint) if checkpoint else None,
                        white_box_weights=wb.source, checkpoint_parity_max_abs_diff=wb.parity),  # type: ignore[arg-type]
-        eps=t.eps, n_examples=len(t.x), rho=t.rho, rho_source="manifest" if cfg.rho is None else "override",
+        eps=t.eps, split=cfg.split, n_examples=len(t.x), rho=t.rho,  # type: ignore[arg-type]  # checked in EvalConfig
+        rho_source="manifest" if cfg.rho is None else "override",
         angle_mean_deg=t.mean, angle_std_deg=t.std,
         clean_accuracy=cr["robust_accuracy"], clean_reject_rate=cr["reject_rate"],
         clean_accepted_accuracy=cr["accepted_accuracy"] or 0.0, clean_defended_rate=cr["defended_rate"],

@@ -24,8 +24,9 @@ def render_report_markdown(r: Report) -> str:
              f"{weights}"
              + (f" (ONNX parity {r.model.checkpoint_parity_max_abs_diff:.1e})"
                 if r.model.checkpoint_parity_max_abs_diff is not None else ""))
-    L.append(f"- threat model: L-inf, eps = {r.eps:g} on [0, 1] images; {r.n_examples} test examples "
-             "(each attack on a prefix of them, see n)")
+    L.append(f"- threat model: L-inf, eps = {r.eps:g} on [0, 1] images; {r.n_examples} {r.split} examples "
+             "(each attack on a prefix of them, see n)"
+             + (" - validation: for choosing a variant, not a result" if r.split == "validation" else ""))
     L.append(f"- verdicts: ONNX Runtime + app.verdict.geodesic_verdict, rho = {r.rho:.4f} ({r.rho_source}); "
              "reject iff theta > rho (theta* + theta_sigma) of the predicted class")
     L.append(f"- created {r.created_at:%Y-%m-%d %H:%M} UTC in {r.seconds:.0f}s; command `{r.command}`\n")

@@ -154,6 +154,7 @@ class Report(_Model):
     model: ModelRef
     norm: Literal["linf"] = "linf"
     eps: float = Field(ge=0)
+    split: Literal["test", "validation"] = "test"  # where the attacked examples come from
     n_examples: int = Field(ge=1)
     rho: float = Field(gt=0)
     rho_source: str = "manifest"
