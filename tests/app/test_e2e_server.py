@@ -1,6 +1,7 @@
 """End to end: a real `uvicorn app.main:app` subprocess on 127.0.0.1, real Fashion-MNIST images.
 
-Uses the bundled model (model_store/fashion-mnist-dsphere, latest version with a
+Serves each bundled model by name (model_store/fashion-mnist-dsphere, the default, and
+model_store/fashion-mnist-baseline through DSPHERE_MODEL_NAME; latest version with a
 manifest) when present, else the fixture model; the test id says which. Every
 verdict must equal geodesic_verdict applied to ONNX Runtime outputs of the same
 model.onnx on the same pixels; uniform noise must be rejected (all of it with the
@@ -19,7 +20,7 @@ from app.manifest import MANIFEST_FILE, MODEL_FILE
 from app.model_store import find_version, read_manifest
 from app.verdict import geodesic_verdict
 from support.bundled import BUNDLED_STORE
-from support.bundled import MODEL_NAME as NAME
+from support.bundled import MODEL_NAME as DEFAULT_NAME
 from support.fake_store import write_version
 from support.fashion_mnist import TEST_IMAGES as FMNIST
 from support.fashion_mnist import load_fashion_mnist_test, png_bytes
@@ -27,14 +28,19 @@ from support.server import start_server
 
 N_IMAGES = 48
 N_NOISE = 24
+BASELINE_NAME = "fashion-mnist-baseline"
 
 
-def _bundled_present() -> bool:
+def _bundled_present(name: str) -> bool:
     try:
-        find_version(BUNDLED_STORE, NAME)
+        find_version(BUNDLED_STORE, name)
         return True
     except Exception:
         return False
+
+
+SERVED = [("bundled-model", DEFAULT_NAME) if _bundled_present(DEFAULT_NAME) else ("fixture-model", DEFAULT_NAME)]
+SERVED += [("bundled-model", BASELINE_NAME)] if _bundled_present(BASELINE_NAME) else []
 
 
 @pytest.fixture
@@ -46,14 +52,15 @@ def server_store(request, tmp_path: Path) -> Path:
     return store
 
 
-@pytest.mark.parametrize("server_store", ["bundled-model" if _bundled_present() else "fixture-model"], indirect=True)
-def test_real_server_verdicts_match_onnxruntime(server_store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("server_store", "name"), SERVED, indirect=["server_store"])
+def test_real_server_verdicts_match_onnxruntime(server_store: Path, name: str, tmp_path: Path) -> None:
     assert FMNIST.exists(), f"{FMNIST} is needed for the end-to-end test"
-    version = find_version(server_store, NAME)
-    vdir = server_store / NAME / version
+    version = find_version(server_store, name)
+    vdir = server_store / name / version
     manifest = read_manifest(vdir / MANIFEST_FILE)
     log = tmp_path / "server.log"
-    with start_server({"DSPHERE_MODEL_STORE": str(server_store)}, log_path=log) as srv:
+    env = {"DSPHERE_MODEL_STORE": str(server_store)} | ({} if name == DEFAULT_NAME else {"DSPHERE_MODEL_NAME": name})
+    with start_server(env, log_path=log) as srv:
         with srv.client(timeout=10) as c:
             imgs = load_fashion_mnist_test(N_IMAGES)
             noise = np.random.default_rng(0).integers(0, 256, (N_NOISE, 28, 28), dtype=np.uint8)
@@ -74,11 +81,12 @@ def test_real_server_verdicts_match_onnxruntime(server_store: Path, tmp_path: Pa
             batch = c.post("/classify/batch", files=files)
             assert batch.status_code == 200, batch.text
             metrics = c.get("/metrics").text
+            detail = c.get(f"/models/{name}").json()
     server_log = srv.log_text()  # start_server's context checked the clean exit on SIGTERM
     assert "Traceback" not in server_log, server_log
 
     for i, g in enumerate(got):
-        assert g["model"] == {"name": NAME, "version": version}
+        assert g["model"] == {"name": name, "version": version}
         assert g["label"] == int(ref.labels[i]), i
         assert g["class_name"] == manifest.class_names[g["label"]]
         assert g["angle_deg"] == pytest.approx(float(ref.angles_deg[i]), abs=1e-3)
@@ -93,4 +101,6 @@ def test_real_server_verdicts_match_onnxruntime(server_store: Path, tmp_path: Pa
     else:
         assert noise_rejected == N_NOISE
     assert "dsphere_classifications_total" in metrics
-    print(f"\n[e2e] model={NAME}/{version} store={server_store} noise rejected {noise_rejected}/{N_NOISE}")
+    assert detail["served_version"] == version and detail["manifest"]["rho"] == pytest.approx(manifest.rho)
+    assert detail["manifest"]["metrics"] == manifest.metrics.model_dump(mode="json")
+    print(f"\n[e2e] model={name}/{version} store={server_store} noise rejected {noise_rejected}/{N_NOISE}")

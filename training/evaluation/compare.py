@@ -64,6 +64,8 @@ def _rows(reports: list[Report]) -> list[tuple[str, Cell]]:
     rows += [
         ("uniform-noise images rejected", lambda r: _pct(r.sanity.noise.uniform_reject_rate) if r.sanity.noise
          else "not run"),
+        ("constant images (0, 0.1, ..., 1) rejected", lambda r: _pct(r.sanity.noise.constant_reject_rate)
+         if r.sanity.noise else "not run"),
         ("check: PGD budget (doubled steps and restarts)", lambda r: _ok(r.sanity.pgd_budget)),
         ("check: accuracy falls with ε", lambda r: _ok(r.sanity.eps_sweep)),
         ("check: Square not stronger than white-box", lambda r: _ok(r.sanity.gradient_free)),
