@@ -5,7 +5,7 @@ PYTHON ?= python3
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test serve images train evaluate publish reproduce bench soak lint clean
+.PHONY: install test serve images train evaluate publish choose-variant reproduce bench soak lint clean
 
 install: $(VENV)/.installed
 
@@ -90,6 +90,20 @@ publish: install
 		$(foreach s,$(SUBS),--substitute $(s)) --out docs/results/$(NAME)-$(VERSION)
 	test -d model_store/$(NAME)/$(VERSION) || $(PY) -m training export $(CKPT) --name $(NAME) --version $(VERSION) \
 		--evaluation docs/results/$(NAME)-$(VERSION)/report.json
+
+# The D-SphereNet variant chosen on validation, never on test: both variants' staged exports
+# attacked on the first 1,000 validation images (FGSM, PGD-100 with restarts, adaptive), side by side.
+VARIANTS := fashion-mnist-dsphere:checkpoints/dsphere-wm-truncated-nfgsm \
+	fashion-mnist-dsphere-cosine:checkpoints/dsphere-wm-cosine-nfgsm
+choose-variant: install
+	$(foreach v,$(VARIANTS),test -d runs/v2/staging/$(word 1,$(subst :, ,$(v)))/2.0.0 || $(PY) -m training export \
+		$(word 2,$(subst :, ,$(v))) --store runs/v2/staging --name $(word 1,$(subst :, ,$(v))) --version 2.0.0 \
+		--n-attack 200 &&) true
+	$(foreach v,$(VARIANTS),$(PY) -m training evaluate runs/v2/staging/$(word 1,$(subst :, ,$(v)))/2.0.0 \
+		--split validation --n-examples 1000 --threads 2 --attacks fgsm,pgd,adaptive --pgd-restarts 1 \
+		--no-sanity --no-figures --out runs/v2/validation/$(word 1,$(subst :, ,$(v))) &&) true
+	$(PY) -m training compare $(foreach v,$(VARIANTS),runs/v2/validation/$(word 1,$(subst :, ,$(v)))/report.json) \
+		--out runs/v2/validation/variant-choice.md
 
 reproduce: install
 	# Table 1 grid, quick protocol (about 1.5 h on 2 cores; cached per cell, resumable).
