@@ -95,14 +95,15 @@ publish: install
 # attacked on the first 1,000 validation images (FGSM, PGD-100 with restarts, adaptive), side by side.
 VARIANTS := fashion-mnist-dsphere:checkpoints/dsphere-wm-truncated-nfgsm \
 	fashion-mnist-dsphere-cosine:checkpoints/dsphere-wm-cosine-nfgsm
+variant = $(word 1,$(subst :, ,$(1)))
+variant_ckpt = $(word 2,$(subst :, ,$(1)))
 choose-variant: install
-	$(foreach v,$(VARIANTS),test -d runs/v2/staging/$(word 1,$(subst :, ,$(v)))/2.0.0 || $(PY) -m training export \
-		$(word 2,$(subst :, ,$(v))) --store runs/v2/staging --name $(word 1,$(subst :, ,$(v))) --version 2.0.0 \
-		--n-attack 200 &&) true
-	$(foreach v,$(VARIANTS),$(PY) -m training evaluate runs/v2/staging/$(word 1,$(subst :, ,$(v)))/2.0.0 \
+	$(foreach v,$(VARIANTS),test -d runs/v2/staging/$(call variant,$(v))/2.0.0 || $(PY) -m training export \
+		$(call variant_ckpt,$(v)) --store runs/v2/staging --name $(call variant,$(v)) --version 2.0.0 --n-attack 200 &&) true
+	$(foreach v,$(VARIANTS),$(PY) -m training evaluate runs/v2/staging/$(call variant,$(v))/2.0.0 \
 		--split validation --n-examples 1000 --threads 2 --attacks fgsm,pgd,adaptive --pgd-restarts 1 \
-		--no-sanity --no-figures --out runs/v2/validation/$(word 1,$(subst :, ,$(v))) &&) true
-	$(PY) -m training compare $(foreach v,$(VARIANTS),runs/v2/validation/$(word 1,$(subst :, ,$(v)))/report.json) \
+		--no-sanity --no-figures --out runs/v2/validation/$(call variant,$(v)) &&) true
+	$(PY) -m training compare $(foreach v,$(VARIANTS),runs/v2/validation/$(call variant,$(v))/report.json) \
 		--out runs/v2/validation/variant-choice.md
 
 reproduce: install

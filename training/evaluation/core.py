@@ -10,7 +10,7 @@
 - PGD runs with restarts, doubled until doubling no longer lowers robust accuracy by more
   than `pgd_restart_tolerance`; each example keeps its worst outcome over all restarts.
 - Every attack's adversarial inputs are cached under `out/.cache/`, keyed by the model's
-  sha256, the attack and its budget: an interrupted evaluation, run again, resumes.
+  sha256, the attack, its budget and the attacked examples themselves: an interrupted evaluation, run again, resumes.
 
 Where things live: budgets in config.py, the verdict-based rates in scoring.py, the three
 rejection scores in detectors.py, the masking checks in sanity.py, the report's schema in
@@ -20,6 +20,7 @@ entry in detectors.Scores.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -102,9 +103,9 @@ class AttackRunner:
 
     def craft(self, name: str, attack: Attack, on: nn.Module, m: int, params: dict[str, Any], seed: int) -> Tensor:
         """Adversarial inputs for the first m examples, from the cache when this exact run was made."""
-        what = [self.t.manifest.sha256, name, params, m, seed, self.t.eps]
-        what += [self.cfg.split] if self.cfg.split != "test" else []  # test keys as before: old caches stay valid
-        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        examples = hashlib.sha256(self.t.x[:m].numpy().tobytes() + self.t.y[:m].numpy().tobytes()).hexdigest()
+        key = hashlib.sha256(json.dumps([self.t.manifest.sha256, name, params, examples, seed, self.t.eps],
+                                        sort_keys=True, default=str).encode()).hexdigest()[:20]
         path = self.cache / f"{name.replace(':', '_')}-{key}.safetensors" if self.cache else None
         if path is not None and path.is_file():
             return load_file(str(path))["x_adv"]
@@ -177,7 +178,7 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
     t_start = time.time()
     logging.getLogger("art").setLevel(logging.WARNING)
     say = progress or (lambda s: log.info("%s", s))
-    target, test = _target(version_dir, cfg)
+    target = _target(version_dir, cfg)
     wb = white_box_model(target.vdir, target.manifest, target.onnx_model, checkpoint, cfg.weights_from_onnx,
                          target.x[:16])
     if wb.model is not None:
@@ -210,19 +211,21 @@ def _device(name: str) -> torch.device:
     return resolve_device(name)
 
 
-def _target(version_dir: str | Path, cfg: EvalConfig) -> tuple[Target, Dataset]:
+def _target(version_dir: str | Path, cfg: EvalConfig) -> Target:
     vdir = version_path(version_dir)
     manifest = load_manifest(vdir)
     dataset = manifest.training.dataset
-    test = load_dataset(dataset, "test", cfg.data_dir or manifest.training.training_config.get("data_dir"))
-    examples = test if cfg.split == "test" else _splits(manifest, cfg)[1]
+    if cfg.split == "test":
+        examples = load_dataset(dataset, "test", cfg.data_dir or manifest.training.training_config.get("data_dir"))
+    else:
+        examples = _splits(manifest, cfg)[1]
     n = min(cfg.n_examples, len(examples))
     x, y = examples.images[:n], examples.labels[:n]
     if tuple(x.shape[1:]) != tuple(manifest.input.shape):
         raise EvaluationError(f"{dataset} images are {tuple(x.shape[1:])}, the model takes {manifest.input.shape}")
     eps = cfg.eps if cfg.eps is not None else DEFAULT_EPS[dataset]
     rho = cfg.rho if cfg.rho is not None else manifest.rho
-    return Target(vdir, manifest, OnnxModel(vdir / MODEL_FILE), x, y, eps, rho), test
+    return Target(vdir, manifest, OnnxModel(vdir / MODEL_FILE), x, y, eps, rho)
 
 
 def _white_box_attacks(runner: AttackRunner, wb: WhiteBox) -> None:
@@ -334,7 +337,11 @@ def _detectors(runner: AttackRunner, clean: Judged, model: ConvNet | None) -> li
 def _splits(manifest: Manifest, cfg: EvalConfig) -> tuple[Dataset, Dataset]:
     """The version's training and validation splits, as its training run made them."""
     tc = manifest.training.training_config
-    return training_splits(manifest.training.dataset, cfg.data_dir or tc.get("data_dir"), int(tc.get("n_val", 5000)))
+    return _training_splits(manifest.training.dataset, cfg.data_dir or tc.get("data_dir"), int(tc.get("n_val", 5000)))
+
+
+# A validation run reads the training split for its examples and again for the detectors: once.
+_training_splits = functools.lru_cache(maxsize=1)(training_splits)
 
 
 def _report(t: Target, cfg: EvalConfig, command: str, checkpoint: str | Path | None, wb: WhiteBox, clean: Judged,
