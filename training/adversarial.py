@@ -7,6 +7,9 @@
            step of ε, no projection. All of the loss is on the adversarial input.
 - trades:  ℓ(x) + β · mean KL(p(x) ‖ p(x_adv)), x_adv maximizing that KL by PGD-k
            (Zhang et al. 2019).
+- rejection: the served verdict trained with the classifier (training/rejection.py): clean
+           inputs inside their cone, attacked inputs correct or rejected, synthetic outliers
+           rejected.
 
 ℓ is the head's loss (`objectives.head_loss`: cross-entropy, plus the weight multiplier's
 penalty or loss annealing). The attack runs on the bare module in eval mode; the loss is one
@@ -23,7 +26,7 @@ from training.attacks import FGSM, NFGSM, PGD, TradesPGD, kl_clean_adv
 from training.models import ConvNet
 from training.objectives import ObjectiveConfig, head_loss
 
-MODES = ("natural", "fgsm", "pgd", "nfgsm", "trades")
+MODES = ("natural", "fgsm", "pgd", "nfgsm", "trades", "rejection")
 
 
 def adversarial_input(model: nn.Module, x: Tensor, y: Tensor, mode: str, eps: float, steps: int,

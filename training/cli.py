@@ -39,7 +39,8 @@ def train(
     head: Annotated[str, typer.Option(help="softmax, wsoftmax, wm, anneal")] = "wm",
     fc_dim: Annotated[int, typer.Option(help="feature dimension (2 for the Figure 2 models)")] = 256,
     feature_relu: Annotated[bool, typer.Option(help="ReLU on the feature layer")] = True,
-    mode: Annotated[str, typer.Option(help="natural, fgsm (random start), pgd, nfgsm or trades")] = "natural",
+    mode: Annotated[str, typer.Option(
+        help="natural, fgsm (random start), pgd, nfgsm, trades, or rejection (trains the served verdict)")] = "natural",
     eps: Annotated[float | None, typer.Option(
         help="L-inf radius for adversarial training (default: the dataset's, 0.1 for Fashion-MNIST)")] = None,
     attack_steps: Annotated[int, typer.Option(help="PGD steps")] = 7,
@@ -47,6 +48,14 @@ def train(
     adv_weight: Annotated[float, typer.Option(
         help="fgsm/pgd: weight of the adversarial loss (1 = pure adversarial)")] = 1.0,
     trades_beta: Annotated[float, typer.Option(help="trades: weight beta of KL(clean || adversarial)")] = 6.0,
+    reject_scale: Annotated[float, typer.Option(help="rejection: scale s of the logits s*cos and s*t")] = 10.0,
+    reject_cos: Annotated[float, typer.Option(help="rejection: t, cosine of the training cone's half-angle")] = 0.5,
+    reject_margin: Annotated[float, typer.Option(help="rejection: angular margin m of clean inputs")] = 0.1,
+    outlier_fraction: Annotated[float, typer.Option(
+        help="rejection: synthetic outliers per batch, as a share of the batch size")] = 0.25,
+    outlier_eps: Annotated[float, typer.Option(help="rejection: radius of the worst case around an outlier")] = 0.1,
+    shrunk_share: Annotated[float, typer.Option(
+        help="rejection: share of attacked rows whose perturbation is shrunk and trained toward correct")] = 0.5,
     natural_epochs: Annotated[float, typer.Option(help="natural epochs before adversarial training")] = 0.0,
     eps_warmup_epochs: Annotated[float, typer.Option(help="epochs of linear eps warm-up")] = 0.0,
     epochs: Annotated[float, typer.Option(help="epochs (overrides --iterations)")] = 0.0,
@@ -77,6 +86,7 @@ def train(
     from training.guard import GuardConfig
     from training.models import ModelConfig
     from training.objectives import ObjectiveConfig
+    from training.rejection import RejectionConfig
     from training.train import train as run_training
 
     if download:
@@ -95,7 +105,10 @@ def train(
                       limit_train=limit_train, seed=seed, checkpoint_every=checkpoint_every,
                       checkpoint_minutes=checkpoint_minutes, device=device,
                       objective=ObjectiveConfig(wm_eta=wm_eta, ortho_weight=ortho_weight),
-                      guard=GuardConfig(every=guard_every))
+                      guard=GuardConfig(every=guard_every),
+                      rejection=RejectionConfig(scale=reject_scale, reject_cos=reject_cos, margin=reject_margin,
+                                                outlier_fraction=outlier_fraction, outlier_eps=outlier_eps,
+                                                shrunk_share=shrunk_share))
     _, ckpt = run_training(model_cfg, cfg, out, resume=resume, command=command_line(), init_from=init_from,
                            show_progress=not quiet)
     m = ckpt.metrics

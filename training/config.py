@@ -12,6 +12,7 @@ from typing import Any
 from training.adversarial import MODES
 from training.guard import GuardConfig
 from training.objectives import ObjectiveConfig
+from training.rejection import RejectionConfig
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class TrainConfig:
     min_accuracy_over_chance: float = 0.15
     objective: ObjectiveConfig = ObjectiveConfig()
     guard: GuardConfig = GuardConfig()
+    rejection: RejectionConfig = RejectionConfig()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,6 +69,7 @@ class TrainConfig:
         d = dict(d)
         d["objective"] = ObjectiveConfig(**d.get("objective", {}))
         d["guard"] = GuardConfig(**d.get("guard", {}))
+        d["rejection"] = RejectionConfig(**d.get("rejection", {}))
         d["lr_milestones"] = tuple(d.get("lr_milestones", (1 / 3, 2 / 3)))
         return cls(**d)
 

@@ -8,6 +8,13 @@ full ε on a fixed subset of the validation split (never the test set), every `e
 iterations and at each epoch's end. The run keeps the checkpoint of the best such accuracy
 (`best/`), and stops when the accuracy falls more than `max_drop` below that best.
 
+In rejection training (training/rejection.py) the guard watches what is shipped: the
+DEFENDED rate (1 − accepted-and-wrong) of the served geodesic rule under a rule-aware PGD-10
+(it ascends `rejection.rule_objective`, knowing the angle statistics and ρ), beside robust
+accuracy under the same attack; `best/` is chosen on the defended rate. The rule is the one
+export will ship: θ*, θσ on (a prefix of) the training split, ρ calibrated to
+`target_reject_rate` on the validation images outside the guard's subset.
+
 Every check starts its PGD from the same seeded random state inside `fork_rng`, so the
 guard neither depends on nor disturbs the training run's random stream (a resumed run
 equals an uninterrupted one).
@@ -31,6 +38,9 @@ class GuardConfig:
     steps: int = 10  # PGD steps, step size 2.5 ε / steps, one random start
     max_drop: float = 0.20  # stop when PGD accuracy < best - max_drop
     seed: int = 20240607  # PGD's random start
+    n_stats: int = 10000  # rule-aware guard: training images the angle statistics come from
+    target_reject_rate: float = 0.05  # rule-aware guard: clean false-reject rate of its rho
+    kappa: float = 10.0  # rule-aware guard: weight of the angle slack in the attack's objective
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,24 @@ class GuardPoint:
     epoch: int
     pgd_accuracy: float
     clean_accuracy: float
+    defended_rate: float | None = None  # rule-aware guard only
+    clean_reject_rate: float | None = None  # on the guard's subset, at the calibrated rho
+    rho: float | None = None
+
+    @property
+    def score(self) -> float:
+        """What best/ is chosen on: the defended rate when the guard knows the rule."""
+        return self.pgd_accuracy if self.defended_rate is None else self.defended_rate
+
+
+@dataclass(frozen=True)
+class RuleData:
+    """What a rule-aware guard needs besides its validation subset."""
+
+    x_stats: Tensor  # training images: angle statistics
+    y_stats: Tensor
+    x_calib: Tensor  # validation images outside the guard's subset: rho
+    y_calib: Tensor
 
 
 class CatastrophicOverfitting(Exception):
@@ -49,37 +77,76 @@ class OverfittingGuard:
     """PGD-10 accuracy on a fixed validation subset, its history and its best point."""
 
     def __init__(self, cfg: GuardConfig, x_val: Tensor, y_val: Tensor, eps: float,
-                 history: list[dict[str, Any]] | None = None) -> None:
+                 rule: RuleData | None = None) -> None:
         self.cfg = cfg
         self.x, self.y = x_val[: cfg.n_examples], y_val[: cfg.n_examples]
         self.eps = eps
-        self.history = [GuardPoint(**h) for h in history or []]
+        self.rule = rule
+        self.history: list[GuardPoint] = []
 
     @property
     def best(self) -> GuardPoint | None:
-        return max(self.history, key=lambda p: p.pgd_accuracy, default=None)
+        return max(self.history, key=lambda p: p.score, default=None)
 
     def measure(self, model: nn.Module, iteration: int, epoch: int) -> GuardPoint:
         """Run the check, append it to the history and return it."""
-        attack = PGD(self.eps, steps=self.cfg.steps)
+        if self.rule is not None:
+            point = self._measure_rule(model, iteration, epoch, self.rule)
+        else:
+            attack = PGD(self.eps, steps=self.cfg.steps)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                x_adv = attack_dataset(model, attack, self.x, self.y)
+            with torch.no_grad():
+                adv_logits, _ = predict(model, x_adv)
+                clean_logits, _ = predict(model, self.x)
+            point = GuardPoint(iteration, epoch, _accuracy(adv_logits, self.y), _accuracy(clean_logits, self.y))
+        self.history.append(point)
+        return point
+
+    def _measure_rule(self, model: nn.Module, iteration: int, epoch: int, rule: RuleData) -> GuardPoint:
+        from app.verdict import angle_ratio, calibrate_rho, geodesic_verdict
+        from training.angle_stats import compute_angle_stats
+        from training.rejection import rule_objective
+
+        k = int(getattr(getattr(model, "config", None), "num_classes", 10))
+        stats = compute_angle_stats(model, rule.x_stats, rule.y_stats, k)
+        logits, cos = predict(model, rule.x_calib)
+        rho = calibrate_rho(angle_ratio(logits.cpu().numpy(), cos.cpu().numpy(), stats.mean_deg, stats.std_deg),
+                            self.cfg.target_reject_rate)
+        thresholds = torch.tensor([rho * (m + s) for m, s in zip(stats.mean_deg, stats.std_deg, strict=True)])
+        cos_thr = torch.cos(torch.deg2rad(thresholds.clamp(max=180.0))).to(self.x.device)
+        kappa = self.cfg.kappa
+
+        def loss(lg: Tensor, cs: Tensor | None, y: Tensor) -> Tensor:
+            assert cs is not None
+            return rule_objective(lg, cs, y, cos_thr, kappa)
+
+        attack = PGD(self.eps, steps=self.cfg.steps, loss_fn=loss)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             x_adv = attack_dataset(model, attack, self.x, self.y)
-        with torch.no_grad():
-            adv_logits, _ = predict(model, x_adv)
-            clean_logits, _ = predict(model, self.x)
-        point = GuardPoint(iteration, epoch, _accuracy(adv_logits, self.y), _accuracy(clean_logits, self.y))
-        self.history.append(point)
-        return point
+
+        def verdict(x: Tensor):  # type: ignore[no-untyped-def]
+            lg, cs = predict(model, x)
+            return geodesic_verdict(lg.cpu().numpy(), cs.cpu().numpy(), stats.mean_deg, stats.std_deg, rho)
+
+        adv, clean = verdict(x_adv), verdict(self.x)
+        y = self.y.cpu().numpy()
+        wins = adv.accepted & (adv.labels != y)
+        return GuardPoint(iteration, epoch, float((adv.labels == y).mean()), float((clean.labels == y).mean()),
+                          defended_rate=float(1 - wins.mean()), clean_reject_rate=float(1 - clean.accepted.mean()),
+                          rho=float(rho))
 
     def collapse_reason(self, point: GuardPoint) -> str | None:
         """Why the run must stop after this check, or None."""
         best = self.best
-        if best is None or point.pgd_accuracy >= best.pgd_accuracy - self.cfg.max_drop:
+        if best is None or point.score >= best.score - self.cfg.max_drop:
             return None
-        return (f"catastrophic overfitting: validation PGD-{self.cfg.steps} accuracy fell to "
-                f"{point.pgd_accuracy:.3f} at iteration {point.iteration}, more than {self.cfg.max_drop:.2f} "
-                f"below its best {best.pgd_accuracy:.3f} (iteration {best.iteration}); best/ holds that checkpoint")
+        what = "accuracy" if point.defended_rate is None else "defended rate (rule-aware)"
+        return (f"catastrophic overfitting: validation PGD-{self.cfg.steps} {what} fell to "
+                f"{point.score:.3f} at iteration {point.iteration}, more than {self.cfg.max_drop:.2f} "
+                f"below its best {best.score:.3f} (iteration {best.iteration}); best/ holds that checkpoint")
 
     def to_list(self) -> list[dict[str, Any]]:
         return [asdict(p) for p in self.history]

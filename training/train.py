@@ -42,9 +42,10 @@ from training.checkpoint import Checkpoint, load_checkpoint, load_optimizer_stat
 from training.config import TrainConfig, eps_at, lr_at
 from training.data import Dataset, training_splits
 from training.distributed import DistInfo, check_ranks_agree, init_distributed, resolve_device, weights_digest
-from training.guard import CatastrophicOverfitting, GuardPoint, OverfittingGuard
+from training.guard import CatastrophicOverfitting, GuardPoint, OverfittingGuard, RuleData
 from training.models import ConvNet, ModelConfig, build_model
 from training.objectives import regularizer
+from training.rejection import rejection_loss
 
 log = logging.getLogger("dsphere.train")
 
@@ -131,16 +132,14 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, co
     model = build_model(model_cfg)
     resuming = resume and (out / "last").is_dir()
     if init_from and not resuming:  # a resumed run takes its weights from last/ (init_from may be gone)
-        src, _ = load_checkpoint(init_from)
-        if src.config.to_dict() != model_cfg.to_dict():
-            raise ValueError(f"--init-from {init_from}: its model config differs from the requested one")
-        model.load_state_dict(src.state_dict())
+        _init_weights(model, init_from)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     iters_per_epoch = max(1, len(train_ds) // info.world_size // cfg.batch_size)
     total = int(math.ceil(cfg.epochs * iters_per_epoch)) if cfg.epochs > 0 else cfg.iterations
     ckpt = Checkpoint(model_cfg, cfg.to_dict(), command=command, dataset=cfg.dataset, git_commit=git_commit())
-    guard = (OverfittingGuard(cfg.guard, val_ds.images.to(device), val_ds.labels.to(device), cfg.eps)
+    guard = (OverfittingGuard(cfg.guard, val_ds.images.to(device), val_ds.labels.to(device), cfg.eps,
+                              rule=_guard_rule(cfg, train_ds, val_ds, device))
              if cfg.adversarial else None)
     net: nn.Module = model
     if info.world_size > 1:
@@ -149,6 +148,36 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, co
     if resuming:
         _resume(run, out / "last")
     return run
+
+
+def _init_weights(model: ConvNet, init_from: str) -> None:
+    """Start from a checkpoint of the same model, or of the same trunk with another head (its
+    class weights are kept, a bias it had is dropped: e.g. a softmax baseline fine-tuned with a
+    cosine head)."""
+    src, _ = load_checkpoint(init_from)
+    mine, theirs = model.config.to_dict(), src.config.to_dict()
+    mine.pop("head"), theirs.pop("head")
+    if mine != theirs:
+        raise ValueError(f"--init-from {init_from}: its model config differs from the requested one")
+    state = src.state_dict()
+    if src.config.head != model.config.head:
+        wanted = model.state_dict()
+        state = {k: v for k, v in state.items() if k in wanted and wanted[k].shape == v.shape}
+        log.info("--init-from %s: head %s -> %s; %d of %d tensors taken", init_from, src.config.head,
+                 model.config.head, len(state), len(wanted))
+        model.load_state_dict(state, strict=False)
+        return
+    model.load_state_dict(state)
+
+
+def _guard_rule(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, device: torch.device) -> RuleData | None:
+    """What a rule-aware guard needs (rejection training): training images for the angle
+    statistics, the validation images outside the guard's subset for ρ."""
+    if cfg.mode != "rejection":
+        return None
+    n_stats = min(len(train_ds), cfg.guard.n_stats)
+    return RuleData(train_ds.images[:n_stats].to(device), train_ds.labels[:n_stats].to(device),
+                    val_ds.images[cfg.guard.n_examples:].to(device), val_ds.labels[cfg.guard.n_examples:].to(device))
 
 
 def _resume(run: Run, last: Path) -> None:
@@ -228,9 +257,13 @@ def _step(run: Run, x: Tensor, y: Tensor) -> dict[str, str]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.it, run.total, cfg)
     eps = eps_at(run.it, run.iters_per_epoch, cfg)
-    x_adv = adversarial_input(run.model, x, y, cfg.mode, eps, cfg.attack_steps, _step_size(cfg, eps))
-    loss, logits = training_loss(run.model, run.net, x, x_adv, y, cfg.mode, cfg.adv_weight, cfg.trades_beta,
-                                 run.it, cfg.objective)
+    if cfg.mode == "rejection":
+        loss, logits = rejection_loss(run.model, run.net, x, y, eps, run.it, cfg.rejection, cfg.objective)
+        y = y[: len(logits)]
+    else:
+        x_adv = adversarial_input(run.model, x, y, cfg.mode, eps, cfg.attack_steps, _step_size(cfg, eps))
+        loss, logits = training_loss(run.model, run.net, x, x_adv, y, cfg.mode, cfg.adv_weight, cfg.trades_beta,
+                                     run.it, cfg.objective)
     loss = loss + regularizer(run.model, cfg.objective).to(run.device)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -255,16 +288,23 @@ def _check(run: Run, epoch: int, postfix: dict[str, str]) -> str | None:
     assert run.guard is not None
     point = run.guard.measure(run.model, run.it, epoch)
     best = run.guard.best
-    postfix.update(pgd=f"{point.pgd_accuracy:.3f}", best=f"{best.pgd_accuracy:.3f}" if best else "-")
-    log.info("guard at iteration %d: validation PGD-%d accuracy %.4f (clean %.4f); best %.4f",
-             run.it, run.cfg.guard.steps, point.pgd_accuracy, point.clean_accuracy,
-             best.pgd_accuracy if best else float("nan"))
+    postfix.update(pgd=f"{point.pgd_accuracy:.3f}", best=f"{best.score:.3f}" if best else "-")
+    if point.defended_rate is not None:
+        postfix.update(defended=f"{point.defended_rate:.3f}")
+    log.info("guard at iteration %d: validation PGD-%d accuracy %.4f (clean %.4f), defended %s (rho %s, clean "
+             "reject %s); best %.4f", run.it, run.cfg.guard.steps, point.pgd_accuracy, point.clean_accuracy,
+             _fmt(point.defended_rate), _fmt(point.rho), _fmt(point.clean_reject_rate),
+             best.score if best else float("nan"))
     if run.info.is_main:
         if best is point:
             _save(run, "best", with_state=False)
         _save_last(run)
         _write_summary(run, status="running")
     return run.guard.collapse_reason(point)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _end_of_epoch(run: Run, epoch: int, postfix: dict[str, str], bar: tqdm) -> str | None:
@@ -277,9 +317,13 @@ def _end_of_epoch(run: Run, epoch: int, postfix: dict[str, str], bar: tqdm) -> s
         if not run.guard.history or run.guard.history[-1].iteration != run.it:
             reason = _check(run, epoch, postfix)
         record["val_pgd_accuracy"] = run.guard.history[-1].pgd_accuracy
+        if run.guard.history[-1].defended_rate is not None:
+            record["val_defended_rate"] = run.guard.history[-1].defended_rate
     run.epochs.append(record)
     pgd = f"  val PGD-{run.cfg.guard.steps} accuracy {record['val_pgd_accuracy']:.4f}" if "val_pgd_accuracy" in record \
         else ""
+    if "val_defended_rate" in record:
+        pgd += f", defended {record['val_defended_rate']:.4f}"
     log.info("epoch %d: iteration %d/%d, val accuracy %.4f%s, %.1f min", epoch, run.it, run.total, va, pgd,
              run.minutes)
     if run.info.is_main:
