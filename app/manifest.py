@@ -94,6 +94,33 @@ class Calibration(_Strict):
     paper_rho1_validation_reject_rate: float = Field(ge=0, le=1)
 
 
+class AngleHistogram(_Strict):
+    """How the training split's angles fall into bins, per class: what angle_mean_deg and
+    angle_std_deg summarize (each class-j training image's feature against W_j, in degrees,
+    as the model.onnx of this version computes it). Drawn by the service's page beside an
+    input's angle and its class's threshold.
+
+    counts[j][b] is the number of class-j images whose angle lies in
+    [bin_edges_deg[b], bin_edges_deg[b + 1]) (the last bin also holds its upper edge).
+    """
+
+    split: Literal["train"] = "train"
+    bin_edges_deg: list[float] = Field(min_length=2, description="increasing bin edges within [0, 180] degrees")
+    counts: list[list[int]] = Field(description="per class, images per bin")
+
+    @model_validator(mode="after")
+    def _bins_match(self) -> AngleHistogram:
+        edges = self.bin_edges_deg
+        if any(b <= a for a, b in zip(edges, edges[1:], strict=False)) or edges[0] < 0 or edges[-1] > 180:
+            raise ValueError("bin_edges_deg must increase strictly within [0, 180]")
+        bins = len(edges) - 1
+        if any(len(row) != bins for row in self.counts):
+            raise ValueError(f"every row of counts must have one entry per bin ({bins})")
+        if any(c < 0 for row in self.counts for c in row):
+            raise ValueError("counts must not be negative")
+        return self
+
+
 class TrainingInfo(_Strict):
     model_config_: dict[str, Any] = Field(alias="model_config")
     training_config: dict[str, Any]
@@ -119,6 +146,8 @@ class Manifest(_Strict):
     calibration: Calibration
     metrics: ManifestMetrics
     training: TrainingInfo
+    # Written by exports since the page was added; None in older manifests (still valid).
+    angle_histogram: AngleHistogram | None = None
 
     @model_validator(mode="after")
     def _per_class_lengths_match(self) -> Manifest:
@@ -127,6 +156,10 @@ class Manifest(_Strict):
             raise ValueError(
                 f"angle_mean_deg/angle_std_deg must have one entry per class ({k}), got "
                 f"{len(self.angle_mean_deg)}/{len(self.angle_std_deg)}"
+            )
+        if self.angle_histogram is not None and len(self.angle_histogram.counts) != k:
+            raise ValueError(
+                f"angle_histogram.counts must have one row per class ({k}), got {len(self.angle_histogram.counts)}"
             )
         if tuple(self.outputs) != OUTPUT_NAMES:
             raise ValueError(f"outputs must be {list(OUTPUT_NAMES)}, got {list(self.outputs)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,15 @@ def manifest_dict(version: str, sha256: str, name: str = NAME, rho: float = 1.0)
         "training": {"model_config": {"arch": "fake"}, "training_config": {}, "command": "fake_store.py",
                      "dataset": "none"},
     }
+
+
+def angle_histogram(per_class: int = 1000, bin_deg: float = 2.0) -> dict[str, Any]:
+    """A manifest's `angle_histogram` for the fixture: per class, `per_class` angles spread as a
+    normal law of ANGLE_MEAN and ANGLE_STD would put them into bins of `bin_deg` over [0, 180]."""
+    edges = np.linspace(0.0, 180.0, int(round(180.0 / bin_deg)) + 1)
+    cdf = np.array([0.5 * (1 + math.erf((e - ANGLE_MEAN) / (ANGLE_STD * math.sqrt(2)))) for e in edges])
+    row = np.round(np.diff(cdf) * per_class).astype(int).tolist()
+    return {"split": "train", "bin_edges_deg": edges.tolist(), "counts": [row] * K}
 
 
 def write_version(

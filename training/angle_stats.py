@@ -14,8 +14,11 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from app.manifest import AngleHistogram
 from app.verdict import angles_deg
 from training.attacks import predict
+
+HISTOGRAM_BIN_DEG = 2.0  # 90 bins over [0, 180]: a clean class spans 10-20 of them
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,12 @@ def compute_angle_stats(model: nn.Module, x: Tensor, y: Tensor, num_classes: int
         stds.append(float(t.std()) if len(t) else 0.0)
         counts.append(int(len(t)))
     return AngleStats(tuple(means), tuple(stds), tuple(counts))
+
+
+def angle_histogram(theta_deg: np.ndarray, labels: np.ndarray, num_classes: int,
+                    bin_deg: float = HISTOGRAM_BIN_DEG) -> AngleHistogram:
+    """Per class j, the angles theta_deg[labels == j] counted in equal bins over [0, 180] degrees:
+    the distribution that θ*_j and θσ_j summarize (theta_deg, labels: (N,))."""
+    edges = np.linspace(0.0, 180.0, int(round(180.0 / bin_deg)) + 1)
+    counts = [np.histogram(theta_deg[labels == j], bins=edges)[0].tolist() for j in range(num_classes)]
+    return AngleHistogram(bin_edges_deg=edges.tolist(), counts=counts)

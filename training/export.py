@@ -10,7 +10,9 @@ Steps, each checked:
 3. Test-set metrics from ONNX Runtime outputs with the verdict rule of app/verdict.py
    (so anyone recomputes them from the files), and PGD figures: adversarial examples
    crafted on the PyTorch model, judged by ONNX Runtime.
-4. Written to a temporary directory and renamed into place; an existing version is
+4. The training split's angles from ONNX Runtime, binned per class (the manifest's
+   angle_histogram: what the service's page draws beside an input's angle).
+5. Written to a temporary directory and renamed into place; an existing version is
    never overwritten.
 """
 
@@ -37,6 +39,7 @@ from app.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
     OUTPUT_NAMES,
+    AngleHistogram,
     AttackSpec,
     Calibration,
     InputSpec,
@@ -45,7 +48,8 @@ from app.manifest import (
     OperatingPoint,
     TrainingInfo,
 )
-from app.verdict import Verdicts, angle_ratio, calibrate_rho, geodesic_verdict
+from app.verdict import Verdicts, angles_deg, calibrate_rho_on, geodesic_verdict
+from training.angle_stats import angle_histogram
 from training.attacks import PGD, attack_dataset
 from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from training.data import DEFAULT_EPS, Dataset, load_dataset, sha256_file, training_splits
@@ -156,7 +160,8 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
     report = read_report(evaluation, eps) if evaluation is not None else None
     torch.manual_seed(seed)
 
-    val, test = validation_and_test(dataset, data_dir or tc.get("data_dir"), int(tc.get("n_val", 5000)), n_test)
+    train, val, test = export_splits(dataset, data_dir or tc.get("data_dir"), int(tc.get("n_val", 5000)),
+                                     int(tc.get("limit_train", 0)), n_test)
     stats = ckpt.angle_stats
     assert stats is not None  # exportable() refuses a checkpoint without
     mean, std = stats.mean_deg, stats.std_deg
@@ -189,6 +194,7 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
                pgd_at_export(model, onnx_model, test.images, y, eps, mean, std, rho, pgd_steps, pgd_restarts, n_attack))
 
         cfg = model.config
+        histogram = training_histogram(onnx_model, train, cfg.num_classes)
         manifest = Manifest(
             name=name, version=version, created_at=datetime.now(UTC), sha256=sha,
             class_names=list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)],
@@ -206,6 +212,7 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
             ),
             training=TrainingInfo(model_config_=cfg.to_dict(), training_config=_jsonable(tc),
                                   command=ckpt.command or command, dataset=dataset, git_commit=ckpt.git_commit),
+            angle_histogram=histogram,
         )
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2, by_alias=True) + "\n")
         os.chmod(tmp, 0o755)
@@ -232,11 +239,22 @@ def exportable(checkpoint: str | os.PathLike[str]) -> tuple[ConvNet, Checkpoint]
     return model.eval(), ckpt
 
 
-def validation_and_test(dataset: str, data_dir: str | None, n_val: int, n_test: int) -> tuple[Dataset, Dataset]:
-    """The validation split held out by training (same size, seed 0) and the test set (first n_test)."""
-    _, val = training_splits(dataset, data_dir, n_val)
+def export_splits(dataset: str, data_dir: str | None, n_val: int, limit_train: int,
+                  n_test: int) -> tuple[Dataset, Dataset, Dataset]:
+    """The training run's own parts of the training split, (train, validation) as it made them
+    (n_val held out with seed 0, its limit_train first images kept), and the test set (first n_test)."""
+    train, val = training_splits(dataset, data_dir, n_val)
     test = load_dataset(dataset, "test", data_dir)
-    return val, test.subset(slice(0, n_test)) if n_test else test
+    train = train.subset(slice(0, limit_train)) if limit_train else train
+    return train, val, test.subset(slice(0, n_test)) if n_test else test
+
+
+def training_histogram(onnx_model: OnnxModel, train: Dataset, num_classes: int) -> AngleHistogram:
+    """The angle between each training image's feature and its own class weight, from ONNX Runtime
+    (what the service computes), binned per class: the distribution behind angle_mean_deg/std."""
+    _, cosines = onnx_model(train.images)  # (N, K)
+    y = train.labels.numpy()
+    return angle_histogram(angles_deg(cosines[np.arange(len(y)), y]), y, num_classes)
 
 
 @dataclass(frozen=True)
@@ -248,7 +266,7 @@ class Calibrated:
 def calibrate(onnx_model: OnnxModel, x_val: Tensor, mean: Any, std: Any, target_reject_rate: float) -> Calibrated:
     """rho such that the verdict rejects `target_reject_rate` of the clean validation images."""
     v_logits, v_cos = onnx_model(x_val)
-    rho = calibrate_rho(angle_ratio(v_logits, v_cos, mean, std), target_reject_rate)
+    rho = calibrate_rho_on(v_logits, v_cos, mean, std, target_reject_rate)
     val_reject = float((~geodesic_verdict(v_logits, v_cos, mean, std, rho).accepted).mean())
     val_reject1 = float((~geodesic_verdict(v_logits, v_cos, mean, std, 1.0).accepted).mean())
     log.info("calibrated rho %.4f on %d validation images (reject %.4f; rho=1 rejects %.4f)",

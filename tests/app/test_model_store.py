@@ -13,8 +13,10 @@ from app.model_store import (
     list_versions,
     load_version,
     natural_key,
+    read_manifest,
 )
-from support.fake_store import build_model, write_version
+from support.bundled import BUNDLED_STORE
+from support.fake_store import angle_histogram, build_model, write_version
 
 NAME = "fashion-mnist-dsphere"
 
@@ -79,6 +81,29 @@ def test_unknown_schema_version(tmp_path: Path) -> None:
     with pytest.raises(ModelInvalidError) as ei:
         load_version(tmp_path, NAME, "1")
     assert str(ei.value) == f"{d / 'manifest.json'}: unsupported schema_version 2 (this service reads 1)"
+
+
+def test_angle_histogram_is_optional_and_checked_against_the_classes(tmp_path: Path) -> None:
+    write_version(tmp_path / "a", "1")
+    assert load_version(tmp_path / "a", NAME).manifest.angle_histogram is None  # an older manifest
+    write_version(tmp_path / "b", "1", manifest_overrides={"angle_histogram": angle_histogram()})
+    hist = load_version(tmp_path / "b", NAME).manifest.angle_histogram
+    assert hist is not None and len(hist.counts) == 10 and len(hist.bin_edges_deg) == 91
+    bad = angle_histogram()
+    bad["counts"] = bad["counts"][:9]
+    d = write_version(tmp_path / "c", "1", manifest_overrides={"angle_histogram": bad})
+    with pytest.raises(ModelInvalidError) as ei:
+        load_version(tmp_path / "c", NAME)
+    assert str(ei.value) == (f"{d / 'manifest.json'}: invalid manifest: (root): Value error, "
+                             "angle_histogram.counts must have one row per class (10), got 9")
+
+
+@pytest.mark.parametrize(
+    "manifest", sorted(BUNDLED_STORE.glob("*/*/manifest.json")), ids=lambda p: str(p.parent.relative_to(BUNDLED_STORE))
+)
+def test_every_bundled_manifest_loads(manifest: Path) -> None:
+    """The store's versions, some exported before angle_histogram existed, all still load."""
+    assert read_manifest(manifest).version == manifest.parent.name
 
 
 def test_missing_model_file(tmp_path: Path) -> None:

@@ -91,7 +91,7 @@ def test_export_then_recompute_metrics_from_files(tiny_run: Path, tmp_path: Path
     sess = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
     x = fashion_test.images[:1000].numpy()
     logits, cosines = sess.run(["logits", "cosines"], {sess.get_inputs()[0].name: x})
-    model, _ = load_checkpoint(tiny_run)
+    model, ckpt = load_checkpoint(tiny_run)
     t_logits, t_cos = predict(model, torch.from_numpy(x[:300]))
     np.testing.assert_allclose(logits[:300], t_logits.numpy(), atol=1e-4)
     np.testing.assert_allclose(cosines[:300], t_cos.numpy(), atol=1e-4)
@@ -100,6 +100,15 @@ def test_export_then_recompute_metrics_from_files(tiny_run: Path, tmp_path: Path
     assert manifest.metrics.clean_accuracy == pytest.approx(float((v.labels == y).mean()), abs=1e-9)
     assert manifest.metrics.clean_reject_rate == pytest.approx(float((~v.accepted).mean()), abs=1e-9)
     assert manifest.metrics.pgd_defended_rate >= manifest.metrics.pgd_robust_accuracy
+    # The angle histogram counts the very images behind the angle statistics (the run's 4,000
+    # training images), and its binned mean is the manifest's mean within half a bin.
+    hist = manifest.angle_histogram
+    assert hist is not None and ckpt.angle_stats is not None
+    assert [sum(row) for row in hist.counts] == list(ckpt.angle_stats.counts)
+    edges = np.asarray(hist.bin_edges_deg)
+    centers, half_bin = (edges[:-1] + edges[1:]) / 2, float(np.diff(edges).max()) / 2
+    for row, mean in zip(hist.counts, manifest.angle_mean_deg, strict=True):
+        assert float(np.average(centers, weights=row)) == pytest.approx(mean, abs=half_bin)
     with pytest.raises(FileExistsError, match="never overwritten"):
         export_version(tiny_run, tmp_path, "tiny", "1")
 
