@@ -31,6 +31,7 @@ class Verdicts:
     thresholds_deg: NDArray[np.float64]  # (N,)
     accepted: NDArray[np.bool_]  # (N,)
     probabilities: NDArray[np.float64]  # (N,) softmax probability of the label
+    class_probabilities: NDArray[np.float64]  # (N, K) softmax probability of every class
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,8 +80,8 @@ def geodesic_verdict(
     rows = np.arange(len(labels))
     theta = angles_deg(cosines_a[rows, labels])
     threshold = rho * (mean[labels] + std[labels])
-    probs = softmax(logits_a)[rows, labels]
-    return Verdicts(labels, theta, threshold, theta <= threshold, probs)
+    class_probs = softmax(logits_a)
+    return Verdicts(labels, theta, threshold, theta <= threshold, class_probs[rows, labels], class_probs)
 
 
 def angle_ratio(
@@ -101,3 +102,23 @@ def calibrate_rho(ratios: ArrayLike, target_reject_rate: float) -> float:
     allowed = int(np.floor(target_reject_rate * n))  # number of rejections we may make
     # rejecting the `allowed` largest ratios: rho = the (n - allowed)-th smallest ratio
     return float(r[n - allowed - 1]) if allowed < n else float(r[0])
+
+
+def calibrate_rho_on(
+    logits: ArrayLike,
+    cosines: ArrayLike,
+    angle_mean_deg: ArrayLike,
+    angle_std_deg: ArrayLike,
+    target_reject_rate: float,
+) -> float:
+    """rho whose verdicts reject at most `target_reject_rate` of these inputs, exactly as
+    `geodesic_verdict` computes them: theta > rho * (mean + std). `calibrate_rho` picks rho
+    from the ratios theta / (mean + std); the product rho * (mean + std) can round just below
+    theta and reject that input as well, so rho is raised by the fewest ulps that undo it."""
+    v = geodesic_verdict(logits, cosines, angle_mean_deg, angle_std_deg, 1.0)
+    theta, base = v.angles_deg, v.thresholds_deg
+    rho = calibrate_rho(theta / base, target_reject_rate)
+    allowed = int(np.floor(target_reject_rate * len(theta)))
+    while np.count_nonzero(theta > rho * base) > allowed:
+        rho = float(np.nextafter(rho, np.inf))
+    return rho

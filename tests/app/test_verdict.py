@@ -68,6 +68,54 @@ def test_verdicts_rows_and_concat_give_back_the_batch() -> None:
     parts = [v[0:10], v[10:11], v[11:64]]
     assert [len(p) for p in parts] == [10, 1, 53]
     whole = Verdicts.concat(parts)
-    for name in ("labels", "angles_deg", "thresholds_deg", "accepted", "probabilities"):
+    for name in ("labels", "angles_deg", "thresholds_deg", "accepted", "probabilities", "class_probabilities"):
         np.testing.assert_array_equal(getattr(whole, name), getattr(v, name))
     assert v[5:7].names() == ["accept" if a else "reject" for a in v.accepted[5:7]]
+
+
+def test_class_probabilities_are_the_softmax_whose_argmax_is_the_label() -> None:
+    logits, cosines, mean, std = _batch(5)
+    v = geodesic_verdict(logits, cosines, mean, std, 1.0)
+    z = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(v.class_probabilities, z / z.sum(axis=1, keepdims=True), rtol=1e-12)
+    np.testing.assert_array_equal(v.class_probabilities.argmax(axis=1), v.labels)
+    np.testing.assert_array_equal(v.probabilities, v.class_probabilities[np.arange(len(v)), v.labels])
+
+
+def test_calibrate_rho_on_rejects_exactly_the_target_despite_rounding() -> None:
+    """rho * (mean + std) can round just below theta for the input whose ratio is rho; the
+    calibrated rate must still be exact: at most floor(target * n) rejections, ties included."""
+    from app.verdict import calibrate_rho_on
+
+    rng = np.random.default_rng(0)
+    k, over = 10, 0
+    for trial in range(2000):
+        n = int(rng.integers(20, 200))
+        mean, std = rng.uniform(30, 70, k), rng.uniform(2, 9, k)
+        cos = rng.uniform(0.05, 0.95, (n, k))
+        if trial % 3 == 0:  # ties: repeated rows
+            cos[n // 2:] = cos[: n - n // 2]
+        logits = cos * 10
+        target = float(rng.choice([0.01, 0.05, 0.1, 0.2]))
+        rho = calibrate_rho_on(logits, cos, mean, std, target)
+        rejected = int((~geodesic_verdict(logits, cos, mean, std, rho).accepted).sum())
+        assert rejected <= int(np.floor(target * n))
+        over += int(rejected > int(np.floor(target * n)))
+        # and it is the smallest such rho: one ulp below rejects more than allowed, or rejects the same
+        below = float(np.nextafter(rho, 0))
+        assert int((~geodesic_verdict(logits, cos, mean, std, below).accepted).sum()) >= rejected
+    assert over == 0
+
+
+def test_calibrate_rho_alone_can_round_one_rejection_over_the_target() -> None:
+    """Why calibrate_rho_on exists: somewhere in these trials the ratio-based rho rejects one
+    input more than allowed (theta > fl(rho * base) although theta / base == rho)."""
+    rng = np.random.default_rng(1)
+    found = 0
+    for _ in range(4000):
+        n = 50
+        base = rng.uniform(30, 80, n)
+        theta = rng.uniform(20, 90, n)
+        rho = calibrate_rho(theta / base, 0.1)
+        found += int(np.count_nonzero(theta > rho * base) > 5)
+    assert found > 0
