@@ -55,7 +55,7 @@ def train(
         help="rejection: synthetic outliers per batch, as a share of the batch size")] = 0.25,
     outlier_eps: Annotated[float, typer.Option(help="rejection: radius of the worst case around an outlier")] = 0.1,
     shrunk_share: Annotated[float, typer.Option(
-        help="rejection: share of attacked rows whose perturbation is shrunk and trained toward correct")] = 0.5,
+        help="rejection: share of attacked rows whose perturbation is shrunk and trained toward correct")] = 0.25,
     natural_epochs: Annotated[float, typer.Option(help="natural epochs before adversarial training")] = 0.0,
     eps_warmup_epochs: Annotated[float, typer.Option(help="epochs of linear eps warm-up")] = 0.0,
     epochs: Annotated[float, typer.Option(help="epochs (overrides --iterations)")] = 0.0,

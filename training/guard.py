@@ -105,15 +105,15 @@ class OverfittingGuard:
         return point
 
     def _measure_rule(self, model: nn.Module, iteration: int, epoch: int, rule: RuleData) -> GuardPoint:
-        from app.verdict import angle_ratio, calibrate_rho, geodesic_verdict
+        from app.verdict import calibrate_rho_on, geodesic_verdict
         from training.angle_stats import compute_angle_stats
         from training.rejection import rule_objective
 
         k = int(getattr(getattr(model, "config", None), "num_classes", 10))
         stats = compute_angle_stats(model, rule.x_stats, rule.y_stats, k)
         logits, cos = predict(model, rule.x_calib)
-        rho = calibrate_rho(angle_ratio(logits.cpu().numpy(), cos.cpu().numpy(), stats.mean_deg, stats.std_deg),
-                            self.cfg.target_reject_rate)
+        rho = calibrate_rho_on(logits.cpu().numpy(), cos.cpu().numpy(), stats.mean_deg, stats.std_deg,
+                               self.cfg.target_reject_rate)
         thresholds = torch.tensor([rho * (m + s) for m, s in zip(stats.mean_deg, stats.std_deg, strict=True)])
         cos_thr = torch.cos(torch.deg2rad(thresholds.clamp(max=180.0))).to(self.x.device)
         kappa = self.cfg.kappa

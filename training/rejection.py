@@ -47,16 +47,18 @@ class RejectionConfig:
     outlier_fraction: float = 0.25  # synthetic outliers per batch, as a share of the batch size
     outlier_weight: float = 1.0  # weight of the outlier term
     outlier_eps: float = 0.1  # ACET: radius of the worst case around each outlier
-    shrunk_share: float = 0.5  # share of adversarial rows with a shrunk perturbation (CCAT)
-    head_weight: float = 0.5  # weight of the head's own loss on clean rows (keeps its logits calibrated)
+    shrunk_share: float = 0.25  # share of adversarial rows with a shrunk perturbation (CCAT)
+    clean_fraction: float = 0.25  # share of the batch also trained clean (margin term)
+    clean_weight: float = 0.5  # weight of the clean margin term
+    head_weight: float = 0.25  # weight of the head's own loss on clean rows (keeps its logits calibrated)
 
     def __post_init__(self) -> None:
         if not -1 < self.reject_cos < 1:
             raise ValueError("reject_cos must be in (-1, 1)")
         if self.scale <= 0 or self.margin < 0:
             raise ValueError("rejection scale must be > 0 and margin >= 0")
-        if not 0 <= self.outlier_fraction <= 1 or not 0 <= self.shrunk_share <= 1:
-            raise ValueError("outlier_fraction and shrunk_share must be in [0, 1]")
+        if not all(0 <= v <= 1 for v in (self.outlier_fraction, self.shrunk_share, self.clean_fraction)):
+            raise ValueError("outlier_fraction, shrunk_share and clean_fraction must be in [0, 1]")
 
 
 def rule_logits(cosines: Tensor, cfg: RejectionConfig, y: Tensor | None = None) -> Tensor:
@@ -105,34 +107,35 @@ def rejection_attack(model: nn.Module, x: Tensor, y: Tensor, outliers: Tensor, e
 
 def rejection_loss(model: ConvNet, net: nn.Module, x: Tensor, y: Tensor, eps: float, iteration: int,
                    cfg: RejectionConfig, objective: ObjectiveConfig) -> tuple[Tensor, Tensor]:
-    """(loss, logits of the clean rows) for one batch: its first half clean, its second half
-    attacked, plus outlier_fraction·len(x) synthetic outliers made from the clean half."""
-    half = len(x) // 2
-    xc, yc, xa, ya = x[:half], y[:half], x[half:], y[half:]
+    """(loss, logits of the clean rows) for one batch: every image attacked, the first
+    clean_fraction of them also trained clean, plus outlier_fraction·len(x) synthetic
+    outliers made from the batch."""
+    n_clean = max(1, int(round(cfg.clean_fraction * len(x))))
+    xc, yc = x[:n_clean], y[:n_clean]
     n_out = int(round(cfg.outlier_fraction * len(x)))
-    source = xc.repeat((n_out + half - 1) // max(half, 1), 1, 1, 1)[:n_out]
-    outliers = mixed_trained_outliers(source, None)
+    outliers = mixed_trained_outliers(x[:n_out] if n_out <= len(x) else x.repeat(2, 1, 1, 1)[:n_out], None)
     if eps > 0:
-        x_adv, o_adv = rejection_attack(model, xa, ya, outliers, eps, cfg)
+        x_adv, o_adv = rejection_attack(model, x, y, outliers, eps, cfg)
     else:  # the natural phase: no attack, adversarial rows trained as clean ones
-        x_adv, o_adv = xa, outliers
+        x_adv, o_adv = x, outliers
     # CCAT: a share of the rows keeps only a fraction a of its perturbation, and is trained
     # toward correct in proportion 1 - a.
-    a = torch.ones(len(xa), device=x.device)
-    shrunk = torch.rand(len(xa), device=x.device) < cfg.shrunk_share
+    a = torch.ones(len(x), device=x.device)
+    shrunk = torch.rand(len(x), device=x.device) < cfg.shrunk_share
     a[shrunk] = torch.rand(int(shrunk.sum()), device=x.device)
-    x_adv = (xa + a.view(-1, 1, 1, 1) * (x_adv - xa)).clamp(0.0, 1.0)
+    x_adv = (x + a.view(-1, 1, 1, 1) * (x_adv - x)).clamp(0.0, 1.0)
 
     model.train()
     logits, cos = net(torch.cat([xc, x_adv, o_adv]))
-    cos_c, cos_a, cos_o = cos[:half], cos[half: len(x)], cos[len(x):]
+    n = len(x)
+    cos_c, cos_a, cos_o = cos[:n_clean], cos[n_clean: n_clean + n], cos[n_clean + n:]
     clean = F.cross_entropy(rule_logits(cos_c, cfg, yc), yc)
-    correct = F.cross_entropy(rule_logits(cos_a, cfg), ya, reduction="none")
-    adv = ((1 - a) * correct + a * correct_or_reject_loss(cos_a, ya, cfg)).mean()
+    correct = F.cross_entropy(rule_logits(cos_a, cfg), y, reduction="none")
+    adv = ((1 - a) * correct + a * correct_or_reject_loss(cos_a, y, cfg)).mean()
     out = reject_loss(cos_o, cfg).mean() if len(cos_o) else torch.zeros((), device=x.device)
-    head = head_loss(model, logits, yc, iteration, objective, rows=slice(0, half))
-    loss = clean + adv + cfg.outlier_weight * out + cfg.head_weight * head
-    return loss, logits[:half]
+    head = head_loss(model, logits, yc, iteration, objective, rows=slice(0, n_clean))
+    loss = adv + cfg.clean_weight * clean + cfg.outlier_weight * out + cfg.head_weight * head
+    return loss, logits[n_clean: n_clean + n]
 
 
 def rule_objective(logits: Tensor, cosines: Tensor, y: Tensor, cos_thresholds: Tensor,

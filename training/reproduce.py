@@ -38,7 +38,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from app.verdict import angle_ratio, calibrate_rho, geodesic_verdict
+from app.verdict import calibrate_rho_on, geodesic_verdict
 from training.attacks import FGSM, PGD, attack_dataset, predict
 from training.checkpoint import load_checkpoint
 from training.cli import app, command_line
@@ -139,7 +139,7 @@ def evaluate_cell(run_final: Path, dataset: str, data_dir: str | None, protocol:
     tc = ckpt.training_config
     _, val = training_splits(dataset, data_dir, int(tc.get("n_val", 5000)))
     v_logits, v_cos = (t.double().cpu().numpy() for t in predict(model, val.images.to(dev)))
-    rho = calibrate_rho(angle_ratio(v_logits, v_cos, mean, std), protocol.target_reject_rate)
+    rho = calibrate_rho_on(v_logits, v_cos, mean, std, protocol.target_reject_rate)
     test = load_dataset(dataset, "test", data_dir)
     n = min(protocol.n_eval or len(test), len(test))
     x, y = test.images[:n].to(dev), test.labels[:n].to(dev)

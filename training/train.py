@@ -259,7 +259,6 @@ def _step(run: Run, x: Tensor, y: Tensor) -> dict[str, str]:
     eps = eps_at(run.it, run.iters_per_epoch, cfg)
     if cfg.mode == "rejection":
         loss, logits = rejection_loss(run.model, run.net, x, y, eps, run.it, cfg.rejection, cfg.objective)
-        y = y[: len(logits)]
     else:
         x_adv = adversarial_input(run.model, x, y, cfg.mode, eps, cfg.attack_steps, _step_size(cfg, eps))
         loss, logits = training_loss(run.model, run.net, x, x_adv, y, cfg.mode, cfg.adv_weight, cfg.trades_beta,

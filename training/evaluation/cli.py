@@ -15,7 +15,7 @@ def _eps_list(text: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--sweep-eps: expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
     return vals
 
 
@@ -51,6 +51,20 @@ def evaluate(
     adaptive_steps: Annotated[int, typer.Option()] = 100,
     adaptive_restarts: Annotated[int, typer.Option()] = 1,
     n_adaptive: Annotated[int, typer.Option(help="examples for the adaptive attack (0 = --n-examples)")] = 0,
+    rule_steps: Annotated[int, typer.Option(help="rule attack: steps per target, loss and restart")] = 30,
+    rule_restarts: Annotated[int, typer.Option(help="rule attack: first round of restarts (then doubled)")] = 1,
+    rule_max_restarts: Annotated[int, typer.Option(help="rule attack: cap on the doubled restarts")] = 4,
+    rule_cosine_targets: Annotated[int, typer.Option(
+        help="rule attack: wrong classes (likeliest first) the cosine loss tries; the margin loss tries all")] = 9,
+    n_rule: Annotated[int, typer.Option(help="examples for the rule attack (0 = --n-examples)")] = 0,
+    rule_square_queries: Annotated[int, typer.Option(help="Square on the rule's margin: queries")] = 1000,
+    n_rule_square: Annotated[int, typer.Option(help="examples for rule-square (0 = --n-examples)")] = 0,
+    orthogonal_steps: Annotated[int, typer.Option(help="orthogonal PGD steps")] = 100,
+    n_orthogonal: Annotated[int, typer.Option(help="examples for orthogonal PGD (0 = --n-examples)")] = 0,
+    ood: Annotated[bool, typer.Option(help="out-of-distribution table and distal attack")] = True,
+    n_ood: Annotated[int, typer.Option(help="images per out-of-distribution kind")] = 1000,
+    distal_eps: Annotated[str, typer.Option(help="eps values of the distal attack")] = "0.1,0.3",
+    n_distal: Annotated[int, typer.Option(help="start images per kind for the distal attack")] = 200,
     sanity: Annotated[bool, typer.Option(help="PGD budget check and eps sweep")] = True,
     n_budget_check: Annotated[int, typer.Option(help="examples for the doubled-PGD check")] = 100,
     sweep_eps: Annotated[str, typer.Option(help="eps values of the sweep")] = "0,0.05,0.1,0.2,0.3,0.5",
@@ -81,7 +95,10 @@ def evaluate(
         n_transfer=n_transfer, adaptive_k=adaptive_k, adaptive_steps=adaptive_steps,
         adaptive_restarts=adaptive_restarts, n_adaptive=n_adaptive, sanity=sanity, n_budget_check=n_budget_check,
         sweep_eps=_eps_list(sweep_eps), n_sweep=n_sweep, sweep_steps=sweep_steps, figures=figures,
-        weights_from_onnx=weights_from_onnx, device=device)
+        weights_from_onnx=weights_from_onnx, device=device, rule_steps=rule_steps, rule_restarts=rule_restarts,
+        rule_max_restarts=rule_max_restarts, rule_cosine_targets=rule_cosine_targets, n_rule=n_rule,
+        rule_square_queries=rule_square_queries, n_rule_square=n_rule_square, orthogonal_steps=orthogonal_steps,
+        n_orthogonal=n_orthogonal, ood=ood, n_ood=n_ood, distal_eps=_eps_list(distal_eps), n_distal=n_distal)
     outcome = run_evaluation(vdir, checkpoint, cfg, out, command=command_line(), progress=typer.echo)
     r = outcome.report
     typer.echo(f"worst case over {len(r.worst_case.attacks) - 1} attacks (n = {r.worst_case.n_examples}): "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ALL_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "square", "transfer", "adaptive")
+ALL_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "square", "transfer", "adaptive", "rule", "rule-square",
+               "orthogonal")
 DEFAULT_SWEEP = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 SPLITS = ("test", "validation")
 
@@ -57,6 +58,25 @@ class EvalConfig:
     adaptive_c: float = 10.0
     adaptive_margin: float = 0.5
     n_adaptive: int = 0
+    # attacks aimed at the verdict (rule_attacks.py): every wrong class, restarts doubled until
+    # doubling moves the defended rate by at most rule_restart_tolerance
+    rule_steps: int = 30
+    rule_restarts: int = 1
+    rule_max_restarts: int = 4
+    rule_restart_tolerance: float = 0.01
+    rule_kappa: float = 10.0
+    rule_cosine_targets: int = 9  # wrong classes the second (cosine) loss tries, likeliest first
+    n_rule: int = 0
+    rule_square_queries: int = 1000
+    n_rule_square: int = 0
+    orthogonal_steps: int = 100
+    n_orthogonal: int = 0
+    # inputs that are not clothing: the out-of-distribution table and the distal attack
+    ood: bool = True
+    n_ood: int = 1000  # images per kind
+    distal_eps: tuple[float, ...] = (0.1, 0.3)
+    distal_steps: int = 50
+    n_distal: int = 200  # images per start kind
     # sanity checks
     sanity: bool = True
     n_budget_check: int = 100

@@ -41,10 +41,12 @@ from training.checkpoint import load_checkpoint
 from training.data import DEFAULT_EPS, Dataset, load_dataset, training_splits
 from training.evaluation.attacks import AdaptiveAttack, ArtAPGD, ArtSquare, TransferAttack, check_ball
 from training.evaluation.config import ALL_ATTACKS, EvalConfig, EvaluationError
-from training.evaluation.detectors import Mahalanobis, Scores, detector, features_of
+from training.evaluation.detectors import Mahalanobis, Scores, detector, features_of, misclassification_detector
+from training.evaluation.foreign import distal_table, ood_table
 from training.evaluation.loading import OnnxLogits, WhiteBox, load_manifest, version_path, white_box_model
-from training.evaluation.sanity import eps_sweep, gradient_free_check, noise_check, pgd_budget_check
-from training.evaluation.schema import AttackResult, Detector, ModelRef, Report, Sanity
+from training.evaluation.rule_attacks import OrthogonalPGD, Rule, RuleAttack, RuleScores, RuleSquare
+from training.evaluation.sanity import eps_sweep, gradient_free_check, noise_check, pgd_budget_check, rule_checks
+from training.evaluation.schema import AttackResult, Detector, ModelRef, Report, RuleChecks, Sanity
 from training.evaluation.scoring import Judged, judge, rate_fields, worst_case
 from training.export import OnnxModel
 from training.models import ConvNet
@@ -83,6 +85,10 @@ class Target:
     @property
     def std(self) -> list[float]:
         return list(self.manifest.angle_std_deg)
+
+    @property
+    def rule(self) -> Rule:
+        return Rule(tuple(self.mean), tuple(self.std), self.rho)
 
     def judge(self, x_adv: Tensor, name: str) -> Judged:
         return judge(self.onnx_model, x_adv, self.y[: len(x_adv)], self.mean, self.std, self.rho, name)
@@ -138,38 +144,49 @@ class AttackRunner:
 
     def run_pgd(self, model: ConvNet) -> None:
         """PGD with restarts doubled until the doubling lowers robust accuracy by at most
-        the tolerance (or the cap is reached); each example keeps its worst outcome."""
-        cfg, t0 = self.cfg, time.time()
-        m = self.n(cfg.n_pgd)
-        name = f"pgd-{cfg.pgd_steps}"
+        the tolerance (or the cap is reached)."""
+        cfg = self.cfg
         base = {"steps": cfg.pgd_steps, "step_size": cfg.pgd_step_size, "random_start": True, "loss": "cross_entropy"}
+        self.run_restarts(f"pgd-{cfg.pgd_steps}", "white-box",
+                          PGD(self.t.eps, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, restarts=1), model,
+                          cfg.n_pgd, base, cfg.pgd_restarts, cfg.pgd_max_restarts, cfg.pgd_restart_tolerance,
+                          "robust_accuracy")
+
+    def run_restarts(self, name: str, kind: str, attack: Attack, on: nn.Module, cap: int, base: dict[str, Any],
+                     first: int, cap_restarts: int, tolerance: float, measure: str) -> list[dict[str, Any]]:
+        """Restarts (one crafted run each, own seed, cached) doubled until the doubling moves
+        `measure` ("robust_accuracy" or "defended_rate") by at most `tolerance` or the cap is
+        reached. Per example the restart best for the attacker under the SERVED rule is kept:
+        accepted-and-wrong first, then misclassified (rejected). Returns the schedule."""
+        t0, m = time.time(), self.n(cap)
         x_adv: Tensor | None = None
         worst: Judged | None = None
-        total, batch, schedule = 0, cfg.pgd_restarts, []
+        total, batch, schedule = 0, first, list[dict[str, Any]]()
         while True:
-            params = {**base, "restarts": batch, "first_restart": total}
-            xb = self.craft(name, PGD(self.t.eps, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, restarts=batch),
-                            model, m, params, cfg.seed + total)
-            jb = self.t.judge(xb, name)
-            if x_adv is None or worst is None:
-                x_adv, worst = xb, jb
-            else:
-                take = (jb.broken & ~worst.broken) | (~jb.correct & worst.correct & ~worst.broken)
-                x_adv = torch.where(torch.from_numpy(take).view(-1, 1, 1, 1), xb, x_adv)
-                worst = worst.where(take, jb)  # the merged inputs' verdicts, without running them again
+            for r in range(total, total + batch):
+                xb = self.craft(name, attack, on, m, {**base, "restart": r}, self.cfg.seed + r)
+                jb = self.t.judge(xb, name)
+                if x_adv is None or worst is None:
+                    x_adv, worst = xb, jb
+                else:
+                    take = (jb.broken & ~worst.broken) | (~jb.correct & worst.correct & ~worst.broken)
+                    x_adv = torch.where(torch.from_numpy(take).view(-1, 1, 1, 1), xb, x_adv)
+                    worst = worst.where(take, jb)  # the merged inputs' verdicts, without running them again
             total += batch
             schedule.append({"restarts": total, "robust_accuracy": float(worst.correct.mean()),
                              "defended_rate": float((~worst.broken).mean())})
-            converged = len(schedule) > 1 and (schedule[-2]["robust_accuracy"] - schedule[-1]["robust_accuracy"]
-                                               <= cfg.pgd_restart_tolerance)
-            if converged or 2 * total > cfg.pgd_max_restarts:
+            converged = len(schedule) > 1 and schedule[-2][measure] - schedule[-1][measure] <= tolerance
+            if converged or 2 * total > cap_restarts:
                 break
             batch = total
+        assert x_adv is not None and worst is not None
         params = {**base, "restarts": total, "restart_schedule": schedule, "converged": converged,
-                  "restart_tolerance": cfg.pgd_restart_tolerance}
-        curve = ", ".join(f"{s['restarts']}: {s['robust_accuracy']:.4f}" for s in schedule)
-        self.say(f"{name}: robust accuracy by restarts {curve} ({'converged' if converged else 'restart cap'})")
-        self.record(name, "white-box", x_adv, worst, params, time.time() - t0)
+                  "restart_tolerance": tolerance, "restarts_kept_by": "served rule (accepted-and-wrong first)"}
+        curve = ", ".join(f"{s['restarts']}: {s[measure]:.4f}" for s in schedule)
+        self.say(f"{name}: {measure.replace('_', ' ')} by restarts {curve} "
+                 f"({'converged' if converged else 'restart cap'})")
+        self.record(name, kind, x_adv, worst, params, time.time() - t0)
+        return schedule
 
 
 def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalConfig, out: str | Path | None = None,
@@ -191,18 +208,59 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
     warnings = [wb.unavailable] if wb.model is None and cfg.weights_from_onnx and checkpoint is None else []
     _white_box_attacks(runner, wb)
     _black_box_attacks(runner, wb, warnings)
+    rule_checks = verdict_attacks(runner, wb)
 
     done = [clean, *runner.judged.values()]
     sanity, sweep = _sanity(runner, wb.model)
-    warnings += [c.verdict for c in (sanity.noise, sanity.pgd_budget, sanity.eps_sweep, sanity.gradient_free)
-                 if c is not None and not c.ok]
+    sanity.rule = rule_checks
+    ood = ood_table(target.onnx_model, target.x, target.mean, target.std, target.rho, cfg) if cfg.ood else []
+    distal = (distal_table(wb.model, target.onnx_model, tuple(target.manifest.input.shape), target.rule, cfg, say)
+              if cfg.ood and wb.model is not None else [])
+    warnings += [c.verdict for c in (sanity.noise, sanity.pgd_budget, sanity.eps_sweep, sanity.gradient_free,
+                                     sanity.rule) if c is not None and not c.ok]
     detectors = _detectors(runner, clean, wb.model) if cfg.detectors else []
     report = _report(target, cfg, command, checkpoint, wb, clean, runner.results, done, detectors, sanity, warnings)
+    report.ood, report.distal = ood, distal
     outcome = Outcome(report, runner.judged, clean, sweep)
     outcome.report.seconds = round(time.time() - t_start, 1)
     if out is not None:
         write_outputs(outcome, Path(out), cfg.figures)
     return outcome
+
+
+def verdict_attacks(runner: AttackRunner, wb: WhiteBox) -> RuleChecks | None:
+    """The attacks aimed at the verdict (rule_attacks.py) and their two checks."""
+
+    cfg, t, want = runner.cfg, runner.t, set(runner.cfg.attacks)
+    rule, schedule = t.rule, list[dict[str, Any]]()
+    knows = {"knows": "angle statistics and rho", "rho": t.rho, "kappa": cfg.rule_kappa}
+    if "rule" in want:
+        base = {**knows, "steps": cfg.rule_steps, "targets": "every wrong class", "losses": ["margin", "cosine"],
+                "cosine_targets": cfg.rule_cosine_targets, "step_size": "2 eps / sqrt(steps), decaying, backtracking",
+                "loss_margin": "min(logit margin of target, kappa (cos theta_t - cos tau_t))",
+                "loss_cosine": "cos(x, W_t) - 10 relu(max_{j!=t} z_j - z_t + 0.5)"}
+        if wb.model is None:
+            runner.skip("rule", "adaptive", wb.unavailable, base)
+        else:
+            attack = RuleAttack(t.eps, rule, cfg.rule_steps, 1, cfg.rule_kappa, cosine_targets=cfg.rule_cosine_targets)
+            schedule = runner.run_restarts("rule", "adaptive", attack, wb.model, cfg.n_rule, base, cfg.rule_restarts,
+                                           cfg.rule_max_restarts, cfg.rule_restart_tolerance, "defended_rate")
+    if "orthogonal" in want:
+        params = {**knows, "steps": cfg.orthogonal_steps, "step_size": 2.5 * t.eps / cfg.orthogonal_steps,
+                  "selective": True}
+        if wb.model is None:
+            runner.skip("orthogonal", "adaptive", wb.unavailable, params)
+        else:
+            runner.run("orthogonal", "adaptive", OrthogonalPGD(t.eps, rule, cfg.orthogonal_steps), wb.model,
+                       cfg.n_orthogonal, params)
+    if "rule-square" in want:
+        params = {**knows, "max_queries": cfg.rule_square_queries, "p_init": 0.8, "library": "ART",
+                  "queries": "model.onnx (ONNX Runtime)", "scores": "rule margins, true class floored"}
+        runner.run("rule-square", "black-box", RuleSquare(t.eps, rule, cfg.rule_square_queries, kappa=cfg.rule_kappa),
+                   RuleScores(t.onnx_model, rule, t.manifest.num_classes, cfg.rule_kappa), cfg.n_rule_square, params)
+    if "rule" not in runner.judged:
+        return None
+    return rule_checks(runner.judged, schedule, cfg.rule_restart_tolerance)
 
 
 def _device(name: str) -> torch.device:
@@ -315,7 +373,7 @@ def _sanity(runner: AttackRunner, model: ConvNet | None) -> tuple[Sanity, list[t
 def _detectors(runner: AttackRunner, clean: Judged, model: ConvNet | None) -> list[Detector]:
     """The three rejection scores on PGD's and the adaptive attack's inputs (detectors.py)."""
     cfg, t = runner.cfg, runner.t
-    names = [n for n in (f"pgd-{cfg.pgd_steps}", "adaptive") if n in runner.judged]
+    names = [n for n in (f"pgd-{cfg.pgd_steps}", "apgd-ce", "adaptive", "rule") if n in runner.judged]
     if not names:
         return []
     train, val = _splits(t.manifest, cfg)
@@ -330,8 +388,10 @@ def _detectors(runner: AttackRunner, clean: Judged, model: ConvNet | None) -> li
     val_judged = judge(t.onnx_model, val.images, val.labels, t.mean, t.std, t.rho, "validation")
     val_scores, clean_scores = scores(val.images, val_judged), scores(t.x, clean)
     false_reject = t.manifest.calibration.target_false_reject_rate
-    return [detector(n, clean_scores, clean, scores(runner.inputs[n], runner.judged[n]), runner.judged[n],
-                     val_scores, t.rho, false_reject) for n in names]
+    found = [detector(n, clean_scores, clean, scores(runner.inputs[n], runner.judged[n]), runner.judged[n],
+                      val_scores, t.rho, false_reject) for n in names]
+    found.append(misclassification_detector(clean_scores, clean, val_scores, t.rho, false_reject))
+    return [d for d in found if d is not None]
 
 
 def _splits(manifest: Manifest, cfg: EvalConfig) -> tuple[Dataset, Dataset]:

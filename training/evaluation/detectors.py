@@ -78,20 +78,49 @@ class Scores:
 
 
 def detector(attack: str, clean: Scores, clean_judged: Judged, adv: Scores, adv_judged: Judged,
-             validation: Scores, rho: float, false_reject: float) -> Detector:
-    """Negatives: all clean test inputs. Positives: the attacked inputs the attack
-    misclassified (those a detector must catch); all attacked inputs if none was."""
-    wrong = ~adv_judged.correct if (~adv_judged.correct).any() else np.ones(adv_judged.n, bool)
+             validation: Scores, rho: float, false_reject: float) -> Detector | None:
+    """The standard protocol: negatives are the clean inputs the model classifies CORRECTLY;
+    positives are the attacked versions of those same inputs that the attack got
+    misclassified. None when there is no positive (nothing to detect). Thresholds come from
+    the validation split (rho for the angle ratio)."""
+    m = min(clean_judged.n, adv_judged.n)
+    right = clean_judged.correct[:m]
+    fooled = right & ~adv_judged.correct[:m]
+    if not fooled.any() or not right.any():
+        return None
     rows = []
-    for name, neg in clean.named().items():
-        pos = adv.named()[name][wrong]
+    for name, all_neg in clean.named().items():
+        neg, pos = all_neg[:m][right], adv.named()[name][:m][fooled]
         threshold = rho if name.startswith("angle") else float(np.quantile(validation.named()[name], 1 - false_reject))
         rows.append(DetectorScore(score=name, auroc=roc_auc(neg, pos), threshold=threshold,
                                   validation_reject=float((validation.named()[name] > threshold).mean()),
                                   clean_reject=float((neg > threshold).mean()),
                                   adversarial_catch=float((pos > threshold).mean())))
-    neg, pos = clean_judged.ratio, adv_judged.ratio[wrong]
+    neg, pos = clean_judged.ratio[:m][right], adv_judged.ratio[:m][fooled]
     return Detector(attack=attack, n_clean=len(neg), n_adversarial=len(pos), auc=roc_auc(neg, pos),
                     clean_reject_at_rho=float((neg > rho).mean()), adversarial_catch_at_rho=float((pos > rho).mean()),
                     clean_reject_at_rho1=float((neg > 1).mean()), adversarial_catch_at_rho1=float((pos > 1).mean()),
-                    scores=rows)
+                    scores=rows, protocol="correct clean vs fooled attacked")
+
+
+def misclassification_detector(clean: Scores, clean_judged: Judged, validation: Scores, rho: float,
+                               false_reject: float) -> Detector | None:
+    """Not an attack detector: how well each score tells the clean inputs the model gets
+    wrong (positives) from those it gets right (negatives). Reported apart, as its own row."""
+    wrong = ~clean_judged.correct
+    if not wrong.any() or wrong.all():
+        return None
+    rows = []
+    for name, score in clean.named().items():
+        threshold = rho if name.startswith("angle") else float(np.quantile(validation.named()[name], 1 - false_reject))
+        neg, pos = score[~wrong], score[wrong]
+        rows.append(DetectorScore(score=name, auroc=roc_auc(neg, pos), threshold=threshold,
+                                  validation_reject=float((validation.named()[name] > threshold).mean()),
+                                  clean_reject=float((neg > threshold).mean()),
+                                  adversarial_catch=float((pos > threshold).mean())))
+    neg, pos = clean_judged.ratio[~wrong], clean_judged.ratio[wrong]
+    return Detector(attack="misclassification (clean)", n_clean=len(neg), n_adversarial=len(pos),
+                    auc=roc_auc(neg, pos), clean_reject_at_rho=float((neg > rho).mean()),
+                    adversarial_catch_at_rho=float((pos > rho).mean()), clean_reject_at_rho1=float((neg > 1).mean()),
+                    adversarial_catch_at_rho1=float((pos > 1).mean()), scores=rows,
+                    protocol="clean right vs clean wrong")

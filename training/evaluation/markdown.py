@@ -44,6 +44,7 @@ def render_report_markdown(r: Report) -> str:
     L += _attacks_section(r)
     L += _worst_case_section(r)
     L += _detectors_section(r)
+    L += _foreign_section(r)
     L += _sanity_section(r)
     if r.figures:
         L.append("\n## Figures\n")
@@ -67,10 +68,12 @@ def _attacks_section(r: Report) -> list[str]:
     L.append("")
     for a in r.attacks:
         if a.params.get("restart_schedule"):
-            steps = ", ".join(f"{p['restarts']}: {_pct(p['robust_accuracy'])}" for p in a.params["restart_schedule"])
+            what = "defended_rate" if a.name == "rule" else "robust_accuracy"
+            steps = ", ".join(f"{p['restarts']}: {_pct(p[what])}" for p in a.params["restart_schedule"])
             state = "converged" if a.params.get("converged") else "stopped at the restart cap"
-            L.append(f"{a.name} restarts doubled until doubling lowers robust accuracy by at most "
-                     f"{100 * a.params['restart_tolerance']:g} points ({state}): restarts: robust accuracy {steps}\n")
+            L.append(f"{a.name} restarts doubled until doubling lowers {what.replace('_', ' ')} by at most "
+                     f"{100 * a.params['restart_tolerance']:g} points ({state}): restarts: {what.replace('_', ' ')} "
+                     f"{steps}\n")
     return L
 
 def _worst_case_section(r: Report) -> list[str]:
@@ -111,6 +114,26 @@ def _detectors_section(r: Report) -> list[str]:
             L.append("")
     return L
 
+
+def _foreign_section(r: Report) -> list[str]:
+    """Inputs that are not clothing: the out-of-distribution table and the distal attack."""
+    L: list[str] = []
+    if r.ood:
+        L.append("## Inputs that are not clothing\n")
+        L.append("| kind | seen in training | n | rejected |\n| --- | --- | --- | --- |")
+        L.extend(f"| {o.kind} | {'yes' if o.trained else 'no (held out)'} | {o.n_examples} | {_pct(o.reject_rate)} |"
+                 for o in r.ood)
+        L.append("")
+    if r.distal:
+        L.append("Distal inputs: from noise or a constant image, PGD within eps to get ANY class accepted "
+                 "(the attacker knows the rule; lower is better).\n")
+        L.append("| start | eps | n | accepted before | accepted after the attack |\n| --- | --- | --- | --- | --- |")
+        L.extend(f"| {d.start} | {d.eps:g} | {d.n_examples} | {_pct(d.start_accepted_rate)} | "
+                 f"{_pct(d.accepted_rate)} |" for d in r.distal)
+        L.append("")
+    return L
+
+
 def _sanity_section(r: Report) -> list[str]:
     """Noise, PGD budget, accuracy vs eps, gradient-free vs white-box."""
     L: list[str] = []
@@ -126,9 +149,10 @@ def _sanity_section(r: Report) -> list[str]:
     if s.eps_sweep:
         e = s.eps_sweep
         L.append(f"- accuracy vs eps (PGD-{e.attack['steps']}, n = {e.n_examples}): {e.verdict}")
-        L.append("\n| eps | robust acc. | reject | defended |\n| --- | --- | --- | --- |")
-        L.extend(f"| {p.eps:g} | {_pct(p.robust_accuracy)} | {_pct(p.reject_rate)} | {_pct(p.defended_rate)} |"
-                 for p in e.points)
+        L.append("\n| eps | robust acc. | reject | defended | defended under the rule attack |\n"
+                 "| --- | --- | --- | --- | --- |")
+        L.extend(f"| {p.eps:g} | {_pct(p.robust_accuracy)} | {_pct(p.reject_rate)} | {_pct(p.defended_rate)} | "
+                 f"{_pct(p.rule_defended_rate)} |" for p in e.points)
         L.append("")
     else:
         L.append("- accuracy vs eps: not run")
@@ -136,4 +160,6 @@ def _sanity_section(r: Report) -> list[str]:
         L.append(f"- gradient-free vs white-box (n = {s.gradient_free.n_examples}): {s.gradient_free.verdict}")
     else:
         L.append("- gradient-free vs white-box: not run")
+    if s.rule:
+        L.append(f"- attacks on the verdict: {s.rule.verdict}")
     return L

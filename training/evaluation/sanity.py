@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from training.attacks import PGD, attack_dataset
 from training.evaluation.attacks import check_ball
 from training.evaluation.config import EvalConfig
-from training.evaluation.schema import EpsPoint, EpsSweep, GradientFreeCheck, NoiseCheck, PgdBudgetCheck
+from training.evaluation.schema import EpsPoint, EpsSweep, GradientFreeCheck, NoiseCheck, PgdBudgetCheck, RuleChecks
 from training.evaluation.scoring import Judged, judge, rate_fields
 from training.export import OnnxModel
 from training.models import ConvNet
@@ -68,7 +68,9 @@ def pgd_budget_check(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor
 def eps_sweep(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, mean: list[float], std: list[float],
                rho: float, cfg: EvalConfig, say: Callable[[str], None]) -> tuple[EpsSweep, list[tuple[float, Judged]]]:
     """Accuracy under PGD must fall to ~0 as eps grows (at eps = 0.5 any image can be
-    turned into uniform gray); if it does not, gradients are masked."""
+    turned into uniform gray); if it does not, gradients are masked. With the rule attack in
+    the evaluation, each point also has the defended rate under it (margin loss, every wrong
+    class, one restart of `sweep_steps`)."""
     m = min(cfg.n_sweep, len(x))
     points, judged = [], []
     t0 = time.time()
@@ -83,8 +85,12 @@ def eps_sweep(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, mean:
         j = judge(onnx_model, xa, y[:m], mean, std, rho, f"eps={e}")
         judged.append((e, j))
         r = rate_fields(j)
+        rule_def = None
+        if "rule" in cfg.attacks:
+            rule_def = r["defended_rate"] if e == 0 else _rule_defended(model, onnx_model, x[:m], y[:m], e, mean, std,
+                                                                        rho, cfg)
         points.append(EpsPoint(eps=e, robust_accuracy=r["robust_accuracy"], reject_rate=r["reject_rate"],
-                               defended_rate=r["defended_rate"]))
+                               defended_rate=r["defended_rate"], rule_defended_rate=rule_def))
     accs = [p.robust_accuracy for p in points]
     top = points[-1]
     monotone = all(b <= a + max(0.02, 2.0 / m) for a, b in zip(accs, accs[1:], strict=False))
@@ -100,6 +106,45 @@ def eps_sweep(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, mean:
     say(f"eps sweep: {verdict} ({time.time() - t0:.0f}s)")
     attack = {"name": "pgd", "steps": cfg.sweep_steps, "step_size": "2.5 eps / steps", "restarts": 1}
     return EpsSweep(attack=attack, n_examples=m, points=points, ok=ok, verdict=verdict), judged
+
+
+def _rule_defended(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, eps: float, mean: list[float],
+                   std: list[float], rho: float, cfg: EvalConfig) -> float:
+    from training.evaluation.rule_attacks import Rule, RuleAttack
+
+    torch.manual_seed(cfg.seed)
+    attack = RuleAttack(eps, Rule(tuple(mean), tuple(std), rho), cfg.sweep_steps, 1, cfg.rule_kappa, ("margin",))
+    xa = attack_on(model, attack, x, y, cfg.batch_size)
+    check_ball(xa, x, eps, f"rule sweep eps={eps}")
+    return float((~judge(onnx_model, xa, y, mean, std, rho, f"rule eps={eps}").broken).mean())
+
+
+def rule_checks(judged: dict[str, Judged], schedule: list[dict[str, object]], tolerance: float) -> RuleChecks:
+    """Doubling the rule attack's restarts moved the defended rate by at most `tolerance`
+    (the last doubling of its schedule); Square on the rule's margin (no gradients) is not
+    stronger than the white-box rule attack."""
+    rule = judged["rule"]
+    budget_ok = None
+    if len(schedule) > 1:
+        budget_ok = float(schedule[-2]["defended_rate"]) - float(schedule[-1]["defended_rate"]) <= tolerance  # type: ignore[arg-type]
+    sq_def = wb_def = gf_ok = None
+    if "rule-square" in judged:
+        sq = judged["rule-square"]
+        m = min(sq.n, rule.n)
+        sq_def, wb_def = float((~sq.broken[:m]).mean()), float((~rule.broken[:m]).mean())
+        gf_ok = sq_def >= wb_def - max(0.01, 2.0 / m)
+    parts = []
+    if budget_ok is not None:
+        parts.append(f"doubling the rule attack's restarts moved the defended rate "
+                     f"{float(schedule[-2]['defended_rate']):.3f} -> {float(schedule[-1]['defended_rate']):.3f}"  # type: ignore[arg-type]
+                     f" ({'within' if budget_ok else 'MORE than'} {tolerance:.2f})")
+    if gf_ok is not None:
+        parts.append(f"gradient-free Square on the rule {sq_def:.3f} vs white-box rule attack {wb_def:.3f} "
+                     f"defended ({'not stronger' if gf_ok else 'STRONGER: the white-box rule attack is weak'})")
+    ok = budget_ok is not False and gf_ok is not False
+    return RuleChecks(budget_schedule=[dict(s) for s in schedule], budget_ok=budget_ok, square_defended_rate=sq_def,
+                      white_box_defended_rate=wb_def, gradient_free_ok=gf_ok, tolerance=tolerance, ok=ok,
+                      verdict=("ok: " if ok else "FAILED: ") + ("; ".join(parts) or "no check possible"))
 
 
 def gradient_free_check(judged: dict[str, Judged]) -> GradientFreeCheck:

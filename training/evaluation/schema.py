@@ -81,6 +81,8 @@ class EpsPoint(_Model):
     robust_accuracy: float
     reject_rate: float
     defended_rate: float
+    rule_defended_rate: float | None = Field(
+        None, description="defended rate under the rule attack (knows the rule) at this eps")
 
 
 class EpsSweep(_Model):
@@ -113,11 +115,48 @@ class NoiseCheck(_Model):
     verdict: str
 
 
+class RuleChecks(_Model):
+    """Checks of the attacks aimed at the verdict: doubling the rule attack's restarts moves
+    the defended rate by at most `tolerance`; the gradient-free rule attack (Square on the
+    rule's margin, model.onnx) is not stronger than the white-box one."""
+
+    budget_schedule: list[dict[str, Any]] = Field(default_factory=list)
+    budget_ok: bool | None = None
+    square_defended_rate: float | None = None
+    white_box_defended_rate: float | None = None
+    gradient_free_ok: bool | None = None
+    tolerance: float = 0.01
+    ok: bool
+    verdict: str
+
+
 class Sanity(_Model):
     noise: NoiseCheck | None = None
     pgd_budget: PgdBudgetCheck | None = None
     eps_sweep: EpsSweep | None = None
     gradient_free: GradientFreeCheck | None = None
+    rule: RuleChecks | None = None
+
+
+class DistalResult(_Model):
+    """Inputs that are not clothing (noise, constant images), perturbed within eps to get ANY
+    class accepted: the share accepted (lower is better)."""
+
+    start: str
+    eps: float
+    n_examples: int
+    accepted_rate: float
+    start_accepted_rate: float = Field(description="accepted before the perturbation")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OodResult(_Model):
+    """One kind of synthetic out-of-distribution input, at the served rho."""
+
+    kind: str
+    trained: bool = Field(description="a kind rejection training saw (False: held out)")
+    n_examples: int
+    reject_rate: float
 
 
 class DetectorScore(_Model):
@@ -145,6 +184,11 @@ class Detector(_Model):
     clean_reject_at_rho1: float
     adversarial_catch_at_rho1: float
     scores: list[DetectorScore] = Field(default_factory=list)
+    protocol: str = Field("all clean vs misclassified attacked", description=(
+        "negatives/positives: 'correct clean vs fooled attacked' (the standard protocol: clean inputs classified "
+        "correctly vs the attacked versions of those same inputs the attack got misclassified), 'clean right vs "
+        "clean wrong' (misclassification detection), or, in reports before this field, all clean inputs vs "
+        "every misclassified attacked input"))
 
 
 class Report(_Model):
@@ -169,6 +213,8 @@ class Report(_Model):
     worst_case: WorstCase
     worst_case_all_examples: WorstCase | None = None
     detectors: list[Detector] = Field(default_factory=list)
+    distal: list[DistalResult] = Field(default_factory=list)
+    ood: list[OodResult] = Field(default_factory=list)
     sanity: Sanity = Field(default_factory=Sanity)
     warnings: list[str] = Field(default_factory=list)
     figures: list[str] = Field(default_factory=list)
