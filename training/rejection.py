@@ -11,9 +11,10 @@ an angular analogue of a published method:
   additive margin, with the reject logit as an extra class);
 - adversarial inputs CORRECT OR REJECTED, −log(p_y + p_reject) (Carlini & Wagner's combined
   model, Pang et al.'s rectified rejection, Chen et al.'s stratified robustness with
-  rejection), made by an attack on that very objective (not cross-entropy); a share of the
-  rows has its perturbation shrunk by a ∈ U(0, 1) and is trained toward CORRECT in
-  proportion 1 − a (CCAT, Stutz et al. 2020: small perturbations must not be rejected);
+  rejection), made by a projected PGD on that very objective (not cross-entropy), plus
+  `adv_ce_weight` of cross-entropy toward correct; a share of the rows has its perturbation
+  shrunk by a ∈ U(0, 1) and is trained toward CORRECT in proportion 1 − a (CCAT, Stutz et
+  al. 2020: small perturbations must not be rejected);
 - synthetic outliers (training/outliers.py: constant images, noise, permuted and shuffled
   images, smooth blobs) and their worst case inside an ε-ball (ACET, Hein et al. 2019)
   trained to the reject logit.
@@ -51,6 +52,8 @@ class RejectionConfig:
     clean_fraction: float = 0.25  # share of the batch also trained clean (margin term)
     clean_weight: float = 0.5  # weight of the clean margin term
     head_weight: float = 0.25  # weight of the head's own loss on clean rows (keeps its logits calibrated)
+    adv_ce_weight: float = 0.5  # weight of plain cross-entropy (toward correct) on every attacked row
+    attack_steps: int = 2  # steps of the training attack
 
     def __post_init__(self) -> None:
         if not -1 < self.reject_cos < 1:
@@ -86,23 +89,26 @@ def reject_loss(cosines: Tensor, cfg: RejectionConfig) -> Tensor:
 
 def rejection_attack(model: nn.Module, x: Tensor, y: Tensor, outliers: Tensor, eps: float,
                      cfg: RejectionConfig) -> tuple[Tensor, Tensor]:
-    """One gradient pass for both attacked halves of a batch:
-    - x: N-FGSM (noise 2ε, one step of ε, no projection) ascending −log(p_y + p_reject);
-    - outliers: FGSM with a random start in the ε_o-ball (step 1.25 ε_o), ascending −log p_reject.
+    """PGD inside the ε-ball (random start, `attack_steps` signed steps of 2.5 ε / steps,
+    projected), one gradient pass per step for both attacked halves of a batch:
+    - x ascends −log(p_y + p_reject): toward an accepted wrong label, the attacker's goal;
+    - the outliers (radius outlier_eps) ascend −log p_reject: toward any accepted label (ACET).
+    Projected, not N-FGSM's unprojected noise: a model trained to reject the attacked rows
+    would otherwise learn to reject N-FGSM's visible noise instead of the attacks it meets.
     Returns (x_adv, outliers_adv)."""
-    n = len(x)
-    eps_o = cfg.outlier_eps
+    n, eps_o, steps = len(x), cfg.outlier_eps, max(1, cfg.attack_steps)
     with eval_mode(model):
-        x0 = (x + torch.empty_like(x).uniform_(-2 * eps, 2 * eps)).clamp(0.0, 1.0)
-        o0 = project(outliers + torch.empty_like(outliers).uniform_(-eps_o, eps_o), outliers, eps_o)
-        both = torch.cat([x0, o0]).detach().requires_grad_(True)
-        _, cos = logits_of(model, both)
-        assert cos is not None, "rejection training needs a model returning (logits, cosines)"
-        loss = correct_or_reject_loss(cos[:n], y, cfg).sum() + reject_loss(cos[n:], cfg).sum()
-        (g,) = torch.autograd.grad(loss, both)
-    x_adv = (x0 + eps * g[:n].sign()).clamp(0.0, 1.0)
-    o_adv = project(o0 + 1.25 * eps_o * g[n:].sign(), outliers, eps_o)
-    return x_adv.detach(), o_adv.detach()
+        xa = project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        oa = project(outliers + torch.empty_like(outliers).uniform_(-eps_o, eps_o), outliers, eps_o)
+        for _ in range(steps):
+            both = torch.cat([xa, oa]).detach().requires_grad_(True)
+            _, cos = logits_of(model, both)
+            assert cos is not None, "rejection training needs a model returning (logits, cosines)"
+            loss = correct_or_reject_loss(cos[:n], y, cfg).sum() + reject_loss(cos[n:], cfg).sum()
+            (g,) = torch.autograd.grad(loss, both)
+            xa = project(xa + 2.5 * eps / steps * g[:n].sign(), x, eps)
+            oa = project(oa + 2.5 * eps_o / steps * g[n:].sign(), outliers, eps_o)
+    return xa.detach(), oa.detach()
 
 
 def rejection_loss(model: ConvNet, net: nn.Module, x: Tensor, y: Tensor, eps: float, iteration: int,
@@ -131,7 +137,7 @@ def rejection_loss(model: ConvNet, net: nn.Module, x: Tensor, y: Tensor, eps: fl
     cos_c, cos_a, cos_o = cos[:n_clean], cos[n_clean: n_clean + n], cos[n_clean + n:]
     clean = F.cross_entropy(rule_logits(cos_c, cfg, yc), yc)
     correct = F.cross_entropy(rule_logits(cos_a, cfg), y, reduction="none")
-    adv = ((1 - a) * correct + a * correct_or_reject_loss(cos_a, y, cfg)).mean()
+    adv = ((1 - a + cfg.adv_ce_weight) * correct + a * correct_or_reject_loss(cos_a, y, cfg)).mean()
     out = reject_loss(cos_o, cfg).mean() if len(cos_o) else torch.zeros((), device=x.device)
     head = head_loss(model, logits, yc, iteration, objective, rows=slice(0, n_clean))
     loss = adv + cfg.clean_weight * clean + cfg.outlier_weight * out + cfg.head_weight * head

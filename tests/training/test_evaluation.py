@@ -34,7 +34,9 @@ TINY = dict(widths=(4, 8, 8), fc_dim=16)
 # tiny budgets: the invariants, not the numbers, are under test
 FAST = dict(n_examples=60, pgd_steps=10, pgd_restarts=2, apgd_iter=10, n_apgd=40, square_queries=40, n_square=24,
             transfer_steps=10, n_transfer=60, adaptive_steps=15, n_adaptive=60, n_budget_check=24,
-            sweep_eps=(0.0, 0.1, 0.5), sweep_steps=5, n_sweep=30, batch_size=64)
+            sweep_eps=(0.0, 0.1, 0.5), sweep_steps=5, n_sweep=30, batch_size=64, rule_steps=8, rule_max_restarts=2,
+            n_rule=40, rule_square_queries=30, n_rule_square=24, orthogonal_steps=10, n_orthogonal=40, n_ood=60,
+            n_distal=10, distal_steps=5)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def full(tiny: dict[str, Path]):  # type: ignore[no-untyped-def]
 def test_every_attack_ran_inside_the_eps_ball(full) -> None:  # type: ignore[no-untyped-def]
     r: Report = full.report
     names = {a.name for a in r.attacks}
-    assert {"fgsm", "pgd-10", "apgd-ce", "apgd-dlr", "square", "adaptive"} <= names
+    assert {"fgsm", "pgd-10", "apgd-ce", "apgd-dlr", "square", "adaptive", "rule", "rule-square", "orthogonal"} <= names
     assert any(n.startswith("transfer:") for n in names)
     for a in r.attacks:
         assert a.status == "ok", a
@@ -108,7 +110,11 @@ def test_sanity_checks_and_detectors_present(full) -> None:  # type: ignore[no-u
     assert [p.eps for p in s.eps_sweep.points] == [0.0, 0.1, 0.5]
     assert s.eps_sweep.points[0].robust_accuracy >= s.eps_sweep.points[-1].robust_accuracy
     assert s.eps_sweep.points[-1].robust_accuracy <= 0.1  # eps 0.5 breaks any honest model
-    assert {d.attack for d in full.report.detectors} == {"pgd-10", "adaptive"}
+    attacks = {d.attack for d in full.report.detectors}
+    assert "misclassification (clean)" in attacks
+    assert attacks - {"misclassification (clean)"} <= {"pgd-10", "apgd-ce", "adaptive", "rule",
+                                                        "adaptive on max softmax probability",
+                                                        "adaptive on Mahalanobis distance"}
     noise = s.noise
     assert noise is not None and noise.n_uniform == 1000 and noise.n_constant == 11
     assert 0 <= noise.uniform_reject_rate <= 1 and noise.ok == (min(noise.uniform_reject_rate,
@@ -396,3 +402,61 @@ def test_transfer_attacks_are_named_after_the_substitute_run(path: str, label: s
     from training.evaluation.core import _run_label
 
     assert _run_label(path) == label
+
+
+def test_detectors_follow_the_standard_protocol(full) -> None:  # type: ignore[no-untyped-def]
+    """Negatives: clean inputs classified correctly; positives: the attacked versions of
+    those same inputs that the attack got misclassified (issue: no misclassification mixed in)."""
+    clean = full.clean
+    for d in full.report.detectors:
+        if d.attack == "misclassification (clean)":
+            assert d.n_clean == int(clean.correct.sum()) and d.n_adversarial == int((~clean.correct).sum())
+            continue
+        if d.attack not in full.judged:
+            continue
+        adv = full.judged[d.attack]
+        m = min(clean.n, adv.n)
+        assert d.n_clean == int(clean.correct[:m].sum())
+        assert d.n_adversarial == int((clean.correct[:m] & ~adv.correct[:m]).sum()) > 0
+        assert d.protocol == "correct clean vs fooled attacked"
+
+
+def test_attacks_on_the_verdict_and_their_checks(full) -> None:  # type: ignore[no-untyped-def]
+    r: Report = full.report
+    rule = r.attack("rule")
+    schedule = rule.params["restart_schedule"]
+    assert [s["restarts"] for s in schedule][:1] == [1]
+    defended = [s["defended_rate"] for s in schedule]
+    assert all(b <= a + 1e-12 for a, b in zip(defended, defended[1:], strict=False))  # kept by the served rule
+    assert rule.defended_rate == pytest.approx(defended[-1])
+    checks = r.sanity.rule
+    assert checks is not None and checks.square_defended_rate is not None
+    assert checks.gradient_free_ok == (checks.square_defended_rate >= checks.white_box_defended_rate
+                                       - max(0.01, 2.0 / min(r.attack("rule-square").n_examples, rule.n_examples)))
+    # the sweep reports the defended rate under the rule attack, never above the plain defended rate at eps 0
+    pts = r.sanity.eps_sweep.points  # type: ignore[union-attr]
+    assert all(p.rule_defended_rate is not None for p in pts)
+    assert pts[0].rule_defended_rate == pytest.approx(pts[0].defended_rate)
+    md = render_report_markdown(r)
+    assert "Inputs that are not clothing" in md and "attacks on the verdict" in md
+
+
+def test_rule_attack_is_at_least_as_strong_on_the_verdict_as_pgd(full) -> None:  # type: ignore[no-untyped-def]
+    """The attack that knows the rule must not leave more inputs defended than PGD (which ignores it)."""
+    m = full.report.attack("rule").n_examples
+    rule, pgd = full.judged["rule"], full.judged["pgd-10"]
+    assert float((~rule.broken[:m]).mean()) <= float((~pgd.broken[:m]).mean()) + 0.05
+
+
+def test_out_of_distribution_table_and_distal_inputs(full) -> None:  # type: ignore[no-untyped-def]
+    from training.outliers import HELD_OUT, KINDS
+
+    r: Report = full.report
+    assert [o.kind for o in r.ood] == list(KINDS)
+    assert {o.kind for o in r.ood if not o.trained} == set(HELD_OUT)
+    assert all(o.n_examples == 60 and 0 <= o.reject_rate <= 1 for o in r.ood)
+    assert {(d.start, d.eps) for d in r.distal} == {(s, e) for s in ("uniform_noise", "constant") for e in (0.1, 0.3)}
+    for start in ("uniform_noise", "constant"):
+        rows = sorted((d for d in r.distal if d.start == start), key=lambda d: d.eps)
+        # the attack keeps an accepted start as it is: never fewer accepted than before
+        assert all(d.accepted_rate >= d.start_accepted_rate - 1e-9 for d in rows)

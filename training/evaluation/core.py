@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -41,7 +42,14 @@ from training.checkpoint import load_checkpoint
 from training.data import DEFAULT_EPS, Dataset, load_dataset, training_splits
 from training.evaluation.attacks import AdaptiveAttack, ArtAPGD, ArtSquare, TransferAttack, check_ball
 from training.evaluation.config import ALL_ATTACKS, EvalConfig, EvaluationError
-from training.evaluation.detectors import Mahalanobis, Scores, detector, features_of, misclassification_detector
+from training.evaluation.detectors import (
+    Mahalanobis,
+    ScoreAttack,
+    Scores,
+    detector,
+    features_of,
+    misclassification_detector,
+)
 from training.evaluation.foreign import distal_table, ood_table
 from training.evaluation.loading import OnnxLogits, WhiteBox, load_manifest, version_path, white_box_model
 from training.evaluation.rule_attacks import OrthogonalPGD, Rule, RuleAttack, RuleScores, RuleSquare
@@ -169,7 +177,7 @@ class AttackRunner:
                 if x_adv is None or worst is None:
                     x_adv, worst = xb, jb
                 else:
-                    take = (jb.broken & ~worst.broken) | (~jb.correct & worst.correct & ~worst.broken)
+                    take = worst.attacker_best(jb)
                     x_adv = torch.where(torch.from_numpy(take).view(-1, 1, 1, 1), xb, x_adv)
                     worst = worst.where(take, jb)  # the merged inputs' verdicts, without running them again
             total += batch
@@ -211,7 +219,9 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
     rule_checks = verdict_attacks(runner, wb)
 
     done = [clean, *runner.judged.values()]
-    sanity, sweep = _sanity(runner, wb.model)
+    sanity, sweep, doubled = _sanity(runner, wb.model)
+    if doubled is not None:  # the budget check's doubled PGD counts in the worst case per example
+        done.append(doubled.padded(len(target.x), clean))
     sanity.rule = rule_checks
     ood = ood_table(target.onnx_model, target.x, target.mean, target.std, target.rho, cfg) if cfg.ood else []
     distal = (distal_table(wb.model, target.onnx_model, tuple(target.manifest.input.shape), target.rule, cfg, say)
@@ -356,18 +366,18 @@ def _transfer(runner: AttackRunner, wb: WhiteBox, sub_path: str, warnings: list[
     runner.run(f"transfer:{label}", "transfer", TransferAttack(sub.eval(), inner), sub, cfg.n_transfer, params)
 
 
-def _sanity(runner: AttackRunner, model: ConvNet | None) -> tuple[Sanity, list[tuple[float, Judged]]]:
+def _sanity(runner: AttackRunner, model: ConvNet | None) -> tuple[Sanity, list[tuple[float, Judged]], Judged | None]:
     cfg, t = runner.cfg, runner.t
-    sanity, sweep = Sanity(), list[tuple[float, Judged]]()
+    sanity, sweep, doubled = Sanity(), list[tuple[float, Judged]](), None
     sanity.noise = noise_check(t.onnx_model, tuple(t.manifest.input.shape), t.mean, t.std, t.rho, seed=cfg.seed)
     runner.say(f"noise check: {sanity.noise.verdict}")
     if cfg.sanity and model is not None:
-        sanity.pgd_budget = pgd_budget_check(model, t.onnx_model, t.x, t.y, t.eps, t.mean, t.std, t.rho, cfg,
-                                             runner.judged.get(f"pgd-{cfg.pgd_steps}"), runner.say)
+        sanity.pgd_budget, doubled = pgd_budget_check(model, t.onnx_model, t.x, t.y, t.eps, t.mean, t.std, t.rho,
+                                                      cfg, runner.say)
         sanity.eps_sweep, sweep = eps_sweep(model, t.onnx_model, t.x, t.y, t.mean, t.std, t.rho, cfg, runner.say)
     if "square" in runner.judged:
         sanity.gradient_free = gradient_free_check(runner.judged)
-    return sanity, sweep
+    return sanity, sweep, doubled
 
 
 def _detectors(runner: AttackRunner, clean: Judged, model: ConvNet | None) -> list[Detector]:
@@ -390,8 +400,38 @@ def _detectors(runner: AttackRunner, clean: Judged, model: ConvNet | None) -> li
     false_reject = t.manifest.calibration.target_false_reject_rate
     found = [detector(n, clean_scores, clean, scores(runner.inputs[n], runner.judged[n]), runner.judged[n],
                       val_scores, t.rho, false_reject) for n in names]
+    if model is not None:
+        found += _score_attacks(runner, model, maha, scores, clean, clean_scores, val_scores, false_reject)
     found.append(misclassification_detector(clean_scores, clean, val_scores, t.rho, false_reject))
     return [d for d in found if d is not None]
+
+
+def _score_attacks(runner: AttackRunner, model: ConvNet, maha: Mahalanobis | None,
+                   scores: Callable[[Tensor, Judged], Scores], clean: Judged, clean_scores: Scores,
+                   val_scores: Scores, false_reject: float) -> list[Detector | None]:
+    """Each other rejection score attacked adaptively (detectors.ScoreAttack), so that its catch
+    rate is a measurement and not an upper bound; the angle faces the rule attack."""
+    cfg, t = runner.cfg, runner.t
+    m = runner.n(cfg.n_rule)
+    out: list[Detector | None] = []
+    for name in ("max softmax probability", "Mahalanobis distance"):
+        if name.startswith("Mahalanobis") and maha is None:
+            continue
+        threshold = float(np.quantile(val_scores.named()[name], 1 - false_reject))
+        params = {"score": name, "threshold": threshold, "targets": 3, "steps": cfg.rule_steps,
+                  "kappa": cfg.rule_kappa}
+        slug = "adaptive-msp" if name.startswith("max") else "adaptive-mahalanobis"
+        x_adv = runner.craft(slug, ScoreAttack(t.eps, name, threshold, maha, 3, cfg.rule_steps, cfg.rule_kappa),
+                             model, m, params, cfg.seed)
+        j = t.judge(x_adv, slug)
+        adv_scores = scores(x_adv, j)
+        d = detector(f"adaptive on {name}", clean_scores, clean, adv_scores, j, val_scores, t.rho, false_reject)
+        broken = ~j.correct & (adv_scores.named()[name] <= threshold)
+        runner.say(f"{slug}: the {name} rule defends {100 * (1 - broken.mean()):.1f} % of {j.n}")
+        if d is not None:
+            d.adaptive_against, d.score_defended_rate = name, float(1 - broken.mean())
+        out.append(d)
+    return out
 
 
 def _splits(manifest: Manifest, cfg: EvalConfig) -> tuple[Dataset, Dataset]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from training.evaluation.schema import Detector, DetectorScore
 from training.evaluation.scoring import Judged, roc_auc
@@ -124,3 +124,73 @@ def misclassification_detector(clean: Scores, clean_judged: Judged, validation: 
                     adversarial_catch_at_rho=float((pos > rho).mean()), clean_reject_at_rho1=float((neg > 1).mean()),
                     adversarial_catch_at_rho1=float((pos > 1).mean()), scores=rows,
                     protocol="clean right vs clean wrong")
+
+
+@dataclass(frozen=True)
+class ScoreAttack:
+    """An adaptive attack on a rejection score other than the angle (the angle has its own,
+    rule_attacks.RuleAttack): targeted PGD toward the `k` likeliest wrong classes, ascending
+    min(logit margin of the target, κ·(threshold − the target's score)), so the input ends
+    wrong AND below the score's threshold (accepted). Per example the first accepted-and-wrong
+    iterate, else the last. `score` is "max softmax probability" (score: −p_target) or
+    "Mahalanobis distance" (score: the distance to the target's class mean, an upper bound on
+    the distance to the closest mean that the detector uses)."""
+
+    eps: float
+    score: str
+    threshold: float
+    maha: Mahalanobis | None = None
+    k: int = 3
+    steps: int = 30
+    kappa: float = 10.0
+
+    def _scores(self, model: ConvNet, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits (N, K), per-class score (N, K): higher = more suspicious)."""
+        feat = model.feature(x)
+        logits, _ = model.classifier(feat)
+        if self.score.startswith("max softmax"):
+            return logits, -torch.softmax(logits, 1)
+        assert self.maha is not None
+        mu = torch.as_tensor(self.maha.means, dtype=feat.dtype, device=feat.device)
+        prec = torch.as_tensor(self.maha.precision, dtype=feat.dtype, device=feat.device)
+        d = feat.unsqueeze(1) - mu.unsqueeze(0)  # (N, K, d)
+        return logits, torch.einsum("nkd,de,nke->nk", d, prec, d)
+
+    def _won(self, logits: Tensor, per_class: Tensor, y: Tensor) -> Tensor:
+        label = logits.argmax(1)
+        s = per_class.gather(1, label.view(-1, 1)).squeeze(1) if self.score.startswith("max softmax") \
+            else per_class.amin(1)
+        return (label != y) & (s <= self.threshold)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        from training.attacks import eval_mode, project
+
+        assert isinstance(model, ConvNet)
+        step = 2.5 * self.eps / self.steps
+        with eval_mode(model):
+            with torch.no_grad():
+                logits0, _ = model(x)
+            order = logits0.masked_fill(torch.nn.functional.one_hot(y, logits0.shape[1]).bool(),
+                                        -float("inf")).argsort(1, descending=True)
+            best, won = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            for ti in range(min(self.k, logits0.shape[1] - 1)):
+                t = order[:, ti]
+                x_cur = project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x, self.eps)
+                for it in range(self.steps + 1):
+                    x_cur = x_cur.detach().requires_grad_(True)
+                    logits, per_class = self._scores(model, x_cur)
+                    with torch.no_grad():
+                        ok = self._won(logits, per_class, y) & ~won
+                        best[ok], won = x_cur.detach()[ok], won | ok
+                        if ti == 0 and it == self.steps:  # not won: the last iterate toward the likeliest class
+                            best[~won] = x_cur.detach()[~won]
+                    if it == self.steps or bool(won.all()):
+                        break
+                    other = logits.masked_fill(torch.nn.functional.one_hot(t, logits.shape[1]).bool(),
+                                               -float("inf")).amax(1)
+                    margin = logits.gather(1, t.view(-1, 1)).squeeze(1) - other
+                    slack = self.threshold - per_class.gather(1, t.view(-1, 1)).squeeze(1)
+                    obj = torch.minimum(margin, self.kappa * slack)
+                    (g,) = torch.autograd.grad(obj.sum(), x_cur)
+                    x_cur = project(x_cur.detach() + step * g.sign(), x, self.eps)
+        return best.detach()

@@ -112,6 +112,12 @@ def _detectors_section(r: Report) -> list[str]:
                 L.extend(f"| {d.attack} | {s.score} | {s.auroc:.3f} | {_pct(s.validation_reject)} / "
                          f"{_pct(s.clean_reject)} | {_pct(s.adversarial_catch)} |" for s in d.scores)
             L.append("")
+        aimed = [d for d in r.detectors if d.adaptive_against]
+        if aimed:
+            L.append("Each score attacked adaptively (the attack knows its threshold): the defended rate of "
+                     "'reject above that score's threshold' under the attack aimed at it.\n")
+            L.extend(f"- {d.adaptive_against}: defended {_pct(d.score_defended_rate)}" for d in aimed)
+            L.append("")
     return L
 
 

@@ -184,6 +184,9 @@ class Detector(_Model):
     clean_reject_at_rho1: float
     adversarial_catch_at_rho1: float
     scores: list[DetectorScore] = Field(default_factory=list)
+    adaptive_against: str | None = Field(None, description="the score this row's attack was aimed at")
+    score_defended_rate: float | None = Field(
+        None, description="defended rate of the rule 'reject above that score's threshold' under this attack")
     protocol: str = Field("all clean vs misclassified attacked", description=(
         "negatives/positives: 'correct clean vs fooled attacked' (the standard protocol: clean inputs classified "
         "correctly vs the attacked versions of those same inputs the attack got misclassified), 'clean right vs "

@@ -43,6 +43,19 @@ class Judged:
                       pick(self.accepted_rho1, other.accepted_rho1), pick(self.ratio, other.ratio),
                       pick(self.msp, other.msp))
 
+    def attacker_best(self, other: Judged) -> np.ndarray:
+        """Where `other` is better for the attacker under the served rule: accepted-and-wrong
+        first, then misclassified (rejected)."""
+        return (other.broken & ~self.broken) | (~other.correct & self.correct & ~self.broken)
+
+    def padded(self, n: int, rest: Judged, name: str | None = None) -> Judged:
+        """These outcomes for the first rows, `rest`'s (e.g. the clean ones) up to n rows."""
+        def cat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return np.concatenate([a[:n], b[len(a):n]])
+        return Judged(name or self.name, cat(self.correct, rest.correct), cat(self.accepted, rest.accepted),
+                      cat(self.accepted_rho1, rest.accepted_rho1), cat(self.ratio, rest.ratio),
+                      cat(self.msp, rest.msp))
+
     @property
     def n(self) -> int:
         return len(self.correct)
