@@ -80,7 +80,7 @@ class ManifestMetrics(_Strict):
     worst_case_robust_accuracy: float | None = Field(None, ge=0, le=1)
     worst_case_defended_rate: float | None = Field(None, ge=0, le=1)
     adaptive_defended_rate: float | None = Field(
-        None, ge=0, le=1, description="the attack that knows rho and the angle statistics")
+        None, ge=0, le=1, description="the lowest defended rate of the attacks that know rho and the angle statistics")
     worst_case_attacks: list[str] | None = Field(None, description="the attacks behind the worst case")
     worst_case_n_examples: int | None = Field(None, ge=1, description="test examples of the worst case")
 

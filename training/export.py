@@ -214,6 +214,9 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
                                   command=ckpt.command or command, dataset=dataset, git_commit=ckpt.git_commit),
             angle_histogram=histogram,
         )
+        if report is not None and (differ := report_mismatches(manifest.metrics, report)):
+            raise ExportError(f"--evaluation {evaluation}: the manifest would not carry the report's figures: "
+                              + "; ".join(differ))
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2, by_alias=True) + "\n")
         os.chmod(tmp, 0o755)
         try:
@@ -320,11 +323,38 @@ def pgd_from_report(report: Report) -> PgdFigures:
 
 
 def worst_case_from_report(report: Report) -> dict[str, Any]:
+    """The manifest's worst-case figures; `adaptive_defended_rate` is the lowest defended rate
+    of the attacks that know the rule (kind "adaptive": the adaptive, rule and orthogonal attacks)."""
     wc = report.worst_case
-    adaptive = next((a for a in report.attacks if a.name == "adaptive" and a.status == "ok"), None)
+    adaptive = [a.defended_rate for a in report.attacks
+                if a.kind == "adaptive" and a.status == "ok" and a.defended_rate is not None]
     return {"worst_case_robust_accuracy": wc.robust_accuracy, "worst_case_defended_rate": wc.defended_rate,
-            "adaptive_defended_rate": adaptive.defended_rate if adaptive else None,
+            "adaptive_defended_rate": min(adaptive) if adaptive else None,
             "worst_case_attacks": [n for n in wc.attacks if n != "clean"], "worst_case_n_examples": wc.n_examples}
+
+
+# A manifest's figures are the report's, copied: equal up to float rounding in JSON.
+REPORT_FIGURES_ATOL = 1e-9
+
+
+def report_mismatches(metrics: ManifestMetrics, report: Report) -> list[str]:
+    """How a manifest's attack figures differ from the evaluation report they must come from
+    (empty when they agree): the PGD figures, the worst case and its attack list."""
+    want = {**worst_case_from_report(report)}
+    pgd = pgd_from_report(report)
+    want.update(pgd_robust_accuracy=pgd.robust_accuracy, pgd_reject_rate=pgd.reject_rate,
+                pgd_defended_rate=pgd.defended_rate)
+    have = metrics.model_dump()
+    out = []
+    for key, value in want.items():
+        got = have.get(key)
+        same = (got == value if not isinstance(value, float) or got is None
+                else math.isclose(got, value, rel_tol=0.0, abs_tol=REPORT_FIGURES_ATOL))
+        if not same:
+            out.append(f"{key}: manifest {got!r}, report {value!r}")
+    if have.get("pgd_attack") and have["pgd_attack"].get("restarts") != pgd.attack.restarts:
+        out.append(f"pgd_attack.restarts: manifest {have['pgd_attack'].get('restarts')}, report {pgd.attack.restarts}")
+    return out
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
