@@ -47,12 +47,12 @@ router = APIRouter()
 _IMAGE_TYPES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
 
 
-def _rid(request: Request) -> str:
+def request_id_of(request: Request) -> str:
     rid: str = request.state.request_id
     return rid
 
 
-def _multipart_body(name: str, many: bool) -> dict[str, Any]:
+def multipart_body(name: str, many: bool) -> dict[str, Any]:
     prop: dict[str, Any] = {"type": "string", "format": "binary"}
     if many:
         prop = {"type": "array", "items": prop, "minItems": 1}
@@ -78,7 +78,7 @@ def _multipart_body(name: str, many: bool) -> dict[str, Any]:
 INLINE_DECODE_PIXELS = 256 * 256
 
 
-async def _decode(data: bytes, rt: ModelRuntime, max_pixels: int, where: str = "") -> DecodedImage:
+async def decode_upload(data: bytes, rt: ModelRuntime, max_pixels: int, where: str = "") -> DecodedImage:
     try:
         px = header_pixels(data)
         if px is None or px <= INLINE_DECODE_PIXELS:
@@ -97,7 +97,7 @@ def _file_parts(parts: list[Part], field: str) -> list[Part]:
     return [p for p in parts if p.name == field]
 
 
-def _results(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Classification]:
+def classifications(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Classification]:
     """The response model of each row of `v`."""
     names = rt.model.manifest.class_names
     ref = ModelRef(name=rt.name, version=rt.version)
@@ -119,7 +119,7 @@ def _results(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Classificat
     ]
 
 
-async def _record(svc: Service, rt: ModelRuntime, v: Verdicts, results: list[Classification],
+async def record_verdicts(svc: Service, rt: ModelRuntime, v: Verdicts, results: list[Classification],
                   uploads: list[DecodedUpload], batch: bool) -> None:
     """Count the verdicts in the metrics; keep each rejected upload (and its result) in the quarantine."""
     svc.metrics.observe_verdicts(rt.name, rt.version, rt.model.manifest.class_names, v)
@@ -136,21 +136,21 @@ async def _record(svc: Service, rt: ModelRuntime, v: Verdicts, results: list[Cla
     "/classify",
     response_model=Classification,
     responses=error_responses(400, 413, 415, 422, 503),
-    openapi_extra=_multipart_body("file", many=False),
+    openapi_extra=multipart_body("file", many=False),
     summary="Classify one image and say whether to trust the label",
 )
 async def classify(request: Request, svc: ServiceDep, rt: ServedRuntime) -> Classification:
     """Multipart field `file`, or a raw body with an `image/*` Content-Type."""
     with rt.ticket() as ticket:
-        data = await _read_single(request, svc.settings)
-        img = await _decode(data, rt, svc.settings.max_image_pixels)
+        data = await read_single_upload(request, svc.settings)
+        img = await decode_upload(data, rt, svc.settings.max_image_pixels)
         v = await rt.classify(img.array, ticket)
-    results = _results(rt, v, _rid(request))
-    await _record(svc, rt, v, results, [(data, img)], batch=False)
+    results = classifications(rt, v, request_id_of(request))
+    await record_verdicts(svc, rt, v, results, [(data, img)], batch=False)
     return results[0]
 
 
-async def _read_single(request: Request, settings: Settings) -> bytes:
+async def read_single_upload(request: Request, settings: Settings) -> bytes:
     limit = settings.max_upload_bytes
     mt = media_type(request)
     if mt == "multipart/form-data":
@@ -177,15 +177,15 @@ async def _read_single(request: Request, settings: Settings) -> bytes:
     "/classify/batch",
     response_model=BatchClassification,
     responses=error_responses(400, 413, 415, 422, 503),
-    openapi_extra=_multipart_body("files", many=True),
+    openapi_extra=multipart_body("files", many=True),
     summary="Classify several images (repeated multipart field `files`), results in order",
 )
 async def classify_batch(request: Request, svc: ServiceDep, rt: ServedRuntime) -> BatchClassification:
     with rt.ticket() as ticket:
         uploads = await _read_batch(request, svc.settings, rt)
         v = await rt.classify(np.stack([img.array for _, img in uploads]), ticket)
-    results = _results(rt, v, _rid(request))
-    await _record(svc, rt, v, results, uploads, batch=True)
+    results = classifications(rt, v, request_id_of(request))
+    await record_verdicts(svc, rt, v, results, uploads, batch=True)
     return BatchClassification(results=results)
 
 
@@ -204,7 +204,7 @@ async def _read_batch(request: Request, s: Settings, rt: ModelRuntime) -> list[D
         except ImageError as exc:
             raise ImageError(exc.status_code, f"files[{i}]: {exc.detail}") from None
     datas = [bytes(f.data) for f in files]
-    return [(d, await _decode(d, rt, s.max_image_pixels, f"files[{i}]")) for i, d in enumerate(datas)]
+    return [(d, await decode_upload(d, rt, s.max_image_pixels, f"files[{i}]")) for i, d in enumerate(datas)]
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
@@ -255,6 +255,9 @@ def _manifest_summary(m: Manifest, rho: float) -> ManifestSummary:
         manifest_rho=m.rho,
         calibration=m.calibration,
         metrics=m.metrics,
+        angle_mean_deg=m.angle_mean_deg,
+        angle_std_deg=m.angle_std_deg,
+        angle_histogram=m.angle_histogram,
     )
 
 

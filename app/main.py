@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -12,10 +14,12 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from app import admin, api, v2
+from app import admin, api, explain, stats, v2
+from app.docs import install_docs
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import RequestMetricsMiddleware
+from app.page import install_page
 from app.service import Service
 from app.settings import Settings, SettingsError, load_settings
 
@@ -40,9 +44,13 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         # measured p99 at 16 concurrent clients 55-60 ms -> 23 ms (docs/API.md, Benchmarks).
         gc.collect()
         gc.freeze()
+        sampler = asyncio.get_running_loop().create_task(service.recent.run(), name="recent-counters")
         try:
             yield
         finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
             await service.close()  # uvicorn has already waited for in-flight requests
 
     app = FastAPI(
@@ -51,12 +59,18 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         description="Image classification that says what each input is AND whether to trust it "
         "(D-SphereNet robust geodesic inference). See docs/API.md.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc from local assets: app/docs.py
+        redoc_url=None,
     )
     app.state.service = service
     app.state.settings = settings
     app.include_router(api.router)
+    app.include_router(explain.router)
+    app.include_router(stats.router)
     app.include_router(v2.router)
     app.include_router(admin.router)
+    install_docs(app)
+    install_page(app)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     _add_openapi_components(app, {**v2.openapi_components(), **admin.openapi_components()})

@@ -107,9 +107,22 @@ class Metrics:
             self.classifications.labels(model, version, class_names[label], verdict).inc()
             self.angle.labels(model, version, verdict).observe(angle)
 
-    def render(self) -> bytes:
+    def _collected(self) -> CollectorRegistry:
+        """What /metrics exports: this registry, or every worker's values in multiprocess mode."""
         if self.multiprocess:
             reg = CollectorRegistry()
             multiprocess.MultiProcessCollector(reg)
-            return generate_latest(reg)
-        return generate_latest(self.registry)
+            return reg
+        return self.registry
+
+    def render(self) -> bytes:
+        return generate_latest(self._collected())
+
+    def counter_values(self, *names: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """Each label set's value of the counters `names` (e.g. "dsphere_requests"), as /metrics exports them."""
+        out: dict[str, list[tuple[dict[str, str], float]]] = {n: [] for n in names}
+        for family in self._collected().collect():
+            if family.name in out:
+                out[family.name] += [(dict(s.labels), s.value) for s in family.samples
+                                     if s.name == f"{family.name}_total"]
+        return out

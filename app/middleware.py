@@ -16,7 +16,15 @@ _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 def endpoint_label(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "unmatched"
+    if isinstance(path, str):
+        return path
+    # A mount (the page's and the docs' static files): FastAPI's router sets no "route" for it,
+    # but Starlette's Mount hands its prefix down in root_path (after the app's own root path).
+    if route is None and "app_root_path" in scope:
+        mount = str(scope.get("root_path", ""))[len(str(scope["app_root_path"])):]
+        if mount:
+            return f"{mount}/{{path}}"
+    return "unmatched"
 
 
 class RequestMetricsMiddleware:

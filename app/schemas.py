@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.manifest import Calibration, ManifestMetrics
+from app.manifest import AngleHistogram, Calibration, ManifestMetrics
 from app.verdict import VerdictName
 
 
@@ -39,6 +39,60 @@ class BatchClassification(BaseModel):
     results: list[Classification]
 
 
+class ClassProbability(BaseModel):
+    label: int
+    class_name: str
+    probability: float = Field(description="softmax probability")
+
+
+class ModelInput(BaseModel):
+    """The image as the model receives it: after the service's decoding, conversion and resizing."""
+
+    shape: tuple[int, int, int] = Field(description="(C, H, W)")
+    pixels: list[int] = Field(description="C*H*W values in 0..255, row-major: the model's input times 255")
+    format: str = Field(description="the uploaded image's format, as read from its bytes")
+    original_size: tuple[int, int] = Field(description="(width, height) as uploaded")
+
+
+class Explanation(Classification):
+    """What /classify answers, plus what a person needs to see why (the page draws it)."""
+
+    top_classes: list[ClassProbability] = Field(description="the three most probable classes, most probable first")
+    angle_mean_deg: float = Field(description="the label's mean training angle, from the manifest")
+    angle_std_deg: float = Field(description="the label's standard deviation of that angle")
+    rho: float = Field(description="threshold_deg = rho * (angle_mean_deg + angle_std_deg)")
+    input: ModelInput
+
+
+class ClassCounts(BaseModel):
+    class_name: str
+    accepted: int
+    rejected: int
+
+
+class RecentInterval(BaseModel):
+    seconds_ago: float = Field(description="how long before the answer this interval ended")
+    duration_s: float
+    requests: int = Field(description="requests to the classifying endpoints")
+    errors: int = Field(description="those answered 4xx or 5xx")
+    classified: int = Field(description="inputs classified (a batch counts each image)")
+    rejected: int
+
+
+class RecentStats(BaseModel):
+    """The last minutes, from the service's own counters (those of GET /metrics)."""
+
+    window_s: float = Field(description="the window the service keeps, in seconds")
+    covered_s: float = Field(description="seconds these figures cover: window_s, or less just after start")
+    requests: int = Field(description="requests to /classify, /classify/batch, /explain and v2 infer")
+    errors: int = Field(description="those answered 4xx or 5xx")
+    classified: int
+    rejected: int
+    rejection_ratio: float | None = Field(description="rejected / classified; null when nothing was classified")
+    per_class: list[ClassCounts] = Field(description="by predicted class, over every model served")
+    intervals: list[RecentInterval] = Field(description="the window in equal intervals, oldest first")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 
@@ -58,6 +112,11 @@ class ManifestSummary(BaseModel):
     manifest_rho: float
     calibration: Calibration
     metrics: ManifestMetrics
+    angle_mean_deg: list[float] = Field(description="per class mean training angle")
+    angle_std_deg: list[float] = Field(description="per class standard deviation of that angle")
+    angle_histogram: AngleHistogram | None = Field(
+        description="per class training angles in bins; null for manifests exported before it was recorded"
+    )
 
 
 class ModelSummary(BaseModel):

@@ -2,7 +2,8 @@
 
 `load` (startup) and `reload` (admin) build a new ModelRuntime completely (verify,
 session, warm-up) before swapping one reference; requests that already hold the
-old runtime finish on it, then the old batcher is drained and closed.
+old runtime finish on it, then the old batcher is drained and closed. The page's
+POST /explain may also classify with the store's other models (app/other_models.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from app.engine import ModelRuntime
 from app.manifest import MODEL_FILE
 from app.metrics import Metrics
 from app.model_store import ModelInvalidError, ModelStoreError, load_version
+from app.other_models import OtherModels
 from app.quarantine import Quarantine
+from app.recent import RecentCounters
 from app.settings import Settings
 
 log = logging.getLogger("dsphere.service")
@@ -35,12 +38,22 @@ class Service:
         )
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        self.other_models = OtherModels(self._build, settings.model_store, settings.other_models)
+        self.recent = RecentCounters(metrics)  # GET /stats; sampled while the app runs (app/main.py)
 
     def current(self) -> ModelRuntime:
         rt = self.runtime
         if rt is None or not rt.warmed:
             raise NotReadyError(f"model not ready: {self.load_error or 'loading'}")
         return rt
+
+    async def runtime_for(self, name: str | None) -> ModelRuntime:
+        """The served runtime when `name` is None or its name; else the store's model `name`
+        (latest version) for the page: ModelStoreError (404, 409) when it cannot be served."""
+        served = self.runtime.name if self.runtime is not None else self.settings.model_name
+        if name is None or name == served:
+            return self.current()
+        return await self.other_models.get(name)
 
     def _build(self, name: str, version: str) -> ModelRuntime:
         s = self.settings
@@ -102,3 +115,4 @@ class Service:
             await rt.close()
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.other_models.close()

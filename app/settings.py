@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: ORT default)")
 
+    # the page (GET /): models of the store that POST /explain may load besides the served one
+    other_models: int = Field(
+        4, ge=0, le=64, description="other models of the store POST /explain may load (latest version each); 0: none"
+    )
+
     # admin
     admin_token: str | None = Field(None, description="bearer token of POST /admin/reload; unset: disabled")
 

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+TEST_LABELS = TEST_IMAGES.with_name("t10k-labels-idx1-ubyte.gz")
 
 
 def load_fashion_mnist_test(n: int, path: str | Path = TEST_IMAGES) -> np.ndarray:
@@ -21,6 +22,13 @@ def load_fashion_mnist_test(n: int, path: str | Path = TEST_IMAGES) -> np.ndarra
         n = min(n, count)
         buf = f.read(n * rows * cols)
     return np.frombuffer(buf, np.uint8).reshape(n, rows, cols)
+
+
+def load_fashion_mnist_test_labels(n: int, path: str | Path = TEST_LABELS) -> np.ndarray:
+    """Labels of the first n test images, uint8 [n] (IDX: 8-byte header, then one byte each)."""
+    with gzip.open(path, "rb") as f:
+        count = int.from_bytes(f.read(8)[4:8], "big")
+        return np.frombuffer(f.read(min(n, count)), np.uint8)
 
 
 def png_bytes(img: np.ndarray) -> bytes:

@@ -196,6 +196,24 @@ def test_metrics_count_what_was_served(served: Served) -> None:
     assert f'version="{served.version}"' in info.group(1) and 'provider="CPUExecutionProvider"' in info.group(1)
 
 
+def test_page_and_api_docs_come_from_the_image(served: Served) -> None:
+    """GET /, /docs and /redoc, and every file they load, from the image itself (no CDN), and
+    the page's POST /explain."""
+    c = served.client
+    page = c.get("/")
+    assert page.status_code == 200 and "/assets/page/page.js" in page.text, page.text[:500]
+    for path in ("/assets/page/page.js", "/assets/page/page.css", "/assets/page/examples/noise.png",
+                 "/assets/docs/swagger-ui-bundle.js", "/assets/docs/swagger-ui.css",
+                 "/assets/docs/redoc.standalone.js"):
+        assert c.get(path).status_code == 200, path
+    for path in ("/docs", "/redoc"):
+        r = c.get(path)
+        assert r.status_code == 200 and "/assets/docs/" in r.text and "cdn." not in r.text, r.text
+    r = c.post("/explain", files={"file": ("x.png", png_bytes(served.images[0]), "image/png")})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["input"]["pixels"]) == 28 * 28 and len(r.json()["top_classes"]) == 3
+
+
 def test_bad_upload_is_a_clear_error(served: Served) -> None:
     r = served.client.post("/classify", content=b"not an image at all", headers={"Content-Type": "image/png"})
     assert 400 <= r.status_code < 500, r.text

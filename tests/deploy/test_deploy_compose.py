@@ -209,6 +209,7 @@ def test_serving_requirements_have_no_training_deps(tmp_path: Path) -> None:
     for names in (cpu, gpu):
         assert not names & {"torch", "torchvision", "onnx", "onnxscript", "matplotlib"}, names
         assert {"fastapi", "uvicorn", "numpy", "pydantic", "prometheus-client"} <= names
+        assert "fastapi-offline" in names, "/docs and /redoc need their local assets in the image"
     assert "onnxruntime" in cpu and "onnxruntime-gpu" not in cpu
     assert "onnxruntime-gpu" in gpu and "onnxruntime" not in gpu, "both wheels ship the same module"
     assert cpu - {"onnxruntime"} == gpu - {"onnxruntime-gpu"}
