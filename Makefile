@@ -5,7 +5,8 @@ PYTHON ?= python3
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test serve images train evaluate publish choose-variant reproduce bench soak lint clean
+.PHONY: install test serve images train train-rejection evaluate evaluate-rejection publish choose-variant reproduce \
+	bench soak lint clean
 
 install: $(VENV)/.installed
 
@@ -71,6 +72,30 @@ train: install
 	# the other D-SphereNet variant, to choose on validation (docs/results/variant-choice-2.0.0.md)
 	$(call run,dsphere-wm-cosine-nfgsm,--arch dsphere --corr cosine --head wm --init-from checkpoints/warm-dsphere-wm-cosine $(RECIPE))
 
+# The 3.0.0 campaign (docs/METHOD.md, "Training the verdict"): rejection training of both models from their 2.0.0
+# checkpoints (the D-SphereNet's weight-multiplier head kept; the baseline's softmax head swapped for a cosine one,
+# W-Softmax), 6 epochs at lr 2.5e-4 (/10 at 50 % and 75 %), the rule-aware guard choosing best/ on the defended rate.
+# About 40 min (D-SphereNet) and 25 min (baseline) on 2 cores.
+REJECTION := --mode rejection --eps 0.1 --epochs 6 --lr 2.5e-4 --lr-milestones 0.5,0.75 --checkpoint-every 250 \
+	--guard-every 250 --resume
+train-rejection: install
+	$(call run,dsphere-wm-truncated-rejection,$(DSPHERE) --init-from checkpoints/dsphere-wm-truncated-nfgsm $(REJECTION))
+	$(call run,baseline-rejection,--arch baseline --head wsoftmax --init-from checkpoints/baseline-nfgsm $(REJECTION))
+
+# Their full evaluations (n = 1000, every attack including those aimed at the verdict; budgets sized for 2 cores:
+# PGD-100 restarts 1 -> 2, the rule attack 20 steps per target with restarts 1 -> 2), published, then side by side
+# with 2.0.0 and the 1.0.0 baseline.
+EVAL_REJECTION := --pgd-restarts 1 --adaptive-steps 50 --rule-steps 20 --rule-cosine-targets 3 --rule-max-restarts 2 \
+	--orthogonal-steps 50 --n-sweep 100
+evaluate-rejection: install
+	$(MAKE) publish NAME=fashion-mnist-dsphere VERSION=3.0.0 CKPT=checkpoints/dsphere-wm-truncated-rejection \
+		SUBS="checkpoints/baseline-nfgsm" EVAL_OPTS="$(EVAL_REJECTION)"
+	$(MAKE) publish NAME=fashion-mnist-baseline VERSION=2.0.0 CKPT=checkpoints/baseline-rejection \
+		SUBS="checkpoints/dsphere-wm-truncated-nfgsm" EVAL_OPTS="$(EVAL_REJECTION)"
+	$(PY) -m training compare docs/results/fashion-mnist-dsphere-3.0.0/report.json \
+		docs/results/fashion-mnist-baseline-2.0.0/report.json docs/results/fashion-mnist-dsphere-2.0.0/report.json \
+		docs/results/fashion-mnist-baseline-1.0.0/report.json --out docs/results/model-comparison-3.0.0.md
+
 # Full evaluation (n = 1000; each about 30-40 min on 2 cores, resumable from its cache): each
 # model is exported to a staging store, attacked (transfer both ways between the two models, and
 # from two natural substitutes), then published to model_store/ with the report's figures.
@@ -86,7 +111,7 @@ evaluate: install
 publish: install
 	test -d runs/v2/staging/$(NAME)/$(VERSION) || $(PY) -m training export $(CKPT) --store runs/v2/staging \
 		--name $(NAME) --version $(VERSION) --n-attack 200
-	$(PY) -m training evaluate runs/v2/staging/$(NAME)/$(VERSION) --n-examples 1000 --threads 2 \
+	$(PY) -m training evaluate runs/v2/staging/$(NAME)/$(VERSION) --n-examples 1000 --threads 2 $(EVAL_OPTS) \
 		$(foreach s,$(SUBS),--substitute $(s)) --out docs/results/$(NAME)-$(VERSION)
 	test -d model_store/$(NAME)/$(VERSION) || $(PY) -m training export $(CKPT) --name $(NAME) --version $(VERSION) \
 		--evaluation docs/results/$(NAME)-$(VERSION)/report.json

@@ -61,6 +61,15 @@ def _rows(reports: list[Report]) -> list[tuple[str, Cell]]:
     sweep = sorted({p.eps for r in reports if r.sanity.eps_sweep for p in r.sanity.eps_sweep.points})
     for eps in sweep:
         rows.append((f"ε sweep {eps:g}: robust accuracy / defended", _sweep_cell(eps)))
+    for eps in sweep:
+        rows.append((f"ε sweep {eps:g}: defended under the rule attack", _sweep_rule_cell(eps)))
+    kinds = dict.fromkeys(o.kind for r in reports for o in r.ood)
+    for kind in kinds:
+        trained = next(o.trained for r in reports for o in r.ood if o.kind == kind)
+        rows.append((f"not clothing: {kind}{'' if trained else ' (held out of training)'}: rejected",
+                     _ood_cell(kind)))
+    for start, eps in dict.fromkeys((d.start, d.eps) for r in reports for d in r.distal):
+        rows.append((f"distal from {start}, ε {eps:g}: accepted (lower is better)", _distal_cell(start, eps)))
     rows += [
         ("uniform-noise images rejected", lambda r: _pct(r.sanity.noise.uniform_reject_rate) if r.sanity.noise
          else "not run"),
@@ -69,6 +78,7 @@ def _rows(reports: list[Report]) -> list[tuple[str, Cell]]:
         ("check: PGD budget (doubled steps and restarts)", lambda r: _ok(r.sanity.pgd_budget)),
         ("check: accuracy falls with ε", lambda r: _ok(r.sanity.eps_sweep)),
         ("check: Square not stronger than white-box", lambda r: _ok(r.sanity.gradient_free)),
+        ("check: attacks on the verdict (budget doubled, gradient-free not stronger)", lambda r: _ok(r.sanity.rule)),
         ("evaluation time", lambda r: f"{r.seconds / 60:.0f} min"),
     ]
     return rows
@@ -88,6 +98,27 @@ def _sweep_cell(eps: float) -> Cell:
     def cell(r: Report) -> str:
         pts = [p for p in (r.sanity.eps_sweep.points if r.sanity.eps_sweep else []) if p.eps == eps]
         return f"{_pct(pts[0].robust_accuracy)} / {_pct(pts[0].defended_rate)}" if pts else "—"
+    return cell
+
+
+def _sweep_rule_cell(eps: float) -> Cell:
+    def cell(r: Report) -> str:
+        pts = [p for p in (r.sanity.eps_sweep.points if r.sanity.eps_sweep else []) if p.eps == eps]
+        return _pct(pts[0].rule_defended_rate) if pts else "—"
+    return cell
+
+
+def _ood_cell(kind: str) -> Cell:
+    def cell(r: Report) -> str:
+        rows = [o for o in r.ood if o.kind == kind]
+        return _pct(rows[0].reject_rate) if rows else "—"
+    return cell
+
+
+def _distal_cell(start: str, eps: float) -> Cell:
+    def cell(r: Report) -> str:
+        rows = [d for d in r.distal if d.start == start and d.eps == eps]
+        return _pct(rows[0].accepted_rate) if rows else "—"
     return cell
 
 
