@@ -9,7 +9,8 @@ Names and labels are a contract (dashboards, alerts):
   dsphere_queue_depth                                               gauge
   dsphere_model_info{model,version,sha256,provider}                 gauge (1 for the served version)
 
-`endpoint` is the route template (e.g. "/v2/models/{name}/infer"), "unmatched" otherwise.
+`endpoint` is the route template (e.g. "/v2/models/{name}/infer"), "<mount>/{path}" for the
+static files (e.g. "/assets/page/{path}"), "unmatched" otherwise.
 With PROMETHEUS_MULTIPROC_DIR set (several workers), values live in that directory
 and `render` aggregates every process with a MultiProcessCollector.
 """

@@ -296,7 +296,7 @@ function drawAngleChart(r, hist) {
   state.chart = { r, hist };
   const svg = $("angle-chart");
   svg.replaceChildren();
-  const W = chartWidth(svg), H = 230, left = 16, right = 16, top = 44, bottom = 40;
+  const W = chartWidth(svg), H = 236, left = 16, right = 16, top = 44, bottom = 44;
   svg.setAttribute("viewBox", "0 0 " + W + " " + H);
   let lo = Math.min(r.angle_deg, r.angle_mean_deg - 3 * r.angle_std_deg);
   let hi = Math.max(r.angle_deg, r.threshold_deg, r.angle_mean_deg + 3 * r.angle_std_deg);
@@ -335,7 +335,7 @@ function drawAngleChart(r, hist) {
     svg.append(svgEl("line", { class: "axis", x1: x(a), x2: x(a), y1: base, y2: base + 5 }));
     svg.append(svgEl("text", { x: x(a), y: base + 20, "text-anchor": "middle" }, a + "°"));
   }
-  svg.append(svgEl("text", { x: W - right, y: H - 2, "text-anchor": "end" }, "angle to the " + r.class_name + " weight"));
+  svg.append(svgEl("text", { x: W - right, y: H - 4, "text-anchor": "end" }, "angle to the " + r.class_name + " weight"));
 
   const xt = x(r.threshold_deg), xa = x(r.angle_deg);
   svg.append(svgEl("line", { class: "threshold", x1: xt, x2: xt, y1: top - 8, y2: base }));
@@ -439,13 +439,16 @@ function wireInputs() {
     event.target.value = ""; // the same file again is a new choice
   });
 
+  // a file dropped anywhere on the page is classified (never opened by the browser instead)
   const drop = $("drop");
-  drop.addEventListener("dragover", (event) => {
+  document.addEventListener("dragover", (event) => {
     event.preventDefault();
     drop.classList.add("over");
   });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (event) => {
+  document.addEventListener("dragleave", (event) => {
+    if (!event.relatedTarget) drop.classList.remove("over");
+  });
+  document.addEventListener("drop", (event) => {
     event.preventDefault();
     drop.classList.remove("over");
     const file = firstFile(event.dataTransfer && event.dataTransfer.files);

@@ -254,6 +254,25 @@ def test_choosing_a_model_shows_its_figures_and_classifies_with_it(visit: Visit,
     visit.assert_only_own_origin()
 
 
+@pytest.mark.parametrize("how", ["drop", "paste"])
+def test_an_image_dropped_or_pasted_is_classified(visit: Visit, how: str) -> None:
+    """The browser's own drop and paste events, carrying a Fashion-MNIST PNG as a File."""
+    img = load_fashion_mnist_test(3)[2]  # test image 2: a Trouser
+    visit.page.evaluate("""([how, bytes]) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], how + '.png', {type: 'image/png'}));
+        if (how === 'drop') {
+            document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));
+        } else {
+            document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true}));
+        }
+    }""", [how, list(png_bytes(img))])
+    shown = _verdict(visit)
+    assert shown["top"].startswith("Trouser")
+    assert f"You sent: {how}.png, 28×28 PNG" == visit.page.text_content("#original-caption")
+    visit.assert_only_own_origin()
+
+
 def test_keyboard_and_a_phone_width_screen(visit: Visit) -> None:
     page = visit.page
     page.set_viewport_size({"width": 375, "height": 740})
