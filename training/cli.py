@@ -14,8 +14,13 @@ from typing import Annotated
 
 import typer
 
+from training.cli_values import comma_list, format_list
+from training.config import TrainConfig
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="D-SphereNet training, export and evaluation.")
+
+_TRAIN = TrainConfig()  # the defaults the options below repeat (tests/training/test_cli_defaults.py)
 
 EXIT_USER_ERROR = 2
 EXIT_DID_NOT_LEARN = 3
@@ -63,7 +68,7 @@ def train(
     batch_size: Annotated[int, typer.Option()] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate, /10 at 1/3 and 2/3 of the run")] = 1e-3,
     lr_milestones: Annotated[str, typer.Option(
-        help="fractions of the run where lr drops /10, comma-separated")] = "0.3333,0.6667",
+        help="fractions of the run where lr drops /10, comma-separated")] = format_list(_TRAIN.lr_milestones),
     wm_init: Annotated[float, typer.Option(help="initial weight multiplier alpha")] = 10.0,
     wm_eta: Annotated[float, typer.Option(help="weight multiplier penalty eta")] = 1e-3,
     ortho_weight: Annotated[float, typer.Option(help="orthogonality regularizer weight")] = 1e-4,
@@ -118,10 +123,7 @@ def train(
 
 
 def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--lr-milestones: expected comma-separated fractions, got {text!r}") from None
+    values = comma_list(text, float, "--lr-milestones", "fractions")
     if any(not 0 < v < 1 for v in values):
         raise ValueError("--lr-milestones: each fraction must be in (0, 1)")
     return values

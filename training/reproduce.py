@@ -42,6 +42,7 @@ from app.verdict import calibrate_rho_on, geodesic_verdict
 from training.attacks import FGSM, PGD, attack_dataset, predict
 from training.checkpoint import load_checkpoint
 from training.cli import app, command_line
+from training.cli_values import comma_list
 from training.config import TrainConfig
 from training.data import DATASETS, DEFAULT_EPS, load_dataset, training_splits
 from training.models import ModelConfig
@@ -300,7 +301,7 @@ def write_tables(out_dir: Path, dataset: str, proto: Protocol, eps: float) -> Pa
 def _names(text: str, allowed: tuple[str, ...] | list[str], what: str) -> tuple[str, ...]:
     if text.strip() in ("", "all"):
         return tuple(allowed)
-    vals = tuple(v.strip() for v in text.split(",") if v.strip())
+    vals = comma_list(text, str, what)
     bad = [v for v in vals if v not in allowed]
     if bad:
         raise ValueError(f"unknown {what} {', '.join(bad)}; expected {', '.join(allowed)}")

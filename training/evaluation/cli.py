@@ -8,15 +8,12 @@ from typing import Annotated
 import typer
 
 from training.cli import app, command_line
+from training.cli_values import comma_list
 from training.evaluation.config import ALL_ATTACKS
 
 
 def _eps_list(text: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
-    return vals
+    return comma_list(text, float, "eps list", "numbers")
 
 
 @app.command()
@@ -88,7 +85,7 @@ def evaluate(
         torch.set_num_threads(threads)
     vdir = version_path(version_dir, store, name, version)
     cfg = EvalConfig(
-        eps=eps, split=split, n_examples=n_examples, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+        eps=eps, split=split, n_examples=n_examples, attacks=comma_list(attacks, str, "--attacks"),
         seed=seed, rho=rho, data_dir=data_dir, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
         pgd_restarts=pgd_restarts, n_pgd=n_pgd, apgd_iter=apgd_iter, n_apgd=n_apgd, square_queries=square_queries,
         n_square=n_square, substitutes=tuple(str(s) for s in (substitute or ())), transfer_steps=transfer_steps,
@@ -131,10 +128,7 @@ def figure2(
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        w = tuple(int(v) for v in widths.split(","))
-    except ValueError:
-        raise ValueError(f"--widths: expected comma-separated integers, got {widths!r}") from None
+    w = comma_list(widths, int, "--widths", "integers")
     cfg = Figure2Config(dataset=dataset, data_dir=data_dir, n_train=n_train, epochs=epochs, n_test=n_test, eps=eps,
                         pgd_steps=pgd_steps, widths=w, seed=seed,
                         runs_dir=str(runs_dir) if runs_dir else None)
