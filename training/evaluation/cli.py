@@ -12,8 +12,8 @@ from training.cli_values import comma_list
 from training.evaluation.config import ALL_ATTACKS
 
 
-def _eps_list(text: str) -> tuple[float, ...]:
-    return comma_list(text, float, "eps list", "numbers")
+def _eps_list(text: str, option: str) -> tuple[float, ...]:
+    return comma_list(text, float, option, "numbers")
 
 
 @app.command()
@@ -91,11 +91,11 @@ def evaluate(
         n_square=n_square, substitutes=tuple(str(s) for s in (substitute or ())), transfer_steps=transfer_steps,
         n_transfer=n_transfer, adaptive_k=adaptive_k, adaptive_steps=adaptive_steps,
         adaptive_restarts=adaptive_restarts, n_adaptive=n_adaptive, sanity=sanity, n_budget_check=n_budget_check,
-        sweep_eps=_eps_list(sweep_eps), n_sweep=n_sweep, sweep_steps=sweep_steps, figures=figures,
+        sweep_eps=_eps_list(sweep_eps, "--sweep-eps"), n_sweep=n_sweep, sweep_steps=sweep_steps, figures=figures,
         weights_from_onnx=weights_from_onnx, device=device, rule_steps=rule_steps, rule_restarts=rule_restarts,
         rule_max_restarts=rule_max_restarts, rule_cosine_targets=rule_cosine_targets, n_rule=n_rule,
         rule_square_queries=rule_square_queries, n_rule_square=n_rule_square, orthogonal_steps=orthogonal_steps,
-        n_orthogonal=n_orthogonal, ood=ood, n_ood=n_ood, distal_eps=_eps_list(distal_eps), n_distal=n_distal)
+        n_orthogonal=n_orthogonal, ood=ood, n_ood=n_ood, distal_eps=_eps_list(distal_eps, "--distal-eps"), n_distal=n_distal)
     outcome = run_evaluation(vdir, checkpoint, cfg, out, command=command_line(), progress=typer.echo)
     r = outcome.report
     typer.echo(f"worst case over {len(r.worst_case.attacks) - 1} attacks (n = {r.worst_case.n_examples}): "
