@@ -31,9 +31,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from app.manifest import (
     MANIFEST_FILE,
@@ -48,18 +47,18 @@ from app.manifest import (
     OperatingPoint,
     TrainingInfo,
 )
-from app.verdict import Verdicts, angles_deg, calibrate_rho_on, geodesic_verdict
+from app.verdict import angles_deg, geodesic_verdict
 from training.angle_stats import angle_histogram
 from training.attacks import PGD, attack_dataset
 from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from training.data import DEFAULT_EPS, Dataset, load_dataset, sha256_file, training_splits
 from training.evaluation.schema import Report
+from training.judging import PARITY_ATOL, Calibrated, OnnxModel, Rates, calibrate, parity
 from training.models import ConvNet
 
 log = logging.getLogger("dsphere.export")
 
 OPSET = 17
-PARITY_ATOL = 1e-4
 
 
 class ExportError(ValueError):
@@ -76,50 +75,6 @@ def export_onnx(model: ConvNet, path: Path) -> None:
         opset_version=OPSET, dynamo=False,
     )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-
-
-class OnnxModel:
-    """ONNX Runtime on a model.onnx, batched: (logits, cosines) as float64 arrays."""
-
-    def __init__(self, path: Path) -> None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, x: Tensor | np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-        arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
-        outs = [self.session.run(list(OUTPUT_NAMES), {self.input_name: arr[i: i + batch_size].astype(np.float32)})
-                for i in range(0, len(arr), batch_size)]
-        return (np.concatenate([o[0] for o in outs]).astype(np.float64),
-                np.concatenate([o[1] for o in outs]).astype(np.float64))
-
-
-def check_parity(model: nn.Module, onnx_model: OnnxModel, x: Tensor) -> float:
-    """Max |ONNX Runtime - PyTorch| over logits and cosines; raises past PARITY_ATOL."""
-    with torch.no_grad():
-        logits, cosines = model(x)
-    o_logits, o_cos = onnx_model(x)
-    diff = max(float(np.abs(o_logits - logits.double().numpy()).max()),
-               float(np.abs(o_cos - cosines.double().numpy()).max()))
-    if diff > PARITY_ATOL:
-        raise ExportError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {PARITY_ATOL})")
-    return diff
-
-
-@dataclass(frozen=True)
-class Rates:
-    accuracy: float
-    reject_rate: float
-    accepted_accuracy: float
-    defended_rate: float
-
-
-def rates(v: Verdicts, y: np.ndarray) -> Rates:
-    correct = v.labels == y
-    accepted = v.accepted
-    acc_acc = float(correct[accepted].mean()) if accepted.any() else 0.0
-    return Rates(float(correct.mean()), float((~accepted).mean()), acc_acc, float((~accepted | correct).mean()))
 
 
 def default_version() -> str:
@@ -172,7 +127,9 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
         onnx_path = tmp / MODEL_FILE
         export_onnx(model, onnx_path)
         onnx_model = OnnxModel(onnx_path)
-        diff = check_parity(model, onnx_model, test.images[:512])
+        diff = parity(model, onnx_model, test.images[:512])
+        if diff > PARITY_ATOL:
+            raise ExportError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {PARITY_ATOL})")
         log.info("ONNX parity with PyTorch: max abs diff %.2e", diff)
         sha = sha256_file(onnx_path)
         if report is not None and report.model.sha256 != sha:
@@ -180,7 +137,7 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
                               f"{report.model.sha256[:12]}..., this export's is {sha[:12]}...: evaluate an export "
                               "of this same checkpoint (e.g. into a staging store) and pass that report")
 
-        calibration = calibrate(onnx_model, val.images, mean, std, target_reject_rate)
+        calibration = calibrate_on_validation(onnx_model, val.images, mean, std, target_reject_rate)
         rho = calibration.rho
         if report is not None and not math.isclose(report.rho, rho, rel_tol=1e-9):
             raise ExportError(f"--evaluation {evaluation} judged verdicts at rho {report.rho}, this export "
@@ -188,8 +145,8 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
 
         y = test.labels.numpy()
         t_logits, t_cos = onnx_model(test.images)
-        clean = rates(geodesic_verdict(t_logits, t_cos, mean, std, rho), y)
-        clean1 = rates(geodesic_verdict(t_logits, t_cos, mean, std, 1.0), y)
+        clean = Rates.of_verdicts(geodesic_verdict(t_logits, t_cos, mean, std, rho), y)
+        clean1 = Rates.of_verdicts(geodesic_verdict(t_logits, t_cos, mean, std, 1.0), y)
         pgd = (pgd_from_report(report) if report is not None else
                pgd_at_export(model, onnx_model, test.images, y, eps, mean, std, rho, pgd_steps, pgd_restarts, n_attack))
 
@@ -202,10 +159,10 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
             calibration=calibration.record,
             metrics=ManifestMetrics(
                 n_test=len(test), clean_accuracy=clean.accuracy, clean_reject_rate=clean.reject_rate,
-                accepted_accuracy=clean.accepted_accuracy, pgd_robust_accuracy=pgd.robust_accuracy,
+                accepted_accuracy=clean.accepted_accuracy or 0.0, pgd_robust_accuracy=pgd.robust_accuracy,
                 pgd_reject_rate=pgd.reject_rate, pgd_defended_rate=pgd.defended_rate, pgd_attack=pgd.attack,
                 paper_rho1=OperatingPoint(rho=1.0, clean_reject_rate=clean1.reject_rate,
-                                          accepted_accuracy=clean1.accepted_accuracy,
+                                          accepted_accuracy=clean1.accepted_accuracy or 0.0,
                                           pgd_reject_rate=pgd.rho1_reject_rate,
                                           pgd_defended_rate=pgd.rho1_defended_rate),
                 **(worst_case_from_report(report) if report is not None else {}),
@@ -261,22 +218,21 @@ def training_histogram(onnx_model: OnnxModel, train: Dataset, num_classes: int) 
 
 
 @dataclass(frozen=True)
-class Calibrated:
+class CalibrationRecord:
     rho: float
     record: Calibration
 
 
-def calibrate(onnx_model: OnnxModel, x_val: Tensor, mean: Any, std: Any, target_reject_rate: float) -> Calibrated:
-    """rho such that the verdict rejects `target_reject_rate` of the clean validation images."""
-    v_logits, v_cos = onnx_model(x_val)
-    rho = calibrate_rho_on(v_logits, v_cos, mean, std, target_reject_rate)
-    val_reject = float((~geodesic_verdict(v_logits, v_cos, mean, std, rho).accepted).mean())
-    val_reject1 = float((~geodesic_verdict(v_logits, v_cos, mean, std, 1.0).accepted).mean())
+def calibrate_on_validation(onnx_model: OnnxModel, x_val: Tensor, mean: Any, std: Any,
+                            target_reject_rate: float) -> CalibrationRecord:
+    """rho such that the verdict rejects `target_reject_rate` of the clean validation images
+    (ONNX Runtime's outputs: what the service will compute)."""
+    c: Calibrated = calibrate(*onnx_model(x_val), mean, std, target_reject_rate)
     log.info("calibrated rho %.4f on %d validation images (reject %.4f; rho=1 rejects %.4f)",
-             rho, len(x_val), val_reject, val_reject1)
-    return Calibrated(rho, Calibration(target_false_reject_rate=target_reject_rate, n_validation=len(x_val),
-                                       validation_reject_rate=val_reject,
-                                       paper_rho1_validation_reject_rate=val_reject1))
+             c.rho, c.n, c.reject_rate, c.rho1_reject_rate)
+    return CalibrationRecord(c.rho, Calibration(target_false_reject_rate=target_reject_rate, n_validation=c.n,
+                                                validation_reject_rate=c.reject_rate,
+                                                paper_rho1_validation_reject_rate=c.rho1_reject_rate))
 
 
 def pgd_at_export(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: np.ndarray, eps: float, mean: Any, std: Any,
@@ -289,8 +245,8 @@ def pgd_at_export(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: np.ndarra
                            torch.from_numpy(y[:n_att]))
     log.info("PGD-%d x%d on %d test images: %.0fs", steps, restarts, n_att, time.time() - t0)
     a_logits, a_cos = onnx_model(x_adv)
-    adv = rates(geodesic_verdict(a_logits, a_cos, mean, std, rho), y[:n_att])
-    adv1 = rates(geodesic_verdict(a_logits, a_cos, mean, std, 1.0), y[:n_att])
+    adv = Rates.of_verdicts(geodesic_verdict(a_logits, a_cos, mean, std, rho), y[:n_att])
+    adv1 = Rates.of_verdicts(geodesic_verdict(a_logits, a_cos, mean, std, 1.0), y[:n_att])
     return PgdFigures(adv.accuracy, adv.reject_rate, adv.defended_rate, adv1.reject_rate, adv1.defended_rate,
                       AttackSpec(eps=eps, steps=steps, step_size=step, restarts=restarts, n_examples=n_att))
 

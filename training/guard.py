@@ -105,15 +105,16 @@ class OverfittingGuard:
         return point
 
     def _measure_rule(self, model: nn.Module, iteration: int, epoch: int, rule: RuleData) -> GuardPoint:
-        from app.verdict import calibrate_rho_on, geodesic_verdict
+        from app.verdict import geodesic_verdict
         from training.angle_stats import compute_angle_stats
+        from training.judging import Rates, calibrate
         from training.rejection import rule_objective
 
         k = int(getattr(getattr(model, "config", None), "num_classes", 10))
         stats = compute_angle_stats(model, rule.x_stats, rule.y_stats, k)
         logits, cos = predict(model, rule.x_calib)
-        rho = calibrate_rho_on(logits.cpu().numpy(), cos.cpu().numpy(), stats.mean_deg, stats.std_deg,
-                               self.cfg.target_reject_rate)
+        rho = calibrate(logits.double().cpu().numpy(), cos.double().cpu().numpy(), stats.mean_deg, stats.std_deg,
+                        self.cfg.target_reject_rate).rho
         thresholds = torch.tensor([rho * (m + s) for m, s in zip(stats.mean_deg, stats.std_deg, strict=True)])
         cos_thr = torch.cos(torch.deg2rad(thresholds.clamp(max=180.0))).to(self.x.device)
         kappa = self.cfg.kappa
@@ -131,12 +132,10 @@ class OverfittingGuard:
             lg, cs = predict(model, x)
             return geodesic_verdict(lg.cpu().numpy(), cs.cpu().numpy(), stats.mean_deg, stats.std_deg, rho)
 
-        adv, clean = verdict(x_adv), verdict(self.x)
         y = self.y.cpu().numpy()
-        wins = adv.accepted & (adv.labels != y)
-        return GuardPoint(iteration, epoch, float((adv.labels == y).mean()), float((clean.labels == y).mean()),
-                          defended_rate=float(1 - wins.mean()), clean_reject_rate=float(1 - clean.accepted.mean()),
-                          rho=float(rho))
+        adv, clean = Rates.of_verdicts(verdict(x_adv), y), Rates.of_verdicts(verdict(self.x), y)
+        return GuardPoint(iteration, epoch, adv.accuracy, clean.accuracy, defended_rate=adv.defended_rate,
+                          clean_reject_rate=clean.reject_rate, rho=float(rho))
 
     def collapse_reason(self, point: GuardPoint) -> str | None:
         """Why the run must stop after this check, or None."""

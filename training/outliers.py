@@ -21,7 +21,7 @@ from torch import Tensor
 Generator = Callable[[Tensor, torch.Generator | None], Tensor]
 
 
-def _rand(x: Tensor, g: torch.Generator, *shape: int) -> Tensor:
+def _rand(x: Tensor, g: torch.Generator | None, *shape: int) -> Tensor:
     return torch.rand(*shape, generator=g, device=x.device, dtype=x.dtype) if shape else torch.rand(
         x.shape, generator=g, device=x.device, dtype=x.dtype)
 

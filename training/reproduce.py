@@ -38,13 +38,14 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from app.verdict import calibrate_rho_on, geodesic_verdict
+from app.verdict import geodesic_verdict
 from training.attacks import FGSM, PGD, attack_dataset, predict
 from training.checkpoint import load_checkpoint
 from training.cli import app, command_line
 from training.cli_values import comma_list
 from training.config import TrainConfig
 from training.data import DATASETS, DEFAULT_EPS, load_dataset, training_splits
+from training.judging import Rates, calibrate
 from training.models import ModelConfig
 from training.train import TrainingDidNotLearn, train
 
@@ -140,7 +141,7 @@ def evaluate_cell(run_final: Path, dataset: str, data_dir: str | None, protocol:
     tc = ckpt.training_config
     _, val = training_splits(dataset, data_dir, int(tc.get("n_val", 5000)))
     v_logits, v_cos = (t.double().cpu().numpy() for t in predict(model, val.images.to(dev)))
-    rho = calibrate_rho_on(v_logits, v_cos, mean, std, protocol.target_reject_rate)
+    rho = calibrate(v_logits, v_cos, mean, std, protocol.target_reject_rate).rho
     test = load_dataset(dataset, "test", data_dir)
     n = min(protocol.n_eval or len(test), len(test))
     x, y = test.images[:n].to(dev), test.labels[:n].to(dev)
@@ -148,10 +149,8 @@ def evaluate_cell(run_final: Path, dataset: str, data_dir: str | None, protocol:
 
     def judge(xs: torch.Tensor) -> dict[str, float]:
         logits, cos = (t.double().cpu().numpy() for t in predict(model, xs))
-        v = geodesic_verdict(logits, cos, mean, std, rho)
-        correct = v.labels == yn
-        return {"accuracy": float(correct.mean()), "reject_rate": float((~v.accepted).mean()),
-                "defended_rate": float((~v.accepted | correct).mean())}
+        r = Rates.of_verdicts(geodesic_verdict(logits, cos, mean, std, rho), yn)
+        return {"accuracy": r.accuracy, "reject_rate": r.reject_rate, "defended_rate": r.defended_rate}
 
     step = protocol.eval_pgd_step_size or 2.5 * eps / protocol.eval_pgd_steps
     out: dict[str, Any] = {"rho": rho, "n_eval": n, "eps": eps}

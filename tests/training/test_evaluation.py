@@ -255,7 +255,7 @@ def test_adaptive_breaks_an_undefended_model_at_least_as_often_as_pgd(tiny) -> N
 
 def test_validation_split_attacks_the_held_out_images_and_never_reaches_a_manifest(tiny) -> None:
     from training.data import training_splits
-    from training.export import OnnxModel
+    from training.judging import OnnxModel
 
     out = tiny["root"] / "validation"
     cfg = EvalConfig(eps=EPS, split="validation", attacks=("fgsm",), sanity=False, figures=False,

@@ -95,7 +95,8 @@ def evaluate(
         weights_from_onnx=weights_from_onnx, device=device, rule_steps=rule_steps, rule_restarts=rule_restarts,
         rule_max_restarts=rule_max_restarts, rule_cosine_targets=rule_cosine_targets, n_rule=n_rule,
         rule_square_queries=rule_square_queries, n_rule_square=n_rule_square, orthogonal_steps=orthogonal_steps,
-        n_orthogonal=n_orthogonal, ood=ood, n_ood=n_ood, distal_eps=_eps_list(distal_eps, "--distal-eps"), n_distal=n_distal)
+        n_orthogonal=n_orthogonal, ood=ood, n_ood=n_ood, distal_eps=_eps_list(distal_eps, "--distal-eps"),
+        n_distal=n_distal)
     outcome = run_evaluation(vdir, checkpoint, cfg, out, command=command_line(), progress=typer.echo)
     r = outcome.report
     typer.echo(f"worst case over {len(r.worst_case.attacks) - 1} attacks (n = {r.worst_case.n_examples}): "

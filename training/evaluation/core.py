@@ -56,7 +56,7 @@ from training.evaluation.rule_attacks import OrthogonalPGD, Rule, RuleAttack, Ru
 from training.evaluation.sanity import eps_sweep, gradient_free_check, noise_check, pgd_budget_check, rule_checks
 from training.evaluation.schema import AttackResult, Detector, ModelRef, Report, RuleChecks, Sanity
 from training.evaluation.scoring import Judged, judge, rate_fields, worst_case
-from training.export import OnnxModel
+from training.judging import OnnxModel
 from training.models import ConvNet
 
 log = logging.getLogger("dsphere.evaluation")
@@ -181,6 +181,7 @@ class AttackRunner:
                     x_adv = torch.where(torch.from_numpy(take).view(-1, 1, 1, 1), xb, x_adv)
                     worst = worst.where(take, jb)  # the merged inputs' verdicts, without running them again
             total += batch
+            assert worst is not None  # batch >= 1
             schedule.append({"restarts": total, "robust_accuracy": float(worst.correct.mean()),
                              "defended_rate": float((~worst.broken).mean())})
             converged = len(schedule) > 1 and schedule[-2][measure] - schedule[-1][measure] <= tolerance

@@ -20,7 +20,7 @@ from training.evaluation.attacks import check_ball
 from training.evaluation.config import EvalConfig
 from training.evaluation.rule_attacks import Rule, distal_attack
 from training.evaluation.schema import DistalResult, OodResult
-from training.export import OnnxModel
+from training.judging import OnnxModel
 from training.outliers import KINDS, TRAINED, make_outliers
 
 

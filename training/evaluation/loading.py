@@ -18,11 +18,9 @@ from app.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from app.model_store import ModelStoreError, load_version
 from training.checkpoint import load_checkpoint
 from training.evaluation.config import EvaluationError
-from training.export import OnnxModel
+from training.judging import PARITY_ATOL, OnnxModel, parity
 from training.models import ConvNet
 from training.onnx_weights import OnnxWeightsError, model_from_onnx
-
-PARITY_ATOL = 1e-4
 
 
 def version_path(path: str | Path | None, store: str | Path = "model_store", name: str | None = None,
@@ -94,12 +92,7 @@ def check_checkpoint(model: ConvNet, ckpt: Any, manifest: Manifest, onnx_model: 
         if d > 1e-6:
             raise EvaluationError(f"checkpoint {checkpoint} has other angle statistics than version "
                                   f"{manifest.name}/{manifest.version}: it does not belong to this version")
-    model.eval()
-    with torch.no_grad():
-        logits, cosines = model(x)
-    o_logits, o_cos = onnx_model(x)
-    diff = max(float(np.abs(o_logits - logits.double().numpy()).max()),
-               float(np.abs(o_cos - cosines.double().numpy()).max()))
+    diff = parity(model, onnx_model, x)
     if not diff <= PARITY_ATOL:
         raise EvaluationError(f"checkpoint {checkpoint} does not belong to version {manifest.name}/"
                               f"{manifest.version}: its outputs differ from model.onnx by {diff:.2e} (> {PARITY_ATOL})")

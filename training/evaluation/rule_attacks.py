@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from app.verdict import geodesic_verdict
 from training.attacks import eval_mode, logits_of, project
-from training.export import OnnxModel
+from training.judging import OnnxModel
 from training.rejection import rule_objective
 
 

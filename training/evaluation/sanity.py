@@ -21,7 +21,7 @@ from training.evaluation.attacks import check_ball
 from training.evaluation.config import EvalConfig
 from training.evaluation.schema import EpsPoint, EpsSweep, GradientFreeCheck, NoiseCheck, PgdBudgetCheck, RuleChecks
 from training.evaluation.scoring import Judged, judge, rate_fields
-from training.export import OnnxModel
+from training.judging import OnnxModel
 from training.models import ConvNet
 
 

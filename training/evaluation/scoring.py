@@ -16,7 +16,7 @@ from torch import Tensor
 
 from app.verdict import Verdicts, angle_ratio, geodesic_verdict
 from training.evaluation.schema import WorstCase
-from training.export import OnnxModel
+from training.judging import OnnxModel, Rates
 
 
 @dataclass
@@ -82,16 +82,16 @@ def max_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def rate_fields(j: Judged) -> dict[str, Any]:
-    c, a = j.correct, j.accepted
+    r, r1 = Rates.of(j.correct, j.accepted), Rates.of(j.correct, j.accepted_rho1)
     return dict(
         n_examples=j.n,
-        robust_accuracy=float(c.mean()),
-        reject_rate=float((~a).mean()),
-        defended_rate=float((~a | c).mean()),
-        success_rate=float((a & ~c).mean()),
-        accepted_accuracy=float(c[a].mean()) if a.any() else None,
-        rho1_reject_rate=float((~j.accepted_rho1).mean()),
-        rho1_defended_rate=float((~j.accepted_rho1 | c).mean()),
+        robust_accuracy=r.accuracy,
+        reject_rate=r.reject_rate,
+        defended_rate=r.defended_rate,
+        success_rate=r.success_rate,
+        accepted_accuracy=r.accepted_accuracy,
+        rho1_reject_rate=r1.reject_rate,
+        rho1_defended_rate=r1.defended_rate,
     )
 
 
