@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from app.deps import ServiceDep
-from app.errors import APIError
+from app.errors import APIError, location, validation_message
 from app.schemas import ModelRef, ReloadRequest, ReloadResponse, error_responses
 from app.uploads import read_body
 
@@ -40,10 +40,8 @@ async def _reload_request(request: Request) -> ReloadRequest:
     raw = await read_body(request, MAX_BODY_BYTES)
     try:
         return ReloadRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(["body", *(str(x) for x in first["loc"])])
-        raise APIError(422, f"{loc}: {first['msg']}") from None
+    except ValidationError as exc:  # the first error, located as FastAPI locates a body's ("body.version")
+        raise APIError(422, validation_message(exc.errors()[:1], lambda e: location(e, ("body",)))) from None
 
 
 @router.post(

@@ -17,10 +17,11 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from app import images
 from app.deps import ServedRuntime, ServiceDep
 from app.engine import ModelRuntime
 from app.errors import APIError
-from app.images import EXTENSIONS, DecodedImage, ImageError, check_content_type, decode_image, header_pixels
+from app.images import EXTENSIONS, DecodedImage, check_content_type
 from app.manifest import MANIFEST_FILE, Manifest
 from app.metrics import CONTENT_TYPE
 from app.model_store import ModelStoreError, find_version, list_models, list_versions, read_manifest
@@ -73,20 +74,12 @@ def multipart_body(name: str, many: bool) -> dict[str, Any]:
     }
 
 
-# Images up to this many pixels are decoded on the event loop (tens of microseconds);
-# larger ones (up to the pixel cap) in a worker thread so they never stall other requests.
-INLINE_DECODE_PIXELS = 256 * 256
-
-
 async def decode_upload(data: bytes, rt: ModelRuntime, max_pixels: int, where: str = "") -> DecodedImage:
     try:
-        px = header_pixels(data)
-        if px is None or px <= INLINE_DECODE_PIXELS:
-            return decode_image(data, rt.input_shape, max_pixels)
-        return await asyncio.to_thread(decode_image, data, rt.input_shape, max_pixels)
-    except ImageError as exc:
+        return await images.decode_upload(data, rt.input_shape, max_pixels)
+    except APIError as exc:
         if where:
-            raise ImageError(exc.status_code, f"{where}: {exc.detail}") from None
+            raise exc.within(where) from None
         raise
 
 
@@ -201,8 +194,8 @@ async def _read_batch(request: Request, s: Settings, rt: ModelRuntime) -> list[D
     for i, f in enumerate(files):
         try:
             check_content_type(f.content_type)
-        except ImageError as exc:
-            raise ImageError(exc.status_code, f"files[{i}]: {exc.detail}") from None
+        except APIError as exc:
+            raise exc.within(f"files[{i}]") from None
     datas = [bytes(f.data) for f in files]
     return [(d, await decode_upload(d, rt, s.max_image_pixels, f"files[{i}]")) for i, d in enumerate(datas)]
 

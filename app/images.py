@@ -15,10 +15,14 @@ Exactly:
     (W, H) with bilinear filtering (Pillow's antialiasing resize; aspect ratio
     NOT preserved). JPEGs are first draft-decoded at reduced scale when much larger.
  6. float32 = uint8 / 255, laid out [C, H, W].
+
+A refused image raises `APIError` with its status (400, 413, 415). `decode_upload` is what the
+routes call: small images are decoded on the event loop, large ones in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
 from dataclasses import dataclass
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
+
+from app.errors import APIError
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF"})
 # Declared types we accept (the bytes still decide): image/* of these, or a generic binary type.
@@ -48,15 +54,10 @@ ALLOWED_CONTENT_TYPES = frozenset(
 )
 GENERIC_CONTENT_TYPES = frozenset({"", "application/octet-stream"})
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp", "TIFF": ".tiff"}
-
-
-class ImageError(Exception):
-    """An input image is refused; `status_code` is the HTTP status, str(exc) the detail."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
+SUPPORTED = "PNG, JPEG, BMP, GIF, WebP or TIFF"  # ALLOWED_FORMATS, as the error messages name them
+# Images up to this many pixels are decoded on the event loop (tens of microseconds);
+# larger ones (up to the pixel cap) in a worker thread so they never stall other requests.
+INLINE_DECODE_PIXELS = 256 * 256
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,18 @@ class DecodedImage:
     format: str  # Pillow format name, e.g. "PNG"
     original_size: tuple[int, int]  # (width, height) as uploaded
 
+    @property
+    def extension(self) -> str:
+        """The file extension of the uploaded format (the quarantine keeps the upload under it)."""
+        return EXTENSIONS.get(self.format, ".bin")
+
 
 def check_content_type(content_type: str | None) -> None:
     """415 for a declared type that is neither a supported image type nor generic binary."""
     ct = (content_type or "").split(";", 1)[0].strip().lower()
     if ct in GENERIC_CONTENT_TYPES or ct in ALLOWED_CONTENT_TYPES:
         return
-    raise ImageError(
-        415, f"unsupported media type '{ct}'; send PNG, JPEG, BMP, GIF, WebP or TIFF"
-    )
+    raise APIError(415, f"unsupported media type '{ct}'; send {SUPPORTED}")
 
 
 def header_pixels(data: bytes) -> int | None:
@@ -87,13 +91,21 @@ def header_pixels(data: bytes) -> int | None:
         return None
 
 
+async def decode_upload(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> DecodedImage:
+    """`decode_image`, on the event loop for an image of at most INLINE_DECODE_PIXELS, else in a thread."""
+    px = header_pixels(data)
+    if px is None or px <= INLINE_DECODE_PIXELS:
+        return decode_image(data, shape, max_pixels)
+    return await asyncio.to_thread(decode_image, data, shape, max_pixels)
+
+
 def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> DecodedImage:
     """Decode `data` into the model input of one image of `shape` (C, H, W)."""
     c, h, w = shape
     if c not in (1, 3):
-        raise ImageError(500, f"model input has {c} channels; only 1 (grayscale) or 3 (RGB) are supported")
+        raise APIError(500, f"model input has {c} channels; only 1 (grayscale) or 3 (RGB) are supported")
     if not data:
-        raise ImageError(400, "empty image")
+        raise APIError(400, "empty image")
     with warnings.catch_warnings():
         # Pillow's guard (Image.MAX_IMAGE_PIXELS, set to max_pixels by create_app) errors in open()
         # beyond 2x the limit; between 1x and 2x it only warns, and our explicit check below answers.
@@ -101,22 +113,20 @@ def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> D
         try:
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(413, f"image has too many pixels (limit {max_pixels})") from None
+            raise APIError(413, f"image has too many pixels (limit {max_pixels})") from None
         except UnidentifiedImageError:
-            raise ImageError(400, "cannot decode image: not a recognized image format") from None
+            raise APIError(400, "cannot decode image: not a recognized image format") from None
         except Exception as exc:  # malformed headers raise assorted errors
-            raise ImageError(400, f"cannot decode image: {type(exc).__name__}") from None
+            raise APIError(400, f"cannot decode image: {type(exc).__name__}") from None
         try:
             fmt = img.format or ""
             if fmt not in ALLOWED_FORMATS:
-                raise ImageError(
-                    415, f"unsupported image format '{fmt or 'unknown'}'; send PNG, JPEG, BMP, GIF, WebP or TIFF"
-                )
+                raise APIError(415, f"unsupported image format '{fmt or 'unknown'}'; send {SUPPORTED}")
             width, height = img.size
             if width <= 0 or height <= 0:
-                raise ImageError(400, "cannot decode image: zero-sized image")
+                raise APIError(400, "cannot decode image: zero-sized image")
             if width * height > max_pixels:
-                raise ImageError(
+                raise APIError(
                     413, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
                 )
             if fmt == "JPEG" and (width >= 2 * w or height >= 2 * h):
@@ -126,9 +136,9 @@ def decode_image(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> D
                 img.seek(0)
                 img.load()
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                raise ImageError(413, f"image has too many pixels (limit {max_pixels})") from None
+                raise APIError(413, f"image has too many pixels (limit {max_pixels})") from None
             except Exception as exc:  # truncated / corrupt data: OSError, SyntaxError, ValueError ...
-                raise ImageError(400, f"cannot decode image: truncated or corrupt {fmt} data") from exc
+                raise APIError(400, f"cannot decode image: truncated or corrupt {fmt} data") from exc
             arr = _to_array(img, c, w, h)
         finally:
             img.close()

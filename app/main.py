@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from app import admin, api, explain, stats, v2
 from app.docs import install_docs
-from app.errors import install_error_handlers
+from app.error_handlers import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import RequestMetricsMiddleware
 from app.page import install_page

@@ -21,6 +21,7 @@ from typing import Any
 import onnxruntime as ort
 from pydantic import ValidationError
 
+from app.errors import validation_message
 from app.manifest import MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, SCHEMA_VERSION, Manifest
 
 log = logging.getLogger("dsphere.model_store")
@@ -104,10 +105,7 @@ def read_manifest(path: Path) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ModelInvalidError(f"{path}: invalid manifest: {problems}") from None
+        raise ModelInvalidError(f"{path}: invalid manifest: {validation_message(exc.errors())}") from None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.errors import ValidationErrorDetails, validation_message
+
 KNOWN_PROVIDERS = (
     "CUDAExecutionProvider",
     "TensorrtExecutionProvider",
@@ -109,12 +111,13 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            loc = err.get("loc") or ()
-            var = f"DSPHERE_{str(loc[0]).upper()}" if loc else "settings"
-            value = err.get("input")
-            secret = var == "DSPHERE_ADMIN_TOKEN"
-            shown = "" if isinstance(value, dict) or secret else f"={value!r}"
-            parts.append(f"{var}{shown}: {err.get('msg')}")
-        raise SettingsError("invalid settings: " + "; ".join(parts)) from None
+        raise SettingsError("invalid settings: " + validation_message(exc.errors(), _variable)) from None
+
+
+def _variable(error: ValidationErrorDetails) -> str:
+    """The environment variable an error is about, with the value given (never the admin token's)."""
+    loc = error.get("loc") or ()
+    var = f"DSPHERE_{str(loc[0]).upper()}" if loc else "settings"
+    value = error.get("input")
+    secret = var == "DSPHERE_ADMIN_TOKEN"
+    return var if isinstance(value, dict) or secret else f"{var}={value!r}"

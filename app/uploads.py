@@ -14,19 +14,14 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
+from app.errors import APIError
+
 MAX_PARTS = 4096
 MAX_HEADER_BYTES = 16 * 1024
 
 
-class BodyError(Exception):
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
-
-
-def too_large(limit: int) -> BodyError:
-    return BodyError(413, f"request body exceeds the limit of {limit} bytes")
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"request body exceeds the limit of {limit} bytes")
 
 
 def _check_declared_length(request: Request, limit: int) -> None:
@@ -36,7 +31,7 @@ def _check_declared_length(request: Request, limit: int) -> None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or BodyError(413) once more than `limit` bytes have arrived."""
+    """The whole body, or APIError(413) once more than `limit` bytes have arrived."""
     _check_declared_length(request, limit)
     buf = bytearray()
     try:
@@ -45,7 +40,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             if len(buf) > limit:
                 raise too_large(limit)
     except ClientDisconnect:
-        raise BodyError(400, "client disconnected before the body was complete") from None
+        raise APIError(400, "client disconnected before the body was complete") from None
     return bytes(buf)
 
 
@@ -77,7 +72,7 @@ class _Collector:
     def on_part_end(self) -> None:
         self.parts.append(self._part)
         if len(self.parts) > MAX_PARTS:
-            raise BodyError(413, f"too many multipart parts (limit {MAX_PARTS})")
+            raise APIError(413, f"too many multipart parts (limit {MAX_PARTS})")
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._hname += data[start:end]
@@ -90,7 +85,7 @@ class _Collector:
     def _count(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > MAX_HEADER_BYTES:
-            raise BodyError(400, "malformed multipart body: part headers too large")
+            raise APIError(400, "malformed multipart body: part headers too large")
 
     def on_header_end(self) -> None:
         name = self._hname.lower()
@@ -104,7 +99,7 @@ class _Collector:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         if b"name" not in options:
-            raise BodyError(400, 'malformed multipart body: a part lacks Content-Disposition "name"')
+            raise APIError(400, 'malformed multipart body: a part lacks Content-Disposition "name"')
         self._part.name = options[b"name"].decode("utf-8", "replace")
         if b"filename" in options:
             self._part.filename = options[b"filename"].decode("utf-8", "replace")
@@ -115,7 +110,7 @@ async def read_multipart(request: Request, limit: int) -> list[Part]:
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if not boundary:
-        raise BodyError(400, "malformed multipart body: missing boundary")
+        raise APIError(400, "malformed multipart body: missing boundary")
     _check_declared_length(request, limit)
     col = _Collector()
     parser = MultipartParser(
@@ -139,9 +134,9 @@ async def read_multipart(request: Request, limit: int) -> list[Part]:
             parser.write(chunk)
         parser.finalize()
     except ClientDisconnect:
-        raise BodyError(400, "client disconnected before the body was complete") from None
+        raise APIError(400, "client disconnected before the body was complete") from None
     except FormParserError:
-        raise BodyError(400, "malformed multipart body") from None
+        raise APIError(400, "malformed multipart body") from None
     return col.parts
 
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from app.deps import ServiceDep
 from app.engine import ModelRuntime
-from app.errors import APIError
+from app.errors import APIError, validation_message
 from app.model_store import list_versions
 from app.schemas import (
     V2InferRequest,
@@ -145,10 +145,8 @@ async def infer(request: Request, svc: ServiceDep, name: str) -> V2InferResponse
         except RecursionError:  # json.loads of arrays/objects nested thousands deep
             raise APIError(400, "invalid inference request: JSON nested too deeply") from None
         except ValueError as exc:
-            if isinstance(exc, ValidationError):
-                first = exc.errors()[0]
-                loc = ".".join(str(x) for x in first["loc"])
-                raise APIError(400, f"invalid inference request: {loc}: {first['msg']}") from None
+            if isinstance(exc, ValidationError):  # the first error
+                raise APIError(400, f"invalid inference request: {validation_message(exc.errors()[:1])}") from None
             raise APIError(400, "invalid inference request: body is not valid JSON") from None
         wanted = [o.name for o in req.outputs] if req.outputs else list(DEFAULT_OUTPUTS)
         unknown = [o for o in wanted if o not in ALL_OUTPUTS]

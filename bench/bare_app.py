@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import FastAPI, Request
 
-from app.images import DecodedImage, decode_image, header_pixels
+from app.images import DecodedImage, decode_upload
 from app.uploads import read_multipart
 
 SHAPE = (1, 28, 28)
@@ -20,11 +18,7 @@ app = FastAPI()
 
 
 async def _decode(data: bytes) -> DecodedImage:
-    # same policy as app/api.py: small images on the loop, large ones in a thread
-    px = header_pixels(data)
-    if px is None or px <= 256 * 256:
-        return decode_image(data, SHAPE, MAX_PIXELS)
-    return await asyncio.to_thread(decode_image, data, SHAPE, MAX_PIXELS)
+    return await decode_upload(data, SHAPE, MAX_PIXELS)  # as the routes decode: large images in a thread
 
 
 @app.post("/decode")

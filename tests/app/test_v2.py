@@ -84,6 +84,7 @@ async def test_infer(make_client) -> None:
           "outputs": [{"name": "logits"}]},
          "unknown output(s) ['logits']; available: ['accepted', 'angle_deg', 'label', 'probability', 'threshold_deg']"),
         ({"inputz": []}, "invalid inference request: inputs: Field required"),
+        ([], "invalid inference request: (root): Input should be a valid dictionary or instance of V2InferRequest"),
     ],
 )
 async def test_infer_errors(make_client, payload, detail) -> None:
