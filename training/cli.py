@@ -7,28 +7,21 @@ one line `error: ...` on stderr and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from training.cli_app import app, command_line
 from training.cli_values import comma_list, format_list
 from training.config import TrainConfig
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="D-SphereNet training, export and evaluation.")
 
 _TRAIN = TrainConfig()  # the defaults the options below repeat (tests/training/test_cli_defaults.py)
 
 EXIT_USER_ERROR = 2
 EXIT_DID_NOT_LEARN = 3
 EXIT_OVERFITTING = 4
-
-
-def command_line() -> str:
-    return shlex.join(["python", "-m", "training", *sys.argv[1:]])
 
 
 @app.command()
@@ -175,7 +168,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _register_optional_commands()
+        _register_commands()
         app(standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -202,13 +195,7 @@ def main() -> None:
         raise
 
 
-def _register_optional_commands() -> None:
-    """evaluate/figure2 and reproduce live in their own modules (training/evaluation/cli.py, training/reproduce.py)."""
-    import importlib
-
-    for mod in ("training.evaluation.cli", "training.reproduce"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name is None or not e.name.startswith("training"):
-                raise
+def _register_commands() -> None:
+    """The commands of the other command modules (evaluate, figure2, compare, reproduce)."""
+    import training.evaluation.cli  # noqa: F401  (registers its commands on training.cli_app.app)
+    import training.reproduce  # noqa: F401

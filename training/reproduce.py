@@ -41,7 +41,7 @@ import typer
 from app.verdict import geodesic_verdict
 from training.attacks import FGSM, PGD, attack_dataset, predict
 from training.checkpoint import load_checkpoint
-from training.cli import app, command_line
+from training.cli_app import app, command_line
 from training.cli_values import comma_list
 from training.config import TrainConfig
 from training.data import DATASETS, DEFAULT_EPS, load_dataset, training_splits

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli import app, command_line
+from training.cli_app import app, command_line
 from training.cli_values import comma_list
 from training.evaluation.config import ALL_ATTACKS
 

@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from training.evaluation.loading import OnnxLogits, WhiteBox, load_manifest, ver
 from training.evaluation.rule_attacks import OrthogonalPGD, Rule, RuleAttack, RuleScores, RuleSquare
 from training.evaluation.sanity import eps_sweep, gradient_free_check, noise_check, pgd_budget_check, rule_checks
 from training.evaluation.schema import AttackResult, Detector, ModelRef, Report, RuleChecks, Sanity
-from training.evaluation.scoring import Judged, judge, rate_fields, worst_case
+from training.evaluation.scoring import Judged, Outcome, judge, rate_fields, worst_case
 from training.judging import OnnxModel
 from training.models import ConvNet
 
@@ -64,14 +64,6 @@ log = logging.getLogger("dsphere.evaluation")
 __all__ = ["ALL_ATTACKS", "EvalConfig", "EvaluationError", "Outcome", "evaluate", "write_outputs"]
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-
-@dataclass
-class Outcome:
-    report: Report
-    judged: dict[str, Judged] = field(default_factory=dict)
-    clean: Judged | None = None
-    sweep: list[tuple[float, Judged]] = field(default_factory=list)
 
 
 @dataclass

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.evaluation.schema import Report
-from training.evaluation.scoring import Judged
-
-if TYPE_CHECKING:
-    from training.evaluation.core import Outcome
+from training.evaluation.scoring import Judged, Outcome
 
 
 def _plt():  # type: ignore[no-untyped-def]
@@ -75,7 +71,6 @@ def angle_histogram(r: Report, clean: Judged, pgd: Judged | None, adaptive: Judg
     fig.savefig(out / "angle_hist.png", dpi=110)
     plt.close(fig)
     return "angle_hist.png"
-    return None
 
 
 def detector_roc(r: Report, clean: Judged, pgd: Judged | None, adaptive: Judged | None, out: Path) -> str | None:

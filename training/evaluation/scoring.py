@@ -8,14 +8,14 @@ wrong, = 1 - defended: the attacker's win).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 from app.verdict import Verdicts, angle_ratio, geodesic_verdict
-from training.evaluation.schema import WorstCase
+from training.evaluation.schema import Report, WorstCase
 from training.judging import OnnxModel, Rates
 
 
@@ -63,6 +63,16 @@ class Judged:
     @property
     def broken(self) -> np.ndarray:
         return self.accepted & ~self.correct
+
+
+@dataclass
+class Outcome:
+    """An evaluation's report and the per-example outcomes behind it (for the figures)."""
+
+    report: Report
+    judged: dict[str, Judged] = field(default_factory=dict)
+    clean: Judged | None = None
+    sweep: list[tuple[float, Judged]] = field(default_factory=list)
 
 
 def judge(onnx_model: OnnxModel, x: Tensor, y: Tensor, mean: list[float], std: list[float], rho: float,
