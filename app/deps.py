@@ -30,3 +30,9 @@ async def served_runtime(svc: ServiceDep) -> ModelRuntime:
 
 
 ServedRuntime = Annotated[ModelRuntime, Depends(served_runtime)]
+
+
+def request_id_of(request: Request) -> str:
+    """The request's id (app/middleware.py: the client's X-Request-ID if well-formed, else a new one)."""
+    rid: str = request.state.request_id
+    return rid

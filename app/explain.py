@@ -1,8 +1,8 @@
 """POST /explain: what /classify answers, plus what a person needs to see why (the page, GET /).
 
-The same way through the service as /classify (app/api.py): the upload is read and decoded, the
-runtime's micro-batcher runs it through ONNX Runtime and app/verdict.py's rule, and the verdict
-goes to the metrics and the quarantine. The answer adds the image as the model received it
+The same way through the service as /classify (app/classify.py `classify_upload`): the upload is
+read and decoded, the runtime's micro-batcher runs it through ONNX Runtime and app/verdict.py's
+rule, and the verdict goes to the metrics and the quarantine. The answer adds the image as the model received it
 (after the service's own decoding and resizing), the three most probable classes, and the
 label's angle statistics and rho (threshold_deg = rho * (angle_mean_deg + angle_std_deg)).
 `?model=NAME` classifies with another model of the store, its latest version
@@ -16,7 +16,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Query, Request
 
-from app.api import classifications, decode_upload, multipart_body, read_single_upload, record_verdicts, request_id_of
+from app.classify import classify_upload
 from app.deps import ServiceDep
 from app.engine import ModelRuntime
 from app.errors import APIError
@@ -24,6 +24,7 @@ from app.images import DecodedImage
 from app.model_store import ModelNotFoundError
 from app.schemas import Classification, ClassProbability, Explanation, ModelInput, error_responses
 from app.service import Service
+from app.uploads import multipart_body
 from app.verdict import Verdicts
 
 router = APIRouter()
@@ -46,13 +47,8 @@ ModelName = Annotated[
 async def explain(request: Request, svc: ServiceDep, model: ModelName = None) -> Explanation:
     """The upload as for POST /classify (multipart field `file`, or a raw `image/*` body)."""
     rt = await _runtime(svc, model)
-    with rt.ticket() as ticket:
-        data = await read_single_upload(request, svc.settings)
-        img = await decode_upload(data, rt, svc.settings.max_image_pixels)
-        v = await rt.classify(img.array, ticket)
-    results = classifications(rt, v, request_id_of(request))
-    await record_verdicts(svc, rt, v, results, [(data, img)], batch=False)
-    return explanation(rt, v, results[0], img)
+    result, v, img = await classify_upload(request, svc, rt)
+    return explanation(rt, v, result, img)
 
 
 async def _runtime(svc: Service, name: str | None) -> ModelRuntime:

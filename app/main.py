@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from app import admin, api, explain, stats, v2
+from app import admin, catalogue, classify, explain, monitoring, stats, v2
 from app.docs import install_docs
 from app.error_handlers import install_error_handlers
 from app.metrics import Metrics
@@ -64,7 +64,9 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     )
     app.state.service = service
     app.state.settings = settings
-    app.include_router(api.router)
+    app.include_router(classify.router)
+    app.include_router(monitoring.router)
+    app.include_router(catalogue.router)
     app.include_router(explain.router)
     app.include_router(stats.router)
     app.include_router(v2.router)

@@ -18,7 +18,9 @@ from app.model_store import ModelInvalidError, ModelStoreError, load_version
 from app.other_models import OtherModels
 from app.quarantine import Quarantine
 from app.recent import RecentCounters
+from app.schemas import Classification, ModelRef
 from app.settings import Settings
+from app.verdict import Verdicts
 
 log = logging.getLogger("dsphere.service")
 
@@ -116,3 +118,25 @@ class Service:
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.other_models.close()
+
+
+def classifications(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Classification]:
+    """The response model of each row of `v`, verdicts of `rt`."""
+    names = rt.model.manifest.class_names
+    ref = ModelRef(name=rt.name, version=rt.version)
+    return [
+        Classification(
+            label=label,
+            class_name=names[label],
+            probability=probability,
+            angle_deg=angle,
+            threshold_deg=threshold,
+            verdict=verdict,
+            model=ref,
+            request_id=request_id,
+        )
+        for label, probability, angle, threshold, verdict in zip(
+            v.labels.tolist(), v.probabilities.tolist(), v.angles_deg.tolist(), v.thresholds_deg.tolist(),
+            v.names(), strict=True,
+        )
+    ]

@@ -1,20 +1,27 @@
-"""Request bodies read under a byte cap while streaming, and multipart parsed in memory.
+"""Request bodies read under a byte cap while streaming, multipart parsed in memory, and the
+image uploads of the classifying routes.
 
 The cap is enforced on the bytes actually received (Content-Length is only used
 to refuse early when it already announces too much): `read_body` stops reading
 and raises 413 as soon as the running total passes the limit. Multipart bodies
 are fed chunk by chunk to python-multipart's parser, under the same cap.
+
+`read_image` (POST /classify, /explain: multipart field `file`, or a raw `image/*` body) and
+`read_images` (POST /classify/batch: repeated field `files`) answer the uploaded bytes, their
+declared types checked (app/images.py decodes them); `multipart_body` documents either.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from app.errors import APIError
+from app.images import SUPPORTED, check_content_type
 
 MAX_PARTS = 4096
 MAX_HEADER_BYTES = 16 * 1024
@@ -142,3 +149,68 @@ async def read_multipart(request: Request, limit: int) -> list[Part]:
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_image(request: Request, limit: int) -> bytes:
+    """The one image of multipart field `file`, or of a raw body with an image/* Content-Type."""
+    mt = media_type(request)
+    if mt == "multipart/form-data":
+        files = _parts_named(await read_multipart(request, limit), "file")
+        if not files:
+            raise APIError(422, "missing multipart field 'file'")
+        if len(files) > 1:
+            raise APIError(422, f"expected one multipart field 'file', got {len(files)}; use /classify/batch")
+        check_content_type(files[0].content_type)
+        return bytes(files[0].data)
+    if mt.startswith("image/"):
+        check_content_type(mt)
+        return await read_body(request, limit)
+    raise APIError(
+        415,
+        f"unsupported content type '{mt}'; send multipart/form-data with a 'file' field "
+        f"or a raw body with an image/* content type ({SUPPORTED})",
+    )
+
+
+async def read_images(request: Request, limit: int, max_files: int) -> list[bytes]:
+    """The images of the repeated multipart field `files`, in order (at most `max_files`)."""
+    mt = media_type(request)
+    if mt != "multipart/form-data":
+        raise APIError(415, f"unsupported content type '{mt}'; send multipart/form-data with 'files' fields")
+    files = _parts_named(await read_multipart(request, limit), "files")
+    if not files:
+        raise APIError(422, "missing multipart field 'files'")
+    if len(files) > max_files:
+        raise APIError(413, f"too many files: {len(files)} (limit {max_files})")
+    for i, f in enumerate(files):
+        try:
+            check_content_type(f.content_type)
+        except APIError as exc:
+            raise exc.within(f"files[{i}]") from None
+    return [bytes(f.data) for f in files]
+
+
+def _parts_named(parts: list[Part], name: str) -> list[Part]:
+    return [p for p in parts if p.name == name]
+
+
+def multipart_body(name: str, many: bool) -> dict[str, Any]:
+    """`openapi_extra` of a route reading `read_image` (many=False) or `read_images` (many=True)."""
+    prop: dict[str, Any] = {"type": "string", "format": "binary"}
+    if many:
+        prop = {"type": "array", "items": prop, "minItems": 1}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": [name], "properties": {name: prop}}
+                },
+                **(
+                    {}
+                    if many
+                    else {"image/*": {"schema": {"type": "string", "format": "binary"}}}
+                ),
+            },
+        }
+    }

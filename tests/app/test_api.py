@@ -324,12 +324,12 @@ async def test_queue_full_503_with_retry_after(make_client) -> None:
 async def test_unexpected_error_is_json_500(make_client, monkeypatch) -> None:
     import httpx
 
-    import app.api
+    import app.classify
 
     def boom(*a, **k):
         raise RuntimeError("unexpected")
 
-    monkeypatch.setattr(app.api, "classifications", boom)
+    monkeypatch.setattr(app.classify, "classifications", boom)
     async with make_client() as c:
         transport = httpx.ASGITransport(app=c.app, raise_app_exceptions=False)  # type: ignore[attr-defined]
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c2:

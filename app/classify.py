@@ -1,0 +1,90 @@
+"""POST /classify and POST /classify/batch: images in, a label and a verdict for each out.
+
+One image's way, each module once: the route takes a ticket from the runtime it classifies with
+(app/deps.py, app/engine.py), reads the upload (app/uploads.py), decodes it (app/images.py) and
+hands it to `Service.classify` (app/service.py), which awaits the runtime's micro-batcher
+(app/engine.py: ONNX Runtime, then app/verdict.py's rule), counts the verdicts in the metrics
+and keeps each rejected input in the quarantine. The `Verdicts` it answers become the response
+models (app/schemas.py). POST /explain (app/explain.py) reads and classifies as POST /classify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from app.deps import ServedRuntime, ServiceDep, request_id_of
+from app.engine import ModelRuntime
+from app.errors import APIError
+from app.images import DecodedImage, decode_upload
+from app.schemas import BatchClassification, Classification, error_responses
+from app.service import Service, classifications
+from app.uploads import multipart_body, read_image, read_images
+from app.verdict import Verdicts
+
+router = APIRouter()
+
+
+@router.post(
+    "/classify",
+    response_model=Classification,
+    responses=error_responses(400, 413, 415, 422, 503),
+    openapi_extra=multipart_body("file", many=False),
+    summary="Classify one image and say whether to trust the label",
+)
+async def classify(request: Request, svc: ServiceDep, rt: ServedRuntime) -> Classification:
+    """Multipart field `file`, or a raw body with an `image/*` Content-Type."""
+    result, _, _ = await classify_upload(request, svc, rt)
+    return result
+
+
+async def classify_upload(request: Request, svc: Service, rt: ModelRuntime) -> tuple[Classification, Verdicts,
+                                                                                   DecodedImage]:
+    """The upload of POST /classify (or /explain) read, decoded and classified by `rt`."""
+    with rt.ticket() as ticket:
+        data = await read_image(request, svc.settings.max_upload_bytes)
+        img = await decode_upload(data, rt.input_shape, svc.settings.max_image_pixels)
+        v = await rt.classify(img.array, ticket)
+    results = classifications(rt, v, request_id_of(request))
+    await record_verdicts(svc, rt, v, results, [(data, img)], batch=False)
+    return results[0], v, img
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchClassification,
+    responses=error_responses(400, 413, 415, 422, 503),
+    openapi_extra=multipart_body("files", many=True),
+    summary="Classify several images (repeated multipart field `files`), results in order",
+)
+async def classify_batch(request: Request, svc: ServiceDep, rt: ServedRuntime) -> BatchClassification:
+    s = svc.settings
+    with rt.ticket() as ticket:
+        datas = await read_images(request, s.max_batch_upload_bytes, s.max_batch_files)
+        imgs = [await _decode_file(i, d, rt, s.max_image_pixels) for i, d in enumerate(datas)]
+        v = await rt.classify(np.stack([img.array for img in imgs]), ticket)
+    results = classifications(rt, v, request_id_of(request))
+    await record_verdicts(svc, rt, v, results, list(zip(datas, imgs, strict=True)), batch=True)
+    return BatchClassification(results=results)
+
+
+async def _decode_file(i: int, data: bytes, rt: ModelRuntime, max_pixels: int) -> DecodedImage:
+    try:
+        return await decode_upload(data, rt.input_shape, max_pixels)
+    except APIError as exc:
+        raise exc.within(f"files[{i}]") from None
+
+
+async def record_verdicts(svc: Service, rt: ModelRuntime, v: Verdicts, results: list[Classification],
+                          uploads: list[tuple[bytes, DecodedImage]], batch: bool) -> None:
+    """Count the verdicts in the metrics; keep each rejected upload (and its result) in the quarantine."""
+    svc.metrics.observe_verdicts(rt.name, rt.version, rt.model.manifest.class_names, v)
+    q = svc.quarantine
+    if q is None:
+        return
+    for i in np.flatnonzero(~v.accepted).tolist():
+        data, img = uploads[i]
+        record = {**results[i].model_dump(), "index": i if batch else None}
+        await asyncio.to_thread(q.add, data, img.extension, record)

@@ -1,0 +1,29 @@
+"""What probes and Prometheus read: GET /healthz (liveness), GET /readyz (the model loaded and
+warmed) and GET /metrics (app/metrics.py). GET /stats, the page's view of the same counters, is
+app/stats.py."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from app.deps import ServedRuntime, ServiceDep
+from app.metrics import CONTENT_TYPE
+from app.schemas import Health, ModelRef, Ready, error_responses
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Ready, responses=error_responses(503), summary="Model loaded and warmed")
+async def readyz(rt: ServedRuntime) -> Ready:
+    return Ready(status="ready", model=ModelRef(name=rt.name, version=rt.version))
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)")
+async def metrics(svc: ServiceDep) -> Response:
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
