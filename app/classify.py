@@ -10,8 +10,6 @@ models (app/schemas.py). POST /explain (app/explain.py) reads and classifies as 
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 from fastapi import APIRouter, Request
 
@@ -43,13 +41,12 @@ async def classify(request: Request, svc: ServiceDep, rt: ServedRuntime) -> Clas
 async def classify_upload(request: Request, svc: Service, rt: ModelRuntime) -> tuple[Classification, Verdicts,
                                                                                    DecodedImage]:
     """The upload of POST /classify (or /explain) read, decoded and classified by `rt`."""
+    rid = request_id_of(request)
     with rt.ticket() as ticket:
         data = await read_image(request, svc.settings.max_upload_bytes)
         img = await decode_upload(data, rt.input_shape, svc.settings.max_image_pixels)
-        v = await rt.classify(img.array, ticket)
-    results = classifications(rt, v, request_id_of(request))
-    await record_verdicts(svc, rt, v, results, [(data, img)], batch=False)
-    return results[0], v, img
+        v = await svc.classify(rt, img.array, ticket, rid, originals=lambda _: (data, img.extension))
+    return classifications(rt, v, rid)[0], v, img
 
 
 @router.post(
@@ -60,14 +57,13 @@ async def classify_upload(request: Request, svc: Service, rt: ModelRuntime) -> t
     summary="Classify several images (repeated multipart field `files`), results in order",
 )
 async def classify_batch(request: Request, svc: ServiceDep, rt: ServedRuntime) -> BatchClassification:
-    s = svc.settings
+    s, rid = svc.settings, request_id_of(request)
     with rt.ticket() as ticket:
         datas = await read_images(request, s.max_batch_upload_bytes, s.max_batch_files)
         imgs = [await _decode_file(i, d, rt, s.max_image_pixels) for i, d in enumerate(datas)]
-        v = await rt.classify(np.stack([img.array for img in imgs]), ticket)
-    results = classifications(rt, v, request_id_of(request))
-    await record_verdicts(svc, rt, v, results, list(zip(datas, imgs, strict=True)), batch=True)
-    return BatchClassification(results=results)
+        v = await svc.classify(rt, np.stack([img.array for img in imgs]), ticket, rid,
+                               originals=lambda i: (datas[i], imgs[i].extension), batch=True)
+    return BatchClassification(results=classifications(rt, v, rid))
 
 
 async def _decode_file(i: int, data: bytes, rt: ModelRuntime, max_pixels: int) -> DecodedImage:
@@ -76,15 +72,3 @@ async def _decode_file(i: int, data: bytes, rt: ModelRuntime, max_pixels: int) -
     except APIError as exc:
         raise exc.within(f"files[{i}]") from None
 
-
-async def record_verdicts(svc: Service, rt: ModelRuntime, v: Verdicts, results: list[Classification],
-                          uploads: list[tuple[bytes, DecodedImage]], batch: bool) -> None:
-    """Count the verdicts in the metrics; keep each rejected upload (and its result) in the quarantine."""
-    svc.metrics.observe_verdicts(rt.name, rt.version, rt.model.manifest.class_names, v)
-    q = svc.quarantine
-    if q is None:
-        return
-    for i in np.flatnonzero(~v.accepted).tolist():
-        data, img = uploads[i]
-        record = {**results[i].model_dump(), "index": i if batch else None}
-        await asyncio.to_thread(q.add, data, img.extension, record)

@@ -1,8 +1,9 @@
 """Opt-in quarantine of rejected inputs, for later review.
 
-Each rejected upload is written as `<stamp>_<request_id>[_<index>]<ext>` (the
-original bytes) plus a `.json` sidecar (request id, time, label, class name,
-angle, threshold, probability, model name/version). The directory is bounded:
+Each rejected input (`Service.classify`, app/service.py) is written as
+`<stamp>_<request_id>[_<index>]<ext>` (an upload's original bytes; a v2 tensor row as .npy)
+plus a `.json` sidecar (request id, time, label, class name, angle, threshold, probability,
+model name/version). The directory is bounded:
 when a new entry would push the total over `max_bytes`, the OLDEST entries are
 evicted first (an entry larger than the whole budget is dropped, not written).
 Writes happen in a worker thread; failures are logged and never fail a request.

@@ -1,6 +1,9 @@
-"""The service's state: settings, metrics, quarantine and the model runtime being served.
+"""The service's state: settings, metrics, quarantine and the model runtime being served, and
+the one way it classifies.
 
-`load` (startup) and `reload` (admin) build a new ModelRuntime completely (verify,
+`classify` is what every route that classifies awaits (/classify, /classify/batch, /explain, /v2
+infer): the runtime's verdicts, counted in the metrics, each rejected input kept in the
+quarantine. `load` (startup) and `reload` (admin) build a new ModelRuntime completely (verify,
 session, warm-up) before swapping one reference; requests that already hold the
 old runtime finish on it, then the old batcher is drained and closed. The page's
 POST /explain may also classify with the store's other models (app/other_models.py).
@@ -10,8 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
-from app.engine import ModelRuntime
+import numpy as np
+from numpy.typing import NDArray
+
+from app.engine import ModelRuntime, Ticket
 from app.manifest import MODEL_FILE
 from app.metrics import Metrics
 from app.model_store import ModelInvalidError, ModelStoreError, load_version
@@ -56,6 +63,22 @@ class Service:
         if name is None or name == served:
             return self.current()
         return await self.other_models.get(name)
+
+    async def classify(self, rt: ModelRuntime, x: NDArray[np.float32], ticket: Ticket, request_id: str,
+                       originals: Callable[[int], tuple[bytes, str]], batch: bool = False) -> Verdicts:
+        """`rt`'s verdicts on x ([N, C, H, W] or one [C, H, W]), counted in the metrics; each rejected row
+        kept in the quarantine: `originals(i)` is row i's input as received and its file extension,
+        stored with its classification (and `index` i when `batch`)."""
+        v = await rt.classify(x, ticket)
+        self.metrics.observe_verdicts(rt.name, rt.version, rt.model.manifest.class_names, v)
+        q = self.quarantine
+        if q is not None:
+            for i in np.flatnonzero(~v.accepted).tolist():
+                data, ext = originals(i)
+                (result,) = classifications(rt, v[i : i + 1], request_id)
+                record = {**result.model_dump(), "index": i if batch else None}
+                await asyncio.to_thread(q.add, data, ext, record)
+        return v
 
     def _build(self, name: str, version: str) -> ModelRuntime:
         s = self.settings

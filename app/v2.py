@@ -8,6 +8,7 @@ values in the manifest's value_range. Outputs (all [N]): `label` INT64,
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -16,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.deps import ServiceDep
+from app.deps import ServiceDep, request_id_of
 from app.engine import ModelRuntime
 from app.errors import APIError, validation_message
 from app.model_store import list_versions
@@ -153,8 +154,8 @@ async def infer(request: Request, svc: ServiceDep, name: str) -> V2InferResponse
         if unknown:
             raise APIError(400, f"unknown output(s) {unknown}; available: {sorted(ALL_OUTPUTS)}")
         x = _tensor(req, rt, svc.settings.max_batch_files)
-        v = await rt.classify(x, ticket)
-    svc.metrics.observe_verdicts(rt.name, rt.version, rt.model.manifest.class_names, v)
+        v = await svc.classify(rt, x, ticket, request_id_of(request), originals=lambda i: (_npy(x[i]), ".npy"),
+                               batch=True)
     cols: dict[str, list[Any]] = {
         "label": v.labels.tolist(),
         "angle_deg": v.angles_deg.tolist(),
@@ -166,9 +167,16 @@ async def infer(request: Request, svc: ServiceDep, name: str) -> V2InferResponse
     return V2InferResponse(
         model_name=rt.name,
         model_version=rt.version,
-        id=req.id or request.state.request_id,
+        id=req.id or request_id_of(request),
         outputs=[V2Tensor(name=o, datatype=ALL_OUTPUTS[o], shape=[n], data=cols[o]) for o in wanted],
     )
+
+
+def _npy(row: np.ndarray) -> bytes:
+    """One input row ([C, H, W] float32) as a .npy file: what the quarantine keeps of a rejected one."""
+    buf = io.BytesIO()
+    np.save(buf, row, allow_pickle=False)
+    return buf.getvalue()
 
 
 def openapi_components() -> dict[str, Any]:

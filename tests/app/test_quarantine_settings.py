@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +40,57 @@ async def test_rejected_inputs_are_quarantined(make_client, tmp_path: Path) -> N
     assert side["request_id"] == "rq1" and side["verdict"] == "reject"
     assert side["model"] == {"name": "fashion-mnist-dsphere", "version": "1"}
     assert {"time", "label", "class_name", "angle_deg", "threshold_deg"} <= set(side)
+
+
+NAME = "fashion-mnist-dsphere"
+NOISE_ROW = NOISE.astype(np.float32)[None] / 255  # [1, 28, 28], exactly what decoding NOISE's PNG gives
+
+
+def _request(route: str) -> dict[str, Any]:
+    """httpx.post keywords sending one accepted input (prototype 1) and NOISE, in that order when
+    the route takes two."""
+    ok, noise = png_bytes(prototype(1)), png_bytes(NOISE)
+    if route == "/classify/batch":
+        return {"files": [("files", ("a.png", ok, "image/png")), ("files", ("b.png", noise, "image/png"))]}
+    if route == "/v2/models/{name}/infer":
+        x = np.stack([prototype(1).astype(np.float32)[None] / 255, NOISE_ROW])
+        return {"json": {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                     "data": x.ravel().tolist()}]}}
+    return {"files": {"file": ("n.png", noise, "image/png")}}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("route", "index", "ext"),
+    [("/classify", None, ".png"), ("/explain", None, ".png"), ("/classify/batch", 1, ".png"),
+     ("/v2/models/{name}/infer", 1, ".npy")],
+)
+async def test_every_route_that_classifies_quarantines_and_counts_a_rejection(
+        make_client, tmp_path: Path, route: str, index: int | None, ext: str) -> None:
+    """One place (Service.classify) for every route: the rejected input is kept with its
+    classification, and each verdict is counted in dsphere_classifications_total."""
+    qdir = tmp_path / "q"
+    async with make_client(quarantine_dir=qdir) as c:
+        r = await c.post(route.format(name=NAME), headers={"x-request-id": "rq2"}, **_request(route))
+        metrics = (await c.get("/metrics")).text
+    assert r.status_code == 200, r.text
+    stem = "_rq2" if index is None else f"_rq2_{index}"
+    files = sorted(p.name for p in qdir.iterdir())
+    assert len(files) == 2 and files[0].endswith(f"{stem}.json") and files[1].endswith(f"{stem}{ext}")
+    kept = (qdir / files[1]).read_bytes()
+    if ext == ".npy":
+        assert np.array_equal(np.load(io.BytesIO(kept)), NOISE_ROW)
+    else:
+        assert kept == png_bytes(NOISE)
+    side = json.loads((qdir / files[0]).read_text())
+    assert side["request_id"] == "rq2" and side["verdict"] == "reject" and side["index"] == index
+    assert side["model"] == {"name": NAME, "version": "1"} and side["image_file"] == files[1]
+    rejected = f'dsphere_classifications_total{{class_name="{side["class_name"]}",model="{NAME}",verdict="reject",' \
+               'version="1"}'
+    accepted = f'dsphere_classifications_total{{class_name="Trouser",model="{NAME}",verdict="accept",version="1"}}'
+    assert f"{rejected} 1.0" in metrics
+    assert (f"{accepted} 1.0" in metrics) == (index is not None)  # the batch's and v2's accepted row
+    assert f'dsphere_angle_degrees_count{{model="{NAME}",verdict="reject",version="1"}} 1.0' in metrics
 
 
 def test_quarantine_evicts_oldest(tmp_path: Path) -> None:
