@@ -178,6 +178,25 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> tuple[Tensor
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
+def label_accuracy(logits: Tensor, y: Tensor) -> float:
+    """Share of rows whose argmax is the label (rejection ignored)."""
+    return float((logits.argmax(1).cpu() == y.cpu()).float().mean())
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """A model's accuracy on a whole tensor, in eval mode."""
+    return label_accuracy(predict(model, x, batch_size)[0], y)
+
+
+@torch.no_grad()
+def features(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
+    """The feature the last layer sees (`model.feature`), (N, d), in eval mode, on the CPU."""
+    dev = next(model.parameters()).device
+    with eval_mode(model):
+        return torch.cat([model.feature(x[i: i + batch_size].to(dev)).cpu()  # type: ignore[operator]
+                          for i in range(0, len(x), batch_size)])
+
+
 def attack_dataset(model: nn.Module, attack: Callable[[nn.Module, Tensor, Tensor], Tensor],
                    x: Tensor, y: Tensor, batch_size: int = 500) -> Tensor:
     """Run an attack batch by batch over a whole tensor."""

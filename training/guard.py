@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from training.attacks import PGD, attack_dataset, predict
+from training.attacks import PGD, attack_dataset, label_accuracy, predict
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ class OverfittingGuard:
             with torch.no_grad():
                 adv_logits, _ = predict(model, x_adv)
                 clean_logits, _ = predict(model, self.x)
-            point = GuardPoint(iteration, epoch, _accuracy(adv_logits, self.y), _accuracy(clean_logits, self.y))
+            point = GuardPoint(iteration, epoch, label_accuracy(adv_logits, self.y),
+                               label_accuracy(clean_logits, self.y))
         self.history.append(point)
         return point
 
@@ -149,7 +150,3 @@ class OverfittingGuard:
 
     def to_list(self) -> list[dict[str, Any]]:
         return [asdict(p) for p in self.history]
-
-
-def _accuracy(logits: Tensor, y: Tensor) -> float:
-    return float((logits.argmax(1).cpu() == y.cpu()).float().mean())

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from training.adversarial import adversarial_input, training_loss
 from training.angle_stats import compute_angle_stats
-from training.attacks import predict
+from training.attacks import accuracy
 from training.checkpoint import Checkpoint, load_checkpoint, load_optimizer_state, restore_rng, save_checkpoint
 from training.config import TrainConfig, eps_at, lr_at
 from training.data import Dataset, training_splits
@@ -61,12 +61,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    logits, _ = predict(model, x, batch_size)
-    return float((logits.argmax(1).cpu() == y.cpu()).float().mean())
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[Dataset, Dataset]:

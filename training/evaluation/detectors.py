@@ -24,18 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from training.attacks import features
 from training.evaluation.schema import Detector, DetectorScore
 from training.evaluation.scoring import Judged, roc_auc
 from training.models import ConvNet
 
 
-@torch.no_grad()
 def features_of(model: ConvNet, x: Tensor, batch_size: int = 500) -> np.ndarray:
-    """The feature the last layer sees, (N, d) float64, in eval mode."""
-    model.eval()
-    dev = next(model.parameters()).device
-    return torch.cat([model.feature(x[i: i + batch_size].to(dev)).double().cpu()
-                      for i in range(0, len(x), batch_size)]).numpy()
+    """The feature the last layer sees, (N, d) float64."""
+    return features(model, x, batch_size).double().numpy()
 
 
 @dataclass(frozen=True)

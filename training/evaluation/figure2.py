@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.attacks import PGD, attack_dataset, predict
+from training.attacks import PGD, accuracy, attack_dataset, features
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.data import load_dataset
-from training.models import ConvNet, ModelConfig
+from training.models import ModelConfig
 from training.train import TrainingDidNotLearn, train
 
 log = logging.getLogger("dsphere.evaluation")
@@ -47,12 +47,6 @@ MODELS = {
     "D-SphereNet (cosine, W-Softmax + WM)": dict(arch="dsphere", corr="cosine", head="wm"),
     "baseline CNN (softmax)": dict(arch="baseline", head="softmax"),
 }
-
-
-def _features(model: ConvNet, x: torch.Tensor, batch: int = 500) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model.feature(x[i: i + batch]) for i in range(0, len(x), batch)]).numpy()
 
 
 def make_figure2(cfg: Figure2Config, out: str | Path, progress: Callable[[str], None] | None = None) -> Path:
@@ -88,9 +82,8 @@ def make_figure2(cfg: Figure2Config, out: str | Path, progress: Callable[[str], 
         learned = learned and ckpt.learned is not False
         torch.manual_seed(cfg.seed)
         x_adv = attack_dataset(model, PGD(cfg.eps, steps=cfg.pgd_steps), x, y)
-        acc = float((predict(model, x)[0].argmax(1) == y).float().mean())
-        adv_acc = float((predict(model, x_adv)[0].argmax(1) == y).float().mean())
-        f_clean, f_adv = _features(model, x), _features(model, x_adv)
+        acc, adv_acc = accuracy(model, x, y), accuracy(model, x_adv, y)
+        f_clean, f_adv = features(model, x).numpy(), features(model, x_adv).numpy()
         w = model.classifier.linear.weight.detach().numpy()  # type: ignore[operator]  # (K, 2)
         summary["models"][title] = {"clean_accuracy": acc, "pgd_accuracy": adv_acc, "learned": learned,  # type: ignore[index]
                                     "val_accuracy": ckpt.metrics.get("val_accuracy")}

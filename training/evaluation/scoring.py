@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from app.verdict import Verdicts, angle_ratio, geodesic_verdict
+from app.verdict import Verdicts, angle_ratio, geodesic_verdict, softmax
 from training.evaluation.schema import Report, WorstCase
 from training.judging import OnnxModel, Rates
 
@@ -85,10 +85,9 @@ def judge(onnx_model: OnnxModel, x: Tensor, y: Tensor, mean: list[float], std: l
 
 
 def max_softmax(logits: np.ndarray) -> np.ndarray:
-    """max_j softmax(z)_j per row, (N, K) -> (N,), computed stably in float64."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return 1.0 / e.sum(axis=1)
+    """max_j softmax(z)_j per row, (N, K) -> (N,): the service's softmax (app.verdict)."""
+    out: np.ndarray = softmax(logits).max(axis=1)
+    return out
 
 
 def rate_fields(j: Judged) -> dict[str, Any]:
