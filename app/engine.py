@@ -1,6 +1,6 @@
 """Micro-batching inference engine.
 
-`Batcher` groups concurrent requests: each `submit` puts (rows, future) on a
+`Batcher` groups concurrent requests: each `submit_many` puts (rows, future) per block on a
 bounded deque and sets an event; one worker task takes the first waiting item,
 keeps collecting until `max_batch` rows or `max_delay_s` have passed, runs ONE
 call of `run_batch` in a dedicated thread (off the event loop), checks its result
@@ -124,7 +124,6 @@ class Batcher(Generic[R]):
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._name = name
-        self.in_flight = 0  # submitted and not yet resolved
         self._arriving = 0  # open tickets: requests still preparing their input
 
     @property
@@ -151,11 +150,6 @@ class Batcher(Generic[R]):
         self._arriving -= 1
         self._event.set()
 
-    async def submit(self, x: NDArray[np.float32], ticket: Ticket | None = None) -> R:
-        """Run rows `x` (shape [n, ...]) in some batch; returns the n rows of its result."""
-        (out,) = await self.submit_many([x], ticket)
-        return out
-
     async def submit_many(self, xs: Sequence[NDArray[np.float32]], ticket: Ticket | None = None) -> list[R]:
         """Queue the blocks `xs` together (one queue slot each, all or none), then close `ticket`.
 
@@ -177,11 +171,7 @@ class Batcher(Generic[R]):
         finally:
             if ticket is not None:  # after queueing: a closing worker sees the rows before the ticket goes
                 ticket.close()
-        self.in_flight += 1
-        try:
-            return list(await asyncio.gather(*(it.future for it in items)))
-        finally:
-            self.in_flight -= 1
+        return list(await asyncio.gather(*(it.future for it in items)))
 
     def _depth_changed(self) -> None:
         if self._on_queue_depth is not None:

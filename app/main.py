@@ -23,8 +23,6 @@ from app.page import install_page
 from app.service import Service
 from app.settings import Settings, SettingsError, load_settings
 
-log = logging.getLogger("dsphere")
-
 
 def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
     """Build the app; the model loads (verified, warmed) in the lifespan startup."""
@@ -63,7 +61,6 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         redoc_url=None,
     )
     app.state.service = service
-    app.state.settings = settings
     app.include_router(classify.router)
     app.include_router(monitoring.router)
     app.include_router(catalogue.router)

@@ -54,7 +54,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 @dataclass
 class Part:
     name: str = ""
-    filename: str | None = None
     content_type: str = ""
     data: bytearray = field(default_factory=bytearray)
 
@@ -108,8 +107,6 @@ class _Collector:
         if b"name" not in options:
             raise APIError(400, 'malformed multipart body: a part lacks Content-Disposition "name"')
         self._part.name = options[b"name"].decode("utf-8", "replace")
-        if b"filename" in options:
-            self._part.filename = options[b"filename"].decode("utf-8", "replace")
 
 
 async def read_multipart(request: Request, limit: int) -> list[Part]:

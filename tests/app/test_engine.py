@@ -34,13 +34,19 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def submit(b: Batcher, x: np.ndarray, ticket=None):
+    """One block through the path ModelRuntime.classify takes (submit_many); its rows of the result."""
+    (out,) = await b.submit_many([x], ticket)
+    return out
+
+
 def test_groups_up_to_max_batch_without_waiting_for_delay() -> None:
     async def main() -> None:
         runner = FakeRunner()
         sizes: list[int] = []
         b = Batcher(runner, max_batch=4, max_delay_s=60.0, queue_size=100, on_batch=sizes.append)
         b.start()
-        results = await asyncio.gather(*(b.submit(rows(i)) for i in range(8)))
+        results = await asyncio.gather(*(submit(b, rows(i)) for i in range(8)))
         assert runner.calls == [4, 4] and sizes == [4, 4]
         for i, (a, c) in enumerate(results):
             assert a.tolist() == [2.0 * i] and c.tolist() == [i + 1.0]
@@ -54,7 +60,7 @@ def test_returns_on_timeout_with_partial_batch() -> None:
         runner = FakeRunner()
         b = Batcher(runner, max_batch=64, max_delay_s=0.001, queue_size=100)
         b.start()
-        a, c = await b.submit(rows(1, 2, 3))
+        a, c = await submit(b, rows(1, 2, 3))
         assert a.tolist() == [2, 4, 6] and runner.calls == [3]
         await b.close()
 
@@ -69,17 +75,17 @@ def test_waits_for_announced_requests_until_delay() -> None:
         b = Batcher(runner, max_batch=64, max_delay_s=60.0, queue_size=100)
         b.start()
         ticket = b.ticket()
-        first = asyncio.ensure_future(b.submit(rows(1)))
+        first = asyncio.ensure_future(submit(b, rows(1)))
         for _ in range(5):
             await asyncio.sleep(0)
         assert not first.done() and b.depth == 1  # waiting for the announced request
-        second = await b.submit(rows(2), ticket)
+        second = await submit(b, rows(2), ticket)
         assert (await first)[0].tolist() == [2] and second[0].tolist() == [4]
         assert runner.calls == [2]
         # a ticket that never submits: the batch goes at the delay
         b.max_delay_s = 0.001
         with b.ticket():
-            a, _ = await b.submit(rows(3))
+            a, _ = await submit(b, rows(3))
         assert a.tolist() == [6] and runner.calls == [2, 1]
         await b.close()
 
@@ -91,7 +97,7 @@ def test_multi_row_items_are_not_split_and_respect_max_batch() -> None:
         runner = FakeRunner()
         b = Batcher(runner, max_batch=4, max_delay_s=60.0, queue_size=100)
         b.start()
-        r = await asyncio.gather(b.submit(rows(1, 2, 3)), b.submit(rows(4, 5)), b.submit(rows(6, 7)))
+        r = await asyncio.gather(submit(b, rows(1, 2, 3)), submit(b, rows(4, 5)), submit(b, rows(6, 7)))
         assert runner.calls == [3, 4]
         assert [x[0].tolist() for x in r] == [[2, 4, 6], [8, 10], [12, 14]]
         await b.close()
@@ -105,12 +111,12 @@ def test_queue_full_raises_immediately() -> None:
         depths: list[int] = []
         b = Batcher(runner, max_batch=1, max_delay_s=0.0, queue_size=2, on_queue_depth=depths.append)
         b.start()
-        first = asyncio.ensure_future(b.submit(rows(0)))
+        first = asyncio.ensure_future(submit(b, rows(0)))
         await asyncio.to_thread(runner.started.wait, 10)  # first batch is running, queue empty
-        waiting = [asyncio.ensure_future(b.submit(rows(i))) for i in (1, 2)]
+        waiting = [asyncio.ensure_future(submit(b, rows(i))) for i in (1, 2)]
         await asyncio.sleep(0)  # let them enqueue
         with pytest.raises(QueueFullError, match=r"inference queue is full \(2 waiting requests\)"):
-            await b.submit(rows(3))
+            await submit(b, rows(3))
         assert b.depth == 2
         runner.release.set()
         assert [(await f)[0].tolist() for f in (first, *waiting)] == [[0], [2], [4]]
@@ -127,10 +133,10 @@ def test_ticket_refused_at_the_door_when_the_queue_is_full() -> None:
         runner = FakeRunner(block=True)
         b = Batcher(runner, max_batch=1, max_delay_s=0.0, queue_size=1)
         b.start()
-        first = asyncio.ensure_future(b.submit(rows(0)))
+        first = asyncio.ensure_future(submit(b, rows(0)))
         await asyncio.to_thread(runner.started.wait, 10)  # running, queue empty
         t = b.ticket()  # room in the queue: admitted at the door
-        waiting = asyncio.ensure_future(b.submit(rows(1), t))
+        waiting = asyncio.ensure_future(submit(b, rows(1), t))
         await asyncio.sleep(0)
         assert b.depth == 1
         with pytest.raises(QueueFullError):
@@ -170,7 +176,7 @@ def test_exception_set_on_every_future_of_the_batch() -> None:
 
         b = Batcher(boom, max_batch=3, max_delay_s=60.0, queue_size=10)
         b.start()
-        res = await asyncio.gather(*(b.submit(rows(i)) for i in range(3)), return_exceptions=True)
+        res = await asyncio.gather(*(submit(b, rows(i)) for i in range(3)), return_exceptions=True)
         assert all(isinstance(r, RuntimeError) and str(r) == "kaput" for r in res)
         await b.close()
 
@@ -181,7 +187,7 @@ def test_output_row_mismatch_fails_batch() -> None:
     async def main() -> None:
         b = Batcher(lambda x: (x[:-1, 0],), max_batch=2, max_delay_s=60.0, queue_size=10)
         b.start()
-        res = await asyncio.gather(b.submit(rows(1)), b.submit(rows(2)), return_exceptions=True)
+        res = await asyncio.gather(submit(b, rows(1)), submit(b, rows(2)), return_exceptions=True)
         assert all(isinstance(r, EngineError) and "returned [1] rows for 2 inputs" in str(r) for r in res)
         await b.close()
 
@@ -193,12 +199,12 @@ def test_close_drains_queued_requests_then_refuses() -> None:
         runner = FakeRunner(block=True)
         b = Batcher(runner, max_batch=1, max_delay_s=0.0, queue_size=10)
         b.start()
-        futs = [asyncio.ensure_future(b.submit(rows(i))) for i in range(3)]
+        futs = [asyncio.ensure_future(submit(b, rows(i))) for i in range(3)]
         await asyncio.to_thread(runner.started.wait, 10)
         closing = asyncio.ensure_future(b.close())
         await asyncio.sleep(0)
         with pytest.raises(EngineClosedError):
-            await b.submit(rows(9))
+            await submit(b, rows(9))
         runner.release.set()
         await closing
         assert [(await f)[0].tolist() for f in futs] == [[0], [2], [4]]
@@ -222,12 +228,12 @@ def test_close_still_runs_requests_admitted_by_a_ticket() -> None:
         assert not closing.done()  # waiting for the admitted request
         after = b.ticket()
         with pytest.raises(EngineClosedError):
-            await b.submit(rows(9), after)
+            await submit(b, rows(9), after)
         res = await b.submit_many([rows(1, 2), rows(3)], before)
         assert [r[0].tolist() for r in res] == [[2, 4], [6]] and runner.calls == [3]
         await closing
         with pytest.raises(EngineClosedError):
-            await b.submit(rows(4), b.ticket())
+            await submit(b, rows(4), b.ticket())
 
     run(main())
 
@@ -237,10 +243,10 @@ def test_cancelled_request_is_skipped() -> None:
         runner = FakeRunner(block=True)
         b = Batcher(runner, max_batch=8, max_delay_s=0.0, queue_size=10)
         b.start()
-        first = asyncio.ensure_future(b.submit(rows(0)))
+        first = asyncio.ensure_future(submit(b, rows(0)))
         await asyncio.to_thread(runner.started.wait, 10)
-        gone = asyncio.ensure_future(b.submit(rows(1)))
-        kept = asyncio.ensure_future(b.submit(rows(2)))
+        gone = asyncio.ensure_future(submit(b, rows(1)))
+        kept = asyncio.ensure_future(submit(b, rows(2)))
         await asyncio.sleep(0)
         gone.cancel()
         runner.release.set()
