@@ -166,24 +166,32 @@ async def test_too_many_bytes_413_streamed_without_content_length(make_client) -
         r = await c.post("/classify", content=body(), headers={"content-type": "image/png"})
         r2 = await c.post("/classify", files={"file": ("x.png", b"\0" * 20000, "image/png")})
         r3 = await c.get("/healthz")
-    assert r.status_code == 413
-    assert r.json() == {"detail": f"request body exceeds the limit of {8 * 1024} bytes"}
-    assert r2.status_code == 413
+    too_large = {"detail": f"request body exceeds the limit of {8 * 1024} bytes"}
+    assert (r.status_code, r.json()) == (413, too_large)
+    assert chunks_sent == 9  # reading stopped at the first chunk past the cap, not at the body's end
+    assert (r2.status_code, r2.json()) == (413, too_large)  # refused on its Content-Length
     assert r3.status_code == 200
 
 
 async def test_lying_content_length_413(make_client) -> None:
-    """A Content-Length smaller than the body does not get past the cap."""
+    """A Content-Length smaller than the body does not get past the cap: the bytes received are
+    counted, and reading stops at the first chunk past the cap; the next request is served."""
+    chunks_sent = 0
 
     async def body():
+        nonlocal chunks_sent
         for _ in range(20):
+            chunks_sent += 1
             yield b"\0" * 1024
 
     async with make_client(max_upload_bytes=8 * 1024) as c:
         req = c.build_request("POST", "/classify", content=body(), headers={"content-type": "image/png"})
         req.headers["content-length"] = "100"
         r = await c.send(req)
-    assert r.status_code == 413
+        after = await c.post("/classify", content=png_bytes(prototype(2)), headers={"content-type": "image/png"})
+    assert (r.status_code, r.json()) == (413, {"detail": f"request body exceeds the limit of {8 * 1024} bytes"})
+    assert chunks_sent == 9  # 9 KiB read of the 20 KiB sent
+    assert after.status_code == 200 and after.json()["label"] == 2
 
 
 async def test_too_many_pixels_413_before_decoding(make_client) -> None:
