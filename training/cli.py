@@ -154,11 +154,18 @@ def export(
 def keep(
     run: Annotated[Path, typer.Argument(help="run directory (takes best/, else final/) or checkpoint directory")],
     dest: Annotated[Path, typer.Argument(help="where the kept checkpoint goes (e.g. checkpoints/<run>)")],
+    stopped: Annotated[str | None, typer.Option(
+        help="the run was stopped for good before its end, for this reason: measure best/'s angle statistics "
+             "first (as the run's end would have) and record the reason in summary.json")] = None,
 ) -> None:
     """Copy a run's chosen checkpoint (weights, metadata, the run's summary.json) to a folder
     small enough to commit, so that export and evaluation never need the run again."""
     from training.checkpoint import keep_checkpoint
 
+    if stopped:
+        from training.train import seal_stopped_run
+
+        typer.echo(f"sealed {seal_stopped_run(run, stopped)}")
     typer.echo(f"kept {keep_checkpoint(run, dest)}")
 
 

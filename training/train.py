@@ -415,3 +415,29 @@ def _write_summary(run: Run, status: str = "", summary: dict[str, Any] | None = 
     tmp = run.out / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(run.out / "summary.json")
+
+
+def seal_stopped_run(run_dir: str | os.PathLike[str], reason: str) -> Path:
+    """Make the best/ of a run stopped for good before its end exportable, as the end of the
+    run would have: its angle statistics on the training split and its learned flag, the
+    guard's point in its metrics; summary.json records why the run was stopped."""
+    out = Path(run_dir)
+    best_dir = out / "best"
+    model, ckpt = load_checkpoint(best_dir)
+    cfg = TrainConfig.from_dict(ckpt.training_config)
+    train_ds, val_ds = prepare_data(cfg)
+    model.eval()
+    val_acc = accuracy(model, val_ds.images, val_ds.labels)
+    ckpt.learned = val_acc >= 1.0 / model.config.num_classes + cfg.min_accuracy_over_chance
+    ckpt.angle_stats = compute_angle_stats(model, train_ds.images, train_ds.labels, model.config.num_classes)
+    points = [GuardPoint(**h) for h in ckpt.metrics.get("guard", [])]
+    best = max(points, key=lambda p: p.score, default=None)
+    ckpt.metrics = {**ckpt.metrics, "val_accuracy": val_acc, "best": asdict(best) if best else None}
+    save_checkpoint(best_dir, model, ckpt)
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary.update(status="stopped", stopped=reason, learned=ckpt.learned,
+                   best={"checkpoint": str(best_dir), **(asdict(best) if best else {}), "val_accuracy": val_acc,
+                         "learned": ckpt.learned})
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return best_dir

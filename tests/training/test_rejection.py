@@ -161,3 +161,27 @@ def test_rule_attack_and_distal_attack_stay_in_the_ball_and_beat_the_rule_with_n
         lg, cs = net(d)
     v = geodesic_verdict(lg.double().numpy(), cs.double().numpy(), easy.angle_mean_deg, easy.angle_std_deg, easy.rho)
     assert v.accepted.all()
+
+
+def test_a_run_stopped_for_good_is_sealed_and_kept(tmp_path: Path) -> None:
+    """keep --stopped: best/ of a run stopped before its end gets what the end would have given it."""
+    from training.checkpoint import CheckpointError, keep_checkpoint, load_checkpoint
+    from training.train import seal_stopped_run
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(mode="rejection", eps=0.1, iterations=200, natural_epochs=1, limit_train=1500, n_val=600,
+                      batch_size=32, checkpoint_every=0, lr=3e-3,
+                      guard=GuardConfig(every=8, n_examples=200, n_stats=600))
+    train(ModelConfig(corr="truncated", widths=(4, 8, 8), fc_dim=16), cfg, tmp_path / "run", show_progress=False,
+          stop_after=64)
+    with pytest.raises(CheckpointError, match="not a finished"):
+        keep_checkpoint(tmp_path / "run", tmp_path / "kept")
+    seal_stopped_run(tmp_path / "run", "stopped by hand in a test")
+    kept = keep_checkpoint(tmp_path / "run", tmp_path / "kept")
+    _, ckpt = load_checkpoint(kept)
+    assert ckpt.angle_stats is not None and ckpt.learned is not None
+    import json
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped"] == "stopped by hand in a test"
+    assert summary["best"]["iteration"] == ckpt.iteration
