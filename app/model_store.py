@@ -177,7 +177,13 @@ def load_version(
         session = ort.InferenceSession(model_bytes, sess_options=options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own (untyped) exceptions
         raise ModelInvalidError(f"{model_path}: ONNX Runtime cannot load it ({exc})") from None
+    input_name = _check_session(session, manifest, model_path)
+    return LoadedModel(name, version, vdir, manifest, digest, session, input_name, tuple(session.get_providers()))
 
+
+def _check_session(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> str:
+    """The session's one input (name, type, [N, C, H, W] with dynamic N) and its outputs
+    (OUTPUT_NAMES, each [N, K]) as the manifest says; returns the input's name."""
     inputs = session.get_inputs()
     outputs = session.get_outputs()
     if len(inputs) != 1:
@@ -201,5 +207,5 @@ def load_version(
         odims = _dims(o.shape)
         if len(odims) != 2 or (isinstance(odims[1], int) and odims[1] != k):
             raise ModelInvalidError(f"{model_path}: output '{o.name}' has shape {odims}, expected [N, {k}]")
-    used = tuple(session.get_providers())
-    return LoadedModel(name, version, vdir, manifest, digest, session, inp.name, used)
+    name: str = inp.name
+    return name
