@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from app.deps import ServiceDep
 from app.engine import ModelRuntime
-from app.errors import APIError
+from app.errors import model_not_found
 from app.manifest import MANIFEST_FILE, Manifest
 from app.model_store import ModelStoreError, find_version, list_models, list_versions, read_manifest
 from app.schemas import ManifestSummary, ModelDetail, ModelList, ModelSummary, error_responses
@@ -37,7 +37,7 @@ async def model_detail(svc: ServiceDep, name: str) -> ModelDetail:
     rt = _served(svc)
     served = rt is not None and rt.name == name
     if not summary.versions and not served:
-        raise APIError(404, f"model '{name}' not found")
+        raise model_not_found(name)
     manifest: ManifestSummary | None = None
     error: str | None = None
     provider: str | None = None

@@ -28,6 +28,12 @@ class APIError(Exception):
         return APIError(self.status_code, f"{where}: {self.detail}", self.headers)
 
 
+def model_not_found(name: str) -> APIError:
+    """404 for a model name that a route does not know (GET /models/{name}, POST /explain?model=,
+    the /v2/models/{name} routes)."""
+    return APIError(404, f"model '{name}' not found")
+
+
 def location(error: ValidationErrorDetails, prefix: tuple[str, ...] = ()) -> str:
     """Where a pydantic error is: its `loc` after `prefix`, dotted ("inputs.0.shape"); "(root)" for
     the validated object itself."""

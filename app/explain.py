@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query, Request
 from app.classify import classify_upload
 from app.deps import ServiceDep
 from app.engine import ModelRuntime
-from app.errors import APIError
+from app.errors import model_not_found
 from app.images import DecodedImage
 from app.model_store import ModelNotFoundError
 from app.schemas import Classification, ClassProbability, Explanation, ModelInput, error_responses
@@ -55,7 +55,7 @@ async def _runtime(svc: Service, name: str | None) -> ModelRuntime:
     try:
         return await svc.runtime_for(name)
     except ModelNotFoundError:
-        raise APIError(404, f"model '{name}' not found") from None
+        raise model_not_found(str(name)) from None  # name is not None: the served model is never "not found"
 
 
 def explanation(rt: ModelRuntime, v: Verdicts, result: Classification, img: DecodedImage) -> Explanation:

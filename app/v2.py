@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from app.deps import ServiceDep, request_id_of
 from app.engine import ModelRuntime
-from app.errors import APIError, validation_message
+from app.errors import APIError, model_not_found, validation_message
 from app.model_store import list_versions
 from app.schemas import (
     V2InferRequest,
@@ -54,9 +54,9 @@ def _model(svc: Service, name: str) -> ModelRuntime:
     except NotReadyError as exc:
         if name == svc.settings.model_name:
             raise APIError(503, str(exc), {"Retry-After": "5"}) from None
-        raise APIError(404, f"model '{name}' not found") from None
+        raise model_not_found(name) from None
     if rt.name != name:
-        raise APIError(404, f"model '{name}' not found")
+        raise model_not_found(name)
     return rt
 
 
@@ -137,25 +137,12 @@ def _tensor(req: V2InferRequest, rt: ModelRuntime, max_n: int) -> np.ndarray:
     },
 )
 async def infer(request: Request, svc: ServiceDep, name: str) -> V2InferResponse:
-    rt = _model(svc, name)
+    rt, rid = _model(svc, name), request_id_of(request)
     with rt.ticket() as ticket:  # admitted now: a reload while the body is read still runs it on rt
-        body = await read_body(request, svc.settings.max_batch_upload_bytes)
-        try:
-            payload: Any = json.loads(body)
-            req = V2InferRequest.model_validate(payload)
-        except RecursionError:  # json.loads of arrays/objects nested thousands deep
-            raise APIError(400, "invalid inference request: JSON nested too deeply") from None
-        except ValueError as exc:
-            if isinstance(exc, ValidationError):  # the first error
-                raise APIError(400, f"invalid inference request: {validation_message(exc.errors()[:1])}") from None
-            raise APIError(400, "invalid inference request: body is not valid JSON") from None
-        wanted = [o.name for o in req.outputs] if req.outputs else list(DEFAULT_OUTPUTS)
-        unknown = [o for o in wanted if o not in ALL_OUTPUTS]
-        if unknown:
-            raise APIError(400, f"unknown output(s) {unknown}; available: {sorted(ALL_OUTPUTS)}")
+        req = _infer_request(await read_body(request, svc.settings.max_batch_upload_bytes))
+        wanted = _outputs(req)
         x = _tensor(req, rt, svc.settings.max_batch_files)
-        v = await svc.classify(rt, x, ticket, request_id_of(request), originals=lambda i: (_npy(x[i]), ".npy"),
-                               batch=True)
+        v = await svc.classify(rt, x, ticket, rid, originals=lambda i: (_npy(x[i]), ".npy"), batch=True)
     cols: dict[str, list[Any]] = {
         "label": v.labels.tolist(),
         "angle_deg": v.angles_deg.tolist(),
@@ -167,9 +154,30 @@ async def infer(request: Request, svc: ServiceDep, name: str) -> V2InferResponse
     return V2InferResponse(
         model_name=rt.name,
         model_version=rt.version,
-        id=req.id or request_id_of(request),
+        id=req.id or rid,
         outputs=[V2Tensor(name=o, datatype=ALL_OUTPUTS[o], shape=[n], data=cols[o]) for o in wanted],
     )
+
+
+def _infer_request(body: bytes) -> V2InferRequest:
+    try:
+        payload: Any = json.loads(body)
+        return V2InferRequest.model_validate(payload)
+    except RecursionError:  # json.loads of arrays/objects nested thousands deep
+        raise APIError(400, "invalid inference request: JSON nested too deeply") from None
+    except ValidationError as exc:  # the first error
+        raise APIError(400, f"invalid inference request: {validation_message(exc.errors()[:1])}") from None
+    except ValueError:
+        raise APIError(400, "invalid inference request: body is not valid JSON") from None
+
+
+def _outputs(req: V2InferRequest) -> list[str]:
+    """The outputs asked for (`outputs`), else DEFAULT_OUTPUTS."""
+    wanted = [o.name for o in req.outputs] if req.outputs else list(DEFAULT_OUTPUTS)
+    unknown = [o for o in wanted if o not in ALL_OUTPUTS]
+    if unknown:
+        raise APIError(400, f"unknown output(s) {unknown}; available: {sorted(ALL_OUTPUTS)}")
+    return wanted
 
 
 def _npy(row: np.ndarray) -> bytes:
