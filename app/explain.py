@@ -1,12 +1,12 @@
 """POST /explain: what /classify answers, plus what a person needs to see why (the page, GET /).
 
 The same way through the service as /classify (app/classify.py `classify_upload`): the upload is
-read and decoded, the runtime's micro-batcher runs it through ONNX Runtime and app/verdict.py's
-rule, and the verdict goes to the metrics and the quarantine. The answer adds the image as the model received it
-(after the service's own decoding and resizing), the three most probable classes, and the
-label's angle statistics and rho (threshold_deg = rho * (angle_mean_deg + angle_std_deg)).
-`?model=NAME` classifies with another model of the store, its latest version
-(app/other_models.py): the page's model picker.
+read and decoded, and `Service.classify` runs it through the runtime's micro-batcher (ONNX
+Runtime, app/verdict.py's rule) and records the verdict in the metrics and the quarantine. The
+answer adds the image as the model received it (after the service's own decoding and resizing),
+the three most probable classes, and the label's angle statistics and rho
+(threshold_deg = rho * (angle_mean_deg + angle_std_deg)). `?model=NAME` classifies with another
+model of the store, its latest version (app/other_models.py): the page's model picker.
 """
 
 from __future__ import annotations

@@ -3,10 +3,13 @@ the one way it classifies.
 
 `classify` is what every route that classifies awaits (/classify, /classify/batch, /explain, /v2
 infer): the runtime's verdicts, counted in the metrics, each rejected input kept in the
-quarantine. `load` (startup) and `reload` (admin) build a new ModelRuntime completely (verify,
-session, warm-up) before swapping one reference; requests that already hold the
-old runtime finish on it, then the old batcher is drained and closed. The page's
-POST /explain may also classify with the store's other models (app/other_models.py).
+quarantine; no route calls `ModelRuntime.classify` itself. `classifications` maps verdicts to
+the response model.
+
+`load` (startup) and `reload` (admin) build a new ModelRuntime completely (verify, session,
+warm-up) before swapping one reference; requests that already hold the old runtime finish on
+it, then the old batcher is drained and closed. The page's POST /explain may also classify
+with the store's other models (app/other_models.py).
 """
 
 from __future__ import annotations
