@@ -1,6 +1,7 @@
 """The shape of app/: every module imports in a fresh interpreter without torch, training/ or the
-ONNX package (the serving image holds none of them), the import graph of app/ has no circle, and
-no function is longer than 60 lines unless it says it is a flat list."""
+ONNX package (the serving image holds none of them); the import graph of app/ has no circle; no
+function is longer than 60 lines unless it says it is a flat list; routes classify through
+`Service.classify` only."""
 
 from __future__ import annotations
 
@@ -84,3 +85,16 @@ def test_no_function_longer_than_60_lines_unless_a_flat_list() -> None:
                                                                                           node.end_lineno]):
                     long.append(f"app/{m}.py:{node.lineno} {node.name} ({n} lines)")
     assert long == []
+
+
+def test_routes_classify_through_the_service_only() -> None:
+    """`Service.classify` counts and quarantines; a route awaiting `ModelRuntime.classify` (rt.classify)
+    itself would skip both."""
+    calls = [
+        f"app/{m}.py:{node.lineno} {ast.unparse(node.func)}"
+        for m in MODULES if m not in ("service", "engine")
+        for node in ast.walk(_tree(m))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "classify"
+        and not (isinstance(node.func.value, ast.Name) and node.func.value.id == "svc")
+    ]
+    assert calls == []
