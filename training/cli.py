@@ -25,7 +25,8 @@ EXIT_OVERFITTING = 4
 
 
 @app.command()
-def train(
+def train(  # a flat list: one parameter per option, then one call
+
     out: Annotated[Path, typer.Option(help="run directory (checkpoints last/ and final/, summary.json)")] = Path(
         "runs/default"),
     dataset: Annotated[str, typer.Option(help="fashion-mnist, mnist or cifar10")] = "fashion-mnist",

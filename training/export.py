@@ -98,12 +98,10 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
                    pgd_steps: int = 20, pgd_restarts: int = 1, n_test: int = 0, n_attack: int = 2000,
                    data_dir: str | None = None, command: str = "", seed: int = 0,
                    evaluation: str | os.PathLike[str] | None = None) -> Path:
-    """Export `checkpoint` as store/name/version and return that directory.
-
-    With `evaluation` (a report.json of `python -m training evaluate` on an export of this
-    same checkpoint, e.g. into a staging store), the manifest's pgd_* and worst-case figures
-    come from that report, and export runs no attack of its own; the report must have been
-    made on a byte-identical model.onnx (export is deterministic) at the same eps and rho."""
+    """Export `checkpoint` as store/name/version and return that directory. With `evaluation` (a
+    report.json of `evaluate` on a byte-identical export of this checkpoint at the same eps and
+    rho, e.g. in a staging store; export is deterministic) the manifest's pgd_* and worst-case
+    figures come from that report, and export runs no attack of its own."""
     version = version or default_version()
     target = Path(store) / name / version
     if target.exists():
@@ -117,75 +115,90 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
 
     train, val, test = export_splits(dataset, data_dir or tc.get("data_dir"), int(tc.get("n_val", 5000)),
                                      int(tc.get("limit_train", 0)), n_test)
-    stats = ckpt.angle_stats
-    assert stats is not None  # exportable() refuses a checkpoint without
-    mean, std = stats.mean_deg, stats.std_deg
+    assert ckpt.angle_stats is not None  # exportable() refuses a checkpoint without
+    mean, std = ckpt.angle_stats.mean_deg, ckpt.angle_stats.std_deg
 
     Path(store, name).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=Path(store, name)))
     try:
-        onnx_path = tmp / MODEL_FILE
-        export_onnx(model, onnx_path)
-        onnx_model = OnnxModel(onnx_path)
-        diff = parity(model, onnx_model, test.images[:512])
-        if diff > PARITY_ATOL:
-            raise ExportError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {PARITY_ATOL})")
-        log.info("ONNX parity with PyTorch: max abs diff %.2e", diff)
-        sha = sha256_file(onnx_path)
-        if report is not None and report.model.sha256 != sha:
-            raise ExportError(f"--evaluation {evaluation} was made on a model.onnx with sha256 "
-                              f"{report.model.sha256[:12]}..., this export's is {sha[:12]}...: evaluate an export "
-                              "of this same checkpoint (e.g. into a staging store) and pass that report")
-
+        onnx_model, sha = _export_checked(model, tmp / MODEL_FILE, test.images[:512])
         calibration = calibrate_on_validation(onnx_model, val.images, mean, std, target_reject_rate)
         rho = calibration.rho
-        if report is not None and not math.isclose(report.rho, rho, rel_tol=1e-9):
-            raise ExportError(f"--evaluation {evaluation} judged verdicts at rho {report.rho}, this export "
-                              f"calibrates {rho}: export with the options the evaluated version was exported with")
-
-        y = test.labels.numpy()
+        if report is not None:
+            _check_report_target(report, evaluation, sha, rho)
         t_logits, t_cos = onnx_model(test.images)
+        y = test.labels.numpy()
         clean = Rates.of_verdicts(geodesic_verdict(t_logits, t_cos, mean, std, rho), y)
-        clean1 = Rates.of_verdicts(geodesic_verdict(t_logits, t_cos, mean, std, 1.0), y)
         pgd = (pgd_from_report(report) if report is not None else
                pgd_at_export(model, onnx_model, test.images, y, eps, mean, std, rho, pgd_steps, pgd_restarts, n_attack))
-
         cfg = model.config
-        histogram = training_histogram(onnx_model, train, cfg.num_classes)
         manifest = Manifest(
             name=name, version=version, created_at=datetime.now(UTC), sha256=sha,
             class_names=list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)],
             input=InputSpec(shape=cfg.input_shape), angle_mean_deg=list(mean), angle_std_deg=list(std), rho=rho,
             calibration=calibration.record,
-            metrics=ManifestMetrics(
-                n_test=len(test), clean_accuracy=clean.accuracy, clean_reject_rate=clean.reject_rate,
-                accepted_accuracy=clean.accepted_accuracy or 0.0, pgd_robust_accuracy=pgd.robust_accuracy,
-                pgd_reject_rate=pgd.reject_rate, pgd_defended_rate=pgd.defended_rate, pgd_attack=pgd.attack,
-                paper_rho1=OperatingPoint(rho=1.0, clean_reject_rate=clean1.reject_rate,
-                                          accepted_accuracy=clean1.accepted_accuracy or 0.0,
-                                          pgd_reject_rate=pgd.rho1_reject_rate,
-                                          pgd_defended_rate=pgd.rho1_defended_rate),
-                **(worst_case_from_report(report) if report is not None else {}),
-            ),
+            metrics=_metrics(len(test), clean, Rates.of_verdicts(geodesic_verdict(t_logits, t_cos, mean, std, 1.0), y),
+                             pgd, report),
             training=TrainingInfo(model_config_=cfg.to_dict(), training_config=_jsonable(tc),
                                   command=ckpt.command or command, dataset=dataset, git_commit=ckpt.git_commit),
-            angle_histogram=histogram,
+            angle_histogram=training_histogram(onnx_model, train, cfg.num_classes),
         )
         if report is not None and (differ := report_mismatches(manifest.metrics, report)):
             raise ExportError(f"--evaluation {evaluation}: the manifest would not carry the report's figures: "
                               + "; ".join(differ))
-        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2, by_alias=True) + "\n")
-        os.chmod(tmp, 0o755)
-        try:
-            tmp.rename(target)  # atomic on one filesystem; fails if target appeared meanwhile
-        except OSError:
-            raise FileExistsError(f"{target} already exists; model-store versions are never overwritten") from None
+        _publish(tmp, target, manifest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s: clean accuracy %.4f, reject %.4f at rho %.3f; PGD robust %.4f, defended %.4f",
              target, clean.accuracy, clean.reject_rate, rho, pgd.robust_accuracy, pgd.defended_rate)
     return target
+
+
+def _export_checked(model: ConvNet, path: Path, x: Tensor) -> tuple[OnnxModel, str]:
+    """model.onnx written and checked against PyTorch on x: (ONNX Runtime on it, its sha256)."""
+    export_onnx(model, path)
+    onnx_model = OnnxModel(path)
+    diff = parity(model, onnx_model, x)
+    if diff > PARITY_ATOL:
+        raise ExportError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {PARITY_ATOL})")
+    log.info("ONNX parity with PyTorch: max abs diff %.2e", diff)
+    return onnx_model, sha256_file(path)
+
+
+def _check_report_target(report: Report, evaluation: str | os.PathLike[str] | None, sha: str, rho: float) -> None:
+    """The report must judge this very export: the same model.onnx bytes and the same rho."""
+    if report.model.sha256 != sha:
+        raise ExportError(f"--evaluation {evaluation} was made on a model.onnx with sha256 "
+                          f"{report.model.sha256[:12]}..., this export's is {sha[:12]}...: evaluate an export "
+                          "of this same checkpoint (e.g. into a staging store) and pass that report")
+    if not math.isclose(report.rho, rho, rel_tol=1e-9):
+        raise ExportError(f"--evaluation {evaluation} judged verdicts at rho {report.rho}, this export "
+                          f"calibrates {rho}: export with the options the evaluated version was exported with")
+
+
+def _metrics(n_test: int, clean: Rates, clean1: Rates, pgd: PgdFigures, report: Report | None) -> ManifestMetrics:
+    """The manifest's figures: clean ones measured at export, the attack ones from the report
+    (or from export's own PGD), at rho and at the paper's rho = 1."""
+    return ManifestMetrics(
+        n_test=n_test, clean_accuracy=clean.accuracy, clean_reject_rate=clean.reject_rate,
+        accepted_accuracy=clean.accepted_accuracy or 0.0, pgd_robust_accuracy=pgd.robust_accuracy,
+        pgd_reject_rate=pgd.reject_rate, pgd_defended_rate=pgd.defended_rate, pgd_attack=pgd.attack,
+        paper_rho1=OperatingPoint(rho=1.0, clean_reject_rate=clean1.reject_rate,
+                                  accepted_accuracy=clean1.accepted_accuracy or 0.0,
+                                  pgd_reject_rate=pgd.rho1_reject_rate, pgd_defended_rate=pgd.rho1_defended_rate),
+        **(worst_case_from_report(report) if report is not None else {}),
+    )
+
+
+def _publish(tmp: Path, target: Path, manifest: Manifest) -> None:
+    """The manifest beside model.onnx, then the whole folder renamed into place at once."""
+    (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2, by_alias=True) + "\n")
+    os.chmod(tmp, 0o755)
+    try:
+        tmp.rename(target)  # atomic on one filesystem; fails if target appeared meanwhile
+    except OSError:
+        raise FileExistsError(f"{target} already exists; model-store versions are never overwritten") from None
 
 
 def exportable(checkpoint: str | os.PathLike[str]) -> tuple[ConvNet, Checkpoint]:

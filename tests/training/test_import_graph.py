@@ -63,3 +63,19 @@ def test_every_module_imports_in_a_fresh_interpreter() -> None:
     code = "import importlib\nfor m in %r:\n    importlib.import_module(m)\nprint('ok')" % names
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_no_function_in_training_is_over_60_lines_unless_a_flat_list() -> None:
+    """Long functions are split by job; a flat list (one parameter per CLI option) says so in a
+    comment on its `def` line."""
+    import ast
+
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > 60 and "a flat list" not in lines[node.lineno - 1]:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long

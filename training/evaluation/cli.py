@@ -17,7 +17,8 @@ def _eps_list(text: str, option: str) -> tuple[float, ...]:
 
 
 @app.command()
-def evaluate(
+def evaluate(  # a flat list: one parameter per option, then one call
+
     version_dir: Annotated[Path | None, typer.Argument(help="model-store version dir (or --name/--version)")] = None,
     store: Annotated[Path, typer.Option(help="model store root")] = Path("model_store"),
     name: Annotated[str | None, typer.Option(help="model name in the store")] = None,

@@ -49,6 +49,21 @@ MODELS = {
 }
 
 
+def _scatter(ax, feats: np.ndarray, f_clean: np.ndarray, y: torch.Tensor, w: np.ndarray,  # type: ignore[no-untyped-def]
+             class_names: tuple[str, ...], cmap) -> None:
+    """One panel: the 2-D features per true class, and each class weight's direction."""
+    for k in range(len(class_names)):
+        m = (y == k).numpy()
+        ax.scatter(feats[m, 0], feats[m, 1], s=4, color=cmap(k), alpha=0.6, label=class_names[k])
+    r = float(np.percentile(np.linalg.norm(f_clean, axis=1), 95)) or 1.0
+    for k, wk in enumerate(w):
+        d = wk / (np.linalg.norm(wk) + 1e-12) * r
+        ax.plot([0, d[0]], [0, d[1]], color=cmap(k), lw=2)
+    ax.axhline(0, color="gray", lw=0.3)
+    ax.axvline(0, color="gray", lw=0.3)
+    ax.set_aspect("equal", adjustable="datalim")
+
+
 def make_figure2(cfg: Figure2Config, out: str | Path, progress: Callable[[str], None] | None = None) -> Path:
     import matplotlib
 
@@ -88,20 +103,9 @@ def make_figure2(cfg: Figure2Config, out: str | Path, progress: Callable[[str], 
         summary["models"][title] = {"clean_accuracy": acc, "pgd_accuracy": adv_acc, "learned": learned,  # type: ignore[index]
                                     "val_accuracy": ckpt.metrics.get("val_accuracy")}
         for col, (feats, lab) in enumerate(((f_clean, "clean"), (f_adv, f"PGD-{cfg.pgd_steps}, eps {cfg.eps:g}"))):
-            ax = axes[row, col]
-            for k in range(len(test.class_names)):
-                m = (y == k).numpy()
-                ax.scatter(feats[m, 0], feats[m, 1], s=4, color=cmap(k), alpha=0.6, label=test.class_names[k])
-            r = float(np.percentile(np.linalg.norm(f_clean, axis=1), 95)) or 1.0
-            for k, wk in enumerate(w):
-                d = wk / (np.linalg.norm(wk) + 1e-12) * r
-                ax.plot([0, d[0]], [0, d[1]], color=cmap(k), lw=2)
-            ax.axhline(0, color="gray", lw=0.3)
-            ax.axvline(0, color="gray", lw=0.3)
-            acc_here = acc if col == 0 else adv_acc
-            ax.set_title(f"{title}\n{lab}: accuracy {acc_here:.2f}" + ("" if learned else " (did not learn)"),
-                         fontsize=9)
-            ax.set_aspect("equal", adjustable="datalim")
+            _scatter(axes[row, col], feats, f_clean, y, w, test.class_names, cmap)
+            note = "" if learned else " (did not learn)"
+            axes[row, col].set_title(f"{title}\n{lab}: accuracy {acc if col == 0 else adv_acc:.2f}{note}", fontsize=9)
     axes[0, 0].legend(fontsize=6, markerscale=3, loc="best")
     fig.suptitle("2-D features per true class (lines: class weight directions W_j)")
     fig.tight_layout()
