@@ -196,9 +196,14 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted: Path, tmp_path: Pat
 
 def test_resume_needs_no_init_checkpoint(tmp_path: Path) -> None:
     """A resumed run's weights come from last/: the warm start it began from may be gone."""
-    small_run(tmp_path, stop_after=4)
-    small_run(tmp_path, resume=True, init_from=str(tmp_path / "gone"), stop_after=6)
-    assert load_checkpoint(tmp_path / "last")[1].iteration == 6
+    from training.distributed import weights_digest
+
+    small_run(tmp_path / "a", stop_after=4)
+    small_run(tmp_path / "a", resume=True, init_from=str(tmp_path / "gone"), stop_after=6)
+    small_run(tmp_path / "b", stop_after=6)  # the same 6 iterations without the interruption
+    resumed, straight = load_checkpoint(tmp_path / "a" / "last"), load_checkpoint(tmp_path / "b" / "last")
+    assert resumed[1].iteration == straight[1].iteration == 6
+    assert weights_digest(resumed[0]) == weights_digest(straight[0])  # continued from last/, not from scratch
 
 
 def test_resume_refuses_other_options(uninterrupted: Path, tmp_path: Path) -> None:
