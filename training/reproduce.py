@@ -148,22 +148,22 @@ def evaluate_cell(run_final: Path, dataset: str, data_dir: str | None, protocol:
     x, y = test.images[:n].to(dev), test.labels[:n].to(dev)
     yn = y.cpu().numpy()
 
-    def judge(xs: torch.Tensor) -> dict[str, float]:
+    def rates_on(xs: torch.Tensor) -> dict[str, float]:
         logits, cos = (t.double().cpu().numpy() for t in predict(model, xs))
         r = Rates.of_verdicts(geodesic_verdict(logits, cos, mean, std, rho), yn)
         return {"accuracy": r.accuracy, "reject_rate": r.reject_rate, "defended_rate": r.defended_rate}
 
     step = protocol.eval_pgd_step_size or 2.5 * eps / protocol.eval_pgd_steps
     out: dict[str, Any] = {"rho": rho, "n_eval": n, "eps": eps}
-    out["clean"] = judge(x)
+    out["clean"] = rates_on(x)
     torch.manual_seed(seed)
     t0 = time.time()
     x_f = attack_dataset(model, FGSM(eps), x, y)
-    out["fgsm"] = judge(x_f)
+    out["fgsm"] = rates_on(x_f)
     x_p = attack_dataset(model, PGD(eps, steps=protocol.eval_pgd_steps, step_size=step), x, y)
     for name, xa in (("fgsm", x_f), ("pgd", x_p)):
         check_ball(xa, x, eps, name)
-    out["pgd"] = judge(x_p)
+    out["pgd"] = rates_on(x_p)
     out["attacks"] = {"fgsm": {"eps": eps, "step_size": eps},
                       "pgd": {"eps": eps, "steps": protocol.eval_pgd_steps, "step_size": step, "restarts": 1}}
     out["eval_seconds"] = round(time.time() - t0, 1)
