@@ -60,7 +60,7 @@ def test_the_import_graph_of_training_is_acyclic() -> None:
 
 def test_every_module_imports_in_a_fresh_interpreter() -> None:
     names = [m for m in _modules() if not m.endswith("__main__")]
-    code = "import importlib\nfor m in %r:\n    importlib.import_module(m)\nprint('ok')" % names
+    code = f"import importlib\nfor m in {names!r}:\n    importlib.import_module(m)\nprint('ok')"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
