@@ -21,10 +21,12 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
-MODEL ?= fashion-mnist-dsphere
+MODEL ?= fashion-mnist-baseline
 
 serve: install
-	# The latest version of MODEL in model_store/ (make serve MODEL=fashion-mnist-baseline for the baseline).
+	# The latest version of MODEL in model_store/: by default the model whose worst-case defended rate is highest
+	# (docs/results/model-comparison-3.0.0.md: the baseline CNN 2.0.0); make serve MODEL=fashion-mnist-dsphere for
+	# the D-SphereNet.
 	DSPHERE_MODEL_NAME=$(MODEL) $(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) \
 		--timeout-graceful-shutdown 20
 

@@ -45,3 +45,9 @@ def test_write_comparison_says_which_file_is_not_a_report(tmp_path: Path) -> Non
     with pytest.raises(FileNotFoundError):
         write_comparison([tmp_path / "missing.json"], tmp_path / "out.md")
     assert write_comparison(REPORTS, tmp_path / "out.md").read_text().startswith("# Models side by side")
+
+
+def test_an_attack_several_reports_share_is_one_row() -> None:
+    reports = [_load(REPORTS[0]), _load(REPORTS[1]), _load(REPORTS[1])]
+    md = render_comparison(reports)
+    assert sum(line.startswith("| adaptive: defended |") for line in md.splitlines()) == 1

@@ -44,8 +44,7 @@ def _rows(reports: list[Report]) -> list[tuple[str, Cell]]:
         ("clean reject rate", lambda r: _pct(r.clean_reject_rate)),
         ("accuracy on accepted clean inputs", lambda r: _pct(r.clean_accepted_accuracy)),
     ]
-    names = [a.name for a in reports[0].attacks if a.kind != "transfer"]
-    names += [n for r in reports[1:] for n in (a.name for a in r.attacks if a.kind != "transfer") if n not in names]
+    names = list(dict.fromkeys(a.name for r in reports for a in r.attacks if a.kind != "transfer"))
     for name in names + _transfer_names(reports):
         rows.append((f"{name}: robust accuracy", _attack(name, "robust_accuracy")))
         rows.append((f"{name}: defended", _attack(name, "defended_rate")))
