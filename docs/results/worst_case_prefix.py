@@ -5,10 +5,12 @@ manifest's rule). Puts two models evaluated on different n side by side on the s
     .venv/bin/python docs/results/worst_case_prefix.py model_store/fashion-mnist-dsphere/3.0.0 \\
         docs/results/fashion-mnist-dsphere-3.0.0 300
 """
-import sys, json
+import json
+import sys
 from pathlib import Path
-import numpy as np
+
 from safetensors.torch import load_file
+
 from app.verdict import geodesic_verdict
 from training.data import load_dataset
 from training.judging import OnnxModel
