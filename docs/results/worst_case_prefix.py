@@ -30,5 +30,7 @@ files = sorted(p for p in (out / ".cache").glob("*.safetensors") if not p.name.s
 for p in files:
     x = load_file(str(p))["x_adv"][:n]
     cc, aa = verdict(x)
-    wrong |= ~cc; broken |= aa & ~cc
-print(f"first {n}: {len(files)} cached attack runs: worst case robust {100*(1-wrong.mean()):.1f} %, defended {100*(1-broken.mean()):.1f} %")
+    wrong |= ~cc
+    broken |= aa & ~cc
+print(f"first {n}: {len(files)} cached attack runs: worst case robust {100 * (1 - wrong.mean()):.1f} %, "
+      f"defended {100 * (1 - broken.mean()):.1f} %")
