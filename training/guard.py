@@ -105,19 +105,18 @@ class OverfittingGuard:
         self.history.append(point)
         return point
 
-    def _measure_rule(self, model: nn.Module, iteration: int, epoch: int, rule: RuleData) -> GuardPoint:
-        from app.verdict import geodesic_verdict
+    def _measure_rule(self, model: nn.Module, iteration: int, epoch: int, data: RuleData) -> GuardPoint:
         from training.angle_stats import compute_angle_stats
         from training.judging import Rates, calibrate
-        from training.rejection import rule_objective
+        from training.rejection import Rule, rule_objective
 
         k = int(getattr(getattr(model, "config", None), "num_classes", 10))
-        stats = compute_angle_stats(model, rule.x_stats, rule.y_stats, k)
-        logits, cos = predict(model, rule.x_calib)
+        stats = compute_angle_stats(model, data.x_stats, data.y_stats, k)
+        logits, cos = predict(model, data.x_calib)
         rho = calibrate(logits.double().cpu().numpy(), cos.double().cpu().numpy(), stats.mean_deg, stats.std_deg,
                         self.cfg.target_reject_rate).rho
-        thresholds = torch.tensor([rho * (m + s) for m, s in zip(stats.mean_deg, stats.std_deg, strict=True)])
-        cos_thr = torch.cos(torch.deg2rad(thresholds.clamp(max=180.0))).to(self.x.device)
+        served = Rule(stats.mean_deg, stats.std_deg, float(rho))
+        cos_thr = served.cos_thresholds(self.x.device)
         kappa = self.cfg.kappa
 
         def loss(lg: Tensor, cs: Tensor | None, y: Tensor) -> Tensor:
@@ -129,12 +128,8 @@ class OverfittingGuard:
             torch.manual_seed(self.cfg.seed)
             x_adv = attack_dataset(model, attack, self.x, self.y)
 
-        def verdict(x: Tensor):  # type: ignore[no-untyped-def]
-            lg, cs = predict(model, x)
-            return geodesic_verdict(lg.cpu().numpy(), cs.cpu().numpy(), stats.mean_deg, stats.std_deg, rho)
-
         y = self.y.cpu().numpy()
-        adv, clean = Rates.of_verdicts(verdict(x_adv), y), Rates.of_verdicts(verdict(self.x), y)
+        adv, clean = (Rates.of_verdicts(served.verdicts(*predict(model, x)), y) for x in (x_adv, self.x))
         return GuardPoint(iteration, epoch, adv.accuracy, clean.accuracy, defended_rate=adv.defended_rate,
                           clean_reject_rate=clean.reject_rate, rho=float(rho))
 

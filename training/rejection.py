@@ -30,10 +30,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.verdict import Verdicts, geodesic_verdict
 from training.attacks import eval_mode, logits_of, project
 from training.models import ConvNet
 from training.objectives import ObjectiveConfig, head_loss
@@ -144,18 +146,46 @@ def rejection_loss(model: ConvNet, net: nn.Module, x: Tensor, y: Tensor, eps: fl
     return loss, logits[n_clean: n_clean + n]
 
 
-def rule_objective(logits: Tensor, cosines: Tensor, y: Tensor, cos_thresholds: Tensor,
-                   kappa: float = 10.0, target: Tensor | None = None) -> Tensor:
-    """The attacker's objective against the served rule, (N,): over wrong classes k (or the
-    given `target` class per row), max of min(logit margin of k, κ·(cos θ_k − cos τ_k)),
-    τ_k = ρ·(θ*_k + θσ_k) the served threshold. Positive iff the rule accepts a wrong label
-    (k the argmax and θ_k ≤ τ_k); the attacker maximizes it."""
+@dataclass(frozen=True)
+class Rule:
+    """The served rule as the attacker and the guard see it: per-class thresholds
+    τ_k = ρ (θ*_k + θσ_k) in degrees."""
+
+    angle_mean_deg: tuple[float, ...]
+    angle_std_deg: tuple[float, ...]
+    rho: float
+
+    def cos_thresholds(self, device: torch.device | None = None) -> Tensor:
+        tau = [min(180.0, self.rho * (m + s)) for m, s in zip(self.angle_mean_deg, self.angle_std_deg, strict=True)]
+        return torch.cos(torch.deg2rad(torch.tensor(tau, dtype=torch.float32))).to(device)
+
+    def verdicts(self, logits: Tensor, cosines: Tensor) -> Verdicts:
+        """app.verdict.geodesic_verdict (the service's rule) on PyTorch outputs."""
+        return geodesic_verdict(logits.detach().double().cpu().numpy(), cosines.detach().double().cpu().numpy(),
+                                self.angle_mean_deg, self.angle_std_deg, self.rho)
+
+    def broken(self, logits: Tensor, cosines: Tensor, y: Tensor) -> np.ndarray:
+        """Accepted with a wrong label."""
+        v = self.verdicts(logits, cosines)
+        return v.accepted & (v.labels != y.cpu().numpy())
+
+
+def rule_margins(logits: Tensor, cosines: Tensor, cos_thresholds: Tensor, kappa: float = 10.0) -> Tensor:
+    """(N, K): min(logit margin of k, κ·(cos θ_k − cos τ_k)) per class k, positive exactly when
+    the served rule answers k and accepts it."""
     k = logits.shape[1]
     eye = torch.eye(k, dtype=torch.bool, device=logits.device)
     others = logits.unsqueeze(1).masked_fill(eye.unsqueeze(0), float("-inf")).amax(2)  # (N, K): max_{j≠k}
-    margin = logits - others
     slack = kappa * (cosines - cos_thresholds.to(cosines.dtype).view(1, -1))
-    obj = torch.minimum(margin, slack)
+    return torch.minimum(logits - others, slack)
+
+
+def rule_objective(logits: Tensor, cosines: Tensor, y: Tensor, cos_thresholds: Tensor,
+                   kappa: float = 10.0, target: Tensor | None = None) -> Tensor:
+    """The attacker's objective against the served rule, (N,): the rule margin of the given
+    `target` class per row, or the largest over the wrong classes. Positive iff the rule accepts
+    a wrong label; the attacker maximizes it."""
+    obj = rule_margins(logits, cosines, cos_thresholds, kappa)
     if target is not None:
         return obj.gather(1, target.view(-1, 1)).squeeze(1)
-    return obj.masked_fill(F.one_hot(y, k).bool(), float("-inf")).amax(1)
+    return obj.masked_fill(F.one_hot(y, obj.shape[1]).bool(), float("-inf")).amax(1)

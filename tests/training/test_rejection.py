@@ -12,7 +12,7 @@ import torch
 from app.verdict import geodesic_verdict
 from support.fake_store import build_model, prototype
 from training.config import TrainConfig
-from training.evaluation.rule_attacks import Rule, RuleAttack, RuleScores, _FlooredTrueClass, distal_attack
+from training.evaluation.rule_attacks import RuleAttack, RuleScores, _FlooredTrueClass, distal_attack
 from training.guard import GuardConfig
 from training.judging import OnnxModel
 from training.models import ModelConfig
@@ -20,6 +20,7 @@ from training.models import build_model as build_net
 from training.outliers import HELD_OUT, KINDS, TRAINED, make_outliers, mixed_trained_outliers
 from training.rejection import (
     RejectionConfig,
+    Rule,
     correct_or_reject_loss,
     reject_loss,
     rule_logits,

@@ -52,12 +52,13 @@ from training.evaluation.detectors import (
 )
 from training.evaluation.foreign import distal_table, ood_table
 from training.evaluation.loading import OnnxLogits, WhiteBox, load_manifest, version_path, white_box_model
-from training.evaluation.rule_attacks import OrthogonalPGD, Rule, RuleAttack, RuleScores, RuleSquare
+from training.evaluation.rule_attacks import OrthogonalPGD, RuleAttack, RuleScores, RuleSquare
 from training.evaluation.sanity import eps_sweep, gradient_free_check, noise_check, pgd_budget_check, rule_checks
 from training.evaluation.schema import AttackResult, Detector, ModelRef, Report, RuleChecks, Sanity
 from training.evaluation.scoring import Judged, Outcome, judge, rate_fields, worst_case
 from training.judging import OnnxModel
 from training.models import ConvNet
+from training.rejection import Rule
 
 log = logging.getLogger("dsphere.evaluation")
 

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from app.verdict import geodesic_verdict
 from training.evaluation.attacks import check_ball
 from training.evaluation.config import EvalConfig
-from training.evaluation.rule_attacks import Rule, distal_attack
+from training.evaluation.rule_attacks import distal_attack
 from training.evaluation.schema import DistalResult, OodResult
 from training.judging import OnnxModel
 from training.outliers import KINDS, TRAINED, make_outliers
+from training.rejection import Rule
 
 
 def _accepted(onnx_model: OnnxModel, x: Tensor, rule: Rule) -> np.ndarray:

@@ -27,29 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from app.verdict import geodesic_verdict
 from training.attacks import eval_mode, logits_of, project
 from training.judging import OnnxModel
-from training.rejection import rule_objective
-
-
-@dataclass(frozen=True)
-class Rule:
-    """The served rule: per-class thresholds τ_k = ρ (θ*_k + θσ_k) in degrees."""
-
-    angle_mean_deg: tuple[float, ...]
-    angle_std_deg: tuple[float, ...]
-    rho: float
-
-    def cos_thresholds(self, device: torch.device | None = None) -> Tensor:
-        tau = [min(180.0, self.rho * (m + s)) for m, s in zip(self.angle_mean_deg, self.angle_std_deg, strict=True)]
-        return torch.cos(torch.deg2rad(torch.tensor(tau, dtype=torch.float32))).to(device)
-
-    def broken(self, logits: Tensor, cosines: Tensor, y: Tensor) -> np.ndarray:
-        """Accepted with a wrong label, by app.verdict.geodesic_verdict (the service's rule)."""
-        v = geodesic_verdict(logits.detach().double().cpu().numpy(), cosines.detach().double().cpu().numpy(),
-                             self.angle_mean_deg, self.angle_std_deg, self.rho)
-        return v.accepted & (v.labels != y.cpu().numpy())
+from training.rejection import Rule, rule_margins, rule_objective
 
 
 def _cosine_hinge(logits: Tensor, cosines: Tensor, t: Tensor, c: float = 10.0, margin: float = 0.5) -> Tensor:
@@ -216,16 +196,12 @@ class RuleScores(nn.Module):
         super().__init__()
         self.onnx_model, self.rule, self.num_classes, self.kappa = onnx_model, rule, num_classes, kappa
         self._dummy = nn.Parameter(torch.zeros(()), requires_grad=False)  # ART wants parameters
-        self.lookup: dict[bytes, int] = {}
+        self.cos_thr = rule.cos_thresholds()
 
     def forward(self, x: Tensor) -> Tensor:
         logits, cosines = self.onnx_model(x.detach().cpu())
-        lg, cs = torch.from_numpy(logits).float(), torch.from_numpy(cosines).float()
-        k = lg.shape[1]
-        eye = torch.eye(k, dtype=torch.bool)
-        others = lg.unsqueeze(1).masked_fill(eye.unsqueeze(0), float("-inf")).amax(2)
-        s = torch.minimum(lg - others, self.kappa * (cs - self.rule.cos_thresholds().view(1, -1)))
-        return s
+        return rule_margins(torch.from_numpy(logits).float(), torch.from_numpy(cosines).float(), self.cos_thr,
+                            self.kappa)
 
 
 @dataclass(frozen=True)
@@ -302,14 +278,9 @@ def distal_attack(model: nn.Module, x: Tensor, eps: float, rule: Rule, steps: in
             x_cur = x_cur.detach().requires_grad_(True)
             logits, cosines = logits_of(model, x_cur)
             assert cosines is not None
-            k = logits.shape[1]
-            eye = torch.eye(k, dtype=torch.bool, device=x.device)
-            others = logits.unsqueeze(1).masked_fill(eye.unsqueeze(0), float("-inf")).amax(2)
-            obj = torch.minimum(logits - others, kappa * (cosines - cos_thr.view(1, -1))).amax(1)
+            obj = rule_margins(logits, cosines, cos_thr, kappa).amax(1)
             with torch.no_grad():
-                v = geodesic_verdict(logits.detach().double().cpu().numpy(), cosines.detach().double().cpu().numpy(),
-                                     rule.angle_mean_deg, rule.angle_std_deg, rule.rho)
-                ok = torch.from_numpy(v.accepted).to(x.device) & ~accepted
+                ok = torch.from_numpy(rule.verdicts(logits, cosines).accepted).to(x.device) & ~accepted
                 best[ok] = x_cur.detach()[ok]
                 accepted |= ok
             if it == steps or bool(accepted.all()):

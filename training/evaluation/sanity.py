@@ -123,7 +123,8 @@ def eps_sweep(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, mean:
 
 def _rule_defended(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, eps: float, mean: list[float],
                    std: list[float], rho: float, cfg: EvalConfig) -> float:
-    from training.evaluation.rule_attacks import Rule, RuleAttack
+    from training.evaluation.rule_attacks import RuleAttack
+    from training.rejection import Rule
 
     torch.manual_seed(cfg.seed)
     attack = RuleAttack(eps, Rule(tuple(mean), tuple(std), rho), cfg.sweep_steps, 1, cfg.rule_kappa, ("margin",))
