@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
 from app.manifest import OUTPUT_NAMES
-from app.verdict import Verdicts, calibrate_rho_on
+from app.verdict import Verdicts, calibrate_rho_on, geodesic_verdict
 
 # ONNX Runtime and PyTorch must agree this closely on logits and cosines (export refuses a graph
 # that does not; evaluation refuses a checkpoint that does not belong to the version).
@@ -86,8 +86,6 @@ class Calibrated:
 def calibrate(logits: np.ndarray, cosines: np.ndarray, mean: Any, std: Any, target_reject_rate: float) -> Calibrated:
     """ρ such that the verdict rejects at most `target_reject_rate` of these (clean,
     validation) outputs, exactly as the service computes verdicts (app.verdict)."""
-    from app.verdict import geodesic_verdict
-
     rho = calibrate_rho_on(logits, cosines, mean, std, target_reject_rate)
     at = float((~geodesic_verdict(logits, cosines, mean, std, rho).accepted).mean())
     at1 = float((~geodesic_verdict(logits, cosines, mean, std, 1.0).accepted).mean())

@@ -121,7 +121,7 @@ def rejection_loss(model: ConvNet, net: nn.Module, x: Tensor, y: Tensor, eps: fl
     n_clean = max(1, int(round(cfg.clean_fraction * len(x))))
     xc, yc = x[:n_clean], y[:n_clean]
     n_out = int(round(cfg.outlier_fraction * len(x)))
-    outliers = mixed_trained_outliers(x[:n_out] if n_out <= len(x) else x.repeat(2, 1, 1, 1)[:n_out], None)
+    outliers = mixed_trained_outliers(x.repeat(-(-n_out // len(x)), 1, 1, 1)[:n_out], None)  # ceil: enough rows
     if eps > 0:
         x_adv, o_adv = rejection_attack(model, x, y, outliers, eps, cfg)
     else:  # the natural phase: no attack, adversarial rows trained as clean ones

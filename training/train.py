@@ -354,7 +354,7 @@ def _finish(run: Run, reason: str | None) -> tuple[ConvNet, Checkpoint]:
             dist.barrier()
             return run.model, run.ckpt
     cfg, ckpt = run.cfg, run.ckpt
-    val_acc = _seal(run, run.model, ckpt)
+    val_acc = seal(run.model, ckpt, run.cfg, run.train_ds, run.val_ds, run.device)
     ckpt.metrics = {**_progress_metrics(run), "val_accuracy": val_acc, "iterations": run.it,
                     "n_train": len(run.train_ds), "n_val": len(run.val_ds), "world_size": run.info.world_size,
                     "weights_sha256": digest}
@@ -381,13 +381,15 @@ def _finish(run: Run, reason: str | None) -> tuple[ConvNet, Checkpoint]:
     return run.model, ckpt
 
 
-def _seal(run: Run, model: ConvNet, ckpt: Checkpoint) -> float:
-    """Whether a model learned, and its angle statistics on the training split."""
+def seal(model: ConvNet, ckpt: Checkpoint, cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset,
+         device: torch.device | None = None) -> float:
+    """Whether a model learned, and its angle statistics on the training split (into ckpt);
+    returns its validation accuracy."""
     model.eval()
-    val_acc = accuracy(model, run.val_ds.images.to(run.device), run.val_ds.labels.to(run.device))
-    ckpt.learned = val_acc >= 1.0 / model.config.num_classes + run.cfg.min_accuracy_over_chance
-    ckpt.angle_stats = compute_angle_stats(model, run.train_ds.images.to(run.device),
-                                           run.train_ds.labels.to(run.device), model.config.num_classes)
+    val_acc = accuracy(model, val_ds.images.to(device), val_ds.labels.to(device))
+    ckpt.learned = val_acc >= 1.0 / model.config.num_classes + cfg.min_accuracy_over_chance
+    ckpt.angle_stats = compute_angle_stats(model, train_ds.images.to(device), train_ds.labels.to(device),
+                                           model.config.num_classes)
     return val_acc
 
 
@@ -398,7 +400,7 @@ def _seal_best(run: Run) -> dict[str, Any] | None:
         return None
     model, ckpt = load_checkpoint(best_dir)
     model.to(run.device)
-    val_acc = _seal(run, model, ckpt)
+    val_acc = seal(model, ckpt, run.cfg, run.train_ds, run.val_ds, run.device)
     point: GuardPoint = run.guard.best
     ckpt.metrics = {**ckpt.metrics, "val_accuracy": val_acc, "best": asdict(point)}
     save_checkpoint(best_dir, model, ckpt)
@@ -425,11 +427,7 @@ def seal_stopped_run(run_dir: str | os.PathLike[str], reason: str) -> Path:
     best_dir = out / "best"
     model, ckpt = load_checkpoint(best_dir)
     cfg = TrainConfig.from_dict(ckpt.training_config)
-    train_ds, val_ds = prepare_data(cfg)
-    model.eval()
-    val_acc = accuracy(model, val_ds.images, val_ds.labels)
-    ckpt.learned = val_acc >= 1.0 / model.config.num_classes + cfg.min_accuracy_over_chance
-    ckpt.angle_stats = compute_angle_stats(model, train_ds.images, train_ds.labels, model.config.num_classes)
+    val_acc = seal(model, ckpt, cfg, *prepare_data(cfg))
     points = [GuardPoint(**h) for h in ckpt.metrics.get("guard", [])]
     best = max(points, key=lambda p: p.score, default=None)
     ckpt.metrics = {**ckpt.metrics, "val_accuracy": val_acc, "best": asdict(best) if best else None}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.attacks import features
+from training.attacks import eval_mode, features, project
 from training.evaluation.schema import Detector, DetectorScore
 from training.evaluation.scoring import Judged, roc_auc
 from training.models import ConvNet
@@ -160,8 +160,6 @@ class ScoreAttack:
         return (label != y) & (s <= self.threshold)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        from training.attacks import eval_mode, project
-
         assert isinstance(model, ConvNet)
         step = 2.5 * self.eps / self.steps
         with eval_mode(model):
