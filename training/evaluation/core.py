@@ -217,7 +217,7 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
     if doubled is not None:  # the budget check's doubled PGD counts in the worst case per example
         done.append(doubled.padded(len(target.x), clean))
     sanity.rule = rule_checks
-    ood = ood_table(target.onnx_model, target.x, target.mean, target.std, target.rho, cfg) if cfg.ood else []
+    ood = ood_table(target.onnx_model, target.x, target.rule, cfg) if cfg.ood else []
     distal = (distal_table(wb.model, target.onnx_model, tuple(target.manifest.input.shape), target.rule, cfg, say)
               if cfg.ood and wb.model is not None else [])
     warnings += [c.verdict for c in (sanity.noise, sanity.pgd_budget, sanity.eps_sweep, sanity.gradient_free,

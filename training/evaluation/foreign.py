@@ -30,9 +30,7 @@ def _accepted(onnx_model: OnnxModel, x: Tensor, rule: Rule) -> np.ndarray:
     return geodesic_verdict(logits, cosines, rule.angle_mean_deg, rule.angle_std_deg, rule.rho).accepted
 
 
-def ood_table(onnx_model: OnnxModel, x: Tensor, mean: list[float], std: list[float], rho: float,
-              cfg: EvalConfig) -> list[OodResult]:
-    rule = Rule(tuple(mean), tuple(std), rho)
+def ood_table(onnx_model: OnnxModel, x: Tensor, rule: Rule, cfg: EvalConfig) -> list[OodResult]:
     n = min(cfg.n_ood, len(x)) if cfg.n_ood else len(x)
     source = x[:n]
     rows = []
