@@ -301,7 +301,7 @@ class ModelRuntime:
 
     def run_model(self, x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """Raw ONNX Runtime outputs (logits, cosines) for x of shape [N, C, H, W]."""
-        logits, cosines = self.model.session.run(["logits", "cosines"], {self.model.input_name: x})
+        logits, cosines = self.model.runner(x)
         return np.asarray(logits), np.asarray(cosines)
 
     def _run_batch(self, x: NDArray[np.float32]) -> Verdicts:

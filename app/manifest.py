@@ -168,3 +168,84 @@ class Manifest(_Strict):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+# --- precision records: `<version>/precision/<backend>-<precision>.json` ---------------------------
+# A faster path (another runtime, a lower precision) of a version's model.onnx is served only with
+# its agreement with the fp32 ONNX Runtime reference measured and recorded here
+# (`python -m training precision`, docs/SERVING.md). The service refuses a path whose record is
+# missing, made on other model bytes, or below the contract's floors, and serves the fp32 reference.
+PRECISION_DIR = "precision"
+BACKENDS = ("onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16")
+REFERENCE = ("onnxruntime", "fp32")
+# The contract: accept/reject verdicts agree on at least these shares of the inputs, and the
+# worst-case defended rate moves by at most this much. Label agreement is recorded beside it.
+MIN_CLEAN_AGREEMENT: Final = 0.999
+MIN_ADVERSARIAL_AGREEMENT: Final = 0.99
+MAX_DEFENDED_SHIFT: Final = 0.01
+
+
+def precision_file(backend: str, precision: str) -> str:
+    return f"{PRECISION_DIR}/{backend}-{precision}.json"
+
+
+class Agreement(_Strict):
+    """How often a path gives the reference's label and verdict on a set of inputs."""
+
+    inputs: str = Field(description="which inputs: 'test' (clean test images), 'adversarial', ...")
+    n: int = Field(ge=1)
+    label: float = Field(ge=0, le=1, description="share with the reference's predicted class")
+    verdict: float = Field(ge=0, le=1, description="share with the reference's accept/reject verdict")
+    outcome: float = Field(ge=0, le=1, description="share with the same (label, verdict) pair")
+    max_abs_logit_diff: float = Field(ge=0)
+
+
+class RobustnessShift(_Strict):
+    """The evaluation's worst case per example, judged by the reference and by this path: the
+    evaluation's adversarial inputs (crafted on the fp32 model) and a gradient-free attack on
+    the rule run against this path itself, every input judged by both."""
+
+    n_examples: int = Field(ge=1)
+    attacks: list[str] = Field(description="whose adversarial inputs are judged")
+    attacks_on_path: list[str] = Field(description="of those, the attacks run against this path itself")
+    not_judged: list[str] = Field(description="attacks of the evaluation's worst case whose inputs were not kept")
+    reference_robust_accuracy: float
+    reference_defended_rate: float
+    robust_accuracy: float
+    defended_rate: float
+
+
+class PrecisionRecord(_Strict):
+    """One (backend, precision) path of one model.onnx and its agreement with the reference."""
+
+    schema_version: Literal[1] = 1
+    name: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the model.onnx it was measured on")
+    backend: Literal["onnxruntime", "openvino"]
+    precision: Literal["fp32", "bf16"]
+    runtime_version: str = Field(description="the backend package's version the figures were measured with")
+    cpu: str
+    cpu_features: list[str]
+    rho: float = Field(gt=0, description="the manifest's rho the verdicts were taken with")
+    clean: Agreement
+    adversarial: Agreement
+    borderline: Agreement = Field(description="on borderline_file, the inputs tests re-check (no floor: the "
+                                  "inputs nearest the threshold, where a flip is likeliest)")
+    borderline_file: str = Field(description="per example, the adversarial input nearest the reference's threshold")
+    robustness: RobustnessShift
+    created_at: datetime
+    command: str
+
+    def failures(self) -> list[str]:
+        """The contract's floors this record misses (empty: the path may be served)."""
+        out = []
+        if self.clean.verdict < MIN_CLEAN_AGREEMENT:
+            out.append(f"clean verdict agreement {self.clean.verdict:.4f} < {MIN_CLEAN_AGREEMENT}")
+        if self.adversarial.verdict < MIN_ADVERSARIAL_AGREEMENT:
+            out.append(f"adversarial verdict agreement {self.adversarial.verdict:.4f} < {MIN_ADVERSARIAL_AGREEMENT}")
+        shift = abs(self.robustness.defended_rate - self.robustness.reference_defended_rate)
+        if shift > MAX_DEFENDED_SHIFT + 1e-12:
+            out.append(f"worst-case defended rate moves {shift:.4f} > {MAX_DEFENDED_SHIFT}")
+        return out

@@ -8,6 +8,8 @@ Names and labels are a contract (dashboards, alerts):
   dsphere_inference_batch_size                                      histogram
   dsphere_queue_depth                                               gauge
   dsphere_model_info{model,version,sha256,provider}                 gauge (1 for the served version)
+  dsphere_inference_runtime_info{model,version,backend,precision,requested_backend,requested_precision,
+                                 cpu_features,fallback}             gauge (1 for what runs the served version)
 
 `endpoint` is the route template (e.g. "/v2/models/{name}/infer"), "<mount>/{path}" for the
 static files (e.g. "/assets/page/{path}"), "unmatched" otherwise.
@@ -29,6 +31,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from app.runtimes import RuntimeInfo
 from app.verdict import Verdicts
 
 ANGLE_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 70, 80, 90, 105, 120, 135, 150, 165, 180)
@@ -92,6 +95,15 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._info_labels: tuple[str, str, str, str] | None = None
+        self.runtime_info = Gauge(
+            "dsphere_inference_runtime_info",
+            "1 for the backend and precision running the served version; fallback says why a requested path is not.",
+            ["model", "version", "backend", "precision", "requested_backend", "requested_precision", "cpu_features",
+             "fallback"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._runtime_labels: tuple[str, ...] | None = None
 
     def set_model(self, model: str, version: str, sha256: str, provider: str) -> None:
         labels = (model, version, sha256, provider)
@@ -102,6 +114,17 @@ class Metrics:
                 self.model_info.remove(*self._info_labels)
         self.model_info.labels(*labels).set(1)
         self._info_labels = labels
+
+    def set_runtime(self, model: str, version: str, info: RuntimeInfo) -> None:
+        labels = (model, version, info.backend, info.precision, info.requested_backend, info.requested_precision,
+                  ",".join(info.cpu_features), info.fallback or "")
+        if self._runtime_labels is not None and self._runtime_labels != labels:
+            if self.multiprocess:
+                self.runtime_info.labels(*self._runtime_labels).set(0)
+            else:
+                self.runtime_info.remove(*self._runtime_labels)
+        self.runtime_info.labels(*labels).set(1)
+        self._runtime_labels = labels
 
     def observe_verdicts(self, model: str, version: str, class_names: list[str], v: Verdicts) -> None:
         for label, angle, verdict in zip(v.labels.tolist(), v.angles_deg.tolist(), v.names(), strict=True):

@@ -5,7 +5,9 @@ manifest.json parses and validates against `Manifest` (schema version included),
 its name/version match the directories, model.onnx's sha256 equals the manifest's
 (hashed from the very bytes handed to ONNX Runtime, so nothing can change in
 between), then the ONNX session's input/outputs match the manifest. Any failure
-raises a `ModelStoreError` whose message names the file.
+raises a `ModelStoreError` whose message names the file. The ONNX Runtime session is the fp32
+reference; `runner` is what runs requests: the reference, or a faster path (app/runtimes.py)
+when asked for and backed by the version's precision record.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import onnxruntime as ort
 from pydantic import ValidationError
 
 from app.errors import validation_message
-from app.manifest import MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, SCHEMA_VERSION, Manifest
+from app.manifest import MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, REFERENCE, SCHEMA_VERSION, Manifest
+from app.runtimes import Runner, open_runner
 
 log = logging.getLogger("dsphere.model_store")
 
@@ -120,6 +123,7 @@ class LoadedModel:
     session: ort.InferenceSession
     input_name: str
     providers: tuple[str, ...]
+    runner: Runner
 
     @property
     def provider(self) -> str:
@@ -148,6 +152,8 @@ def load_version(
     version: str = "latest",
     providers: list[str] | None = None,
     intra_op_threads: int = 0,
+    backend: str = REFERENCE[0],
+    precision: str = REFERENCE[1],
 ) -> LoadedModel:
     version = find_version(store, name, version)
     vdir = store / name / version
@@ -178,7 +184,9 @@ def load_version(
     except Exception as exc:  # onnxruntime raises its own (untyped) exceptions
         raise ModelInvalidError(f"{model_path}: ONNX Runtime cannot load it ({exc})") from None
     input_name = _check_session(session, manifest, model_path)
-    return LoadedModel(name, version, vdir, manifest, digest, session, input_name, tuple(session.get_providers()))
+    runner = open_runner(vdir, model_bytes, digest, session, input_name, backend, precision, intra_op_threads)
+    return LoadedModel(name, version, vdir, manifest, digest, session, input_name, tuple(session.get_providers()),
+                       runner)
 
 
 def _check_session(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> str:

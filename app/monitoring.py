@@ -4,19 +4,26 @@ app/stats.py."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter
 from fastapi.responses import Response
 
 from app.deps import ServedRuntime, ServiceDep
 from app.metrics import CONTENT_TYPE
-from app.schemas import Health, ModelRef, Ready, error_responses
+from app.schemas import Health, InferenceRuntime, ModelRef, Ready, error_responses
 
 router = APIRouter()
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-async def healthz() -> Health:
-    return Health(status="ok")
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers; what it serves, on what")
+async def healthz(svc: ServiceDep) -> Health:
+    rt = svc.runtime
+    if rt is None:
+        return Health(status="ok")
+    info = rt.model.runner.info
+    return Health(status="ok", model=ModelRef(name=rt.name, version=rt.version),
+                  runtime=InferenceRuntime(**{**asdict(info), "cpu_features": list(info.cpu_features)}))
 
 
 @router.get("/readyz", response_model=Ready, responses=error_responses(503), summary="Model loaded and warmed")

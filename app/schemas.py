@@ -93,8 +93,22 @@ class RecentStats(BaseModel):
     intervals: list[RecentInterval] = Field(description="the window in equal intervals, oldest first")
 
 
+class InferenceRuntime(BaseModel):
+    """What runs the served model: backend and precision, as asked and as running."""
+
+    backend: Literal["onnxruntime", "openvino"]
+    precision: Literal["fp32", "bf16"]
+    requested_backend: str
+    requested_precision: str
+    runtime_version: str = Field(description="the backend package's version")
+    cpu_features: list[str] = Field(description="the CPU flags that decide which low-precision kernels exist")
+    fallback: str | None = Field(description="why the requested path is not the one running; null when it is")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
+    model: ModelRef | None = Field(None, description="the served version; null until it is loaded")
+    runtime: InferenceRuntime | None = Field(None, description="what runs it; null until it is loaded")
 
 
 class Ready(BaseModel):

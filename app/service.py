@@ -85,7 +85,8 @@ class Service:
 
     def _build(self, name: str, version: str) -> ModelRuntime:
         s = self.settings
-        model = load_version(s.model_store, name, version, s.provider_list, s.intra_op_threads)
+        model = load_version(s.model_store, name, version, s.provider_list, s.intra_op_threads, s.runtime_backend,
+                             s.precision)
         rt = ModelRuntime(
             model,
             rho=s.rho,
@@ -118,9 +119,10 @@ class Service:
         self.load_error = None
         m = rt.model
         self.metrics.set_model(m.name, m.version, m.sha256, m.provider)
+        self.metrics.set_runtime(m.name, m.version, m.runner.info)
         log.info(
-            "serving %s/%s sha256=%s providers=%s rho=%.4f batch_size=%d batch_delay_ms=%.2f",
-            m.name, m.version, m.sha256[:12], list(m.providers), rt.rho,
+            "serving %s/%s sha256=%s on %s (providers=%s) rho=%.4f batch_size=%d batch_delay_ms=%.2f",
+            m.name, m.version, m.sha256[:12], m.runner.info.path, list(m.providers), rt.rho,
             self.settings.batch_size, self.settings.batch_delay_ms,
         )
 

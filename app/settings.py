@@ -59,7 +59,12 @@ class Settings(BaseSettings):
         ",".join(DEFAULT_PROVIDERS),
         description="comma-separated ONNX Runtime execution providers, in order of preference",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: ORT default)")
+    intra_op_threads: int = Field(0, ge=0, description="inference threads, ONNX Runtime or OpenVINO (0: its default)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: OpenVINO's bf16 kernels where the CPU has them and the version's precision "
+        "record allows; the fp32 ONNX Runtime reference otherwise (with a warning)")
+    backend: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto", description="auto: onnxruntime for fp32, openvino for bf16")
 
     # the page (GET /): models of the store that POST /explain may load besides the served one
     other_models: int = Field(
@@ -95,7 +100,17 @@ class Settings(BaseSettings):
     def _check_limits(self) -> Settings:
         if self.max_batch_upload_bytes < self.max_upload_bytes:
             raise ValueError("DSPHERE_MAX_BATCH_UPLOAD_BYTES must be >= DSPHERE_MAX_UPLOAD_BYTES")
+        if self.backend == "onnxruntime" and self.precision != "fp32":
+            raise ValueError(f"DSPHERE_PRECISION={self.precision} runs on OpenVINO: set DSPHERE_BACKEND=openvino "
+                             "or auto")
         return self
+
+    @property
+    def runtime_backend(self) -> str:
+        """The backend asked for, "auto" resolved."""
+        if self.backend != "auto":
+            return self.backend
+        return "onnxruntime" if self.precision == "fp32" else "openvino"
 
     @property
     def provider_list(self) -> list[str]:

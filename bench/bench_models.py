@@ -1,80 +1,135 @@
-"""ONNX Runtime's cost per image of the served models, side by side, in one run.
+"""The served models' cost per image on every inference path this machine has, side by side in one run.
 
     python bench/bench_models.py [--store model_store] [--models fashion-mnist-dsphere,fashion-mnist-baseline]
-                                 [--runs 200] [--threads 2]
+                                 [--runs 300] [--blocks 5] [--threads 2] [--batches 1,16,64]
 
-Each model's latest version is loaded by the service's own loader (`app.model_store.load_version`,
-the same session options), then timed on real Fashion-MNIST test images at batch 1 and batch 16,
-the model blocks alternating so that load drift hits every model alike. Prints the median
-microseconds per image and each model's ratio to the reference (the baseline). Nothing is asserted.
-Targets: the D-SphereNet <= 1.3x the baseline at batch 16, <= 1.5x at batch 1.
+Paths: ONNX Runtime fp32 (the reference, as the service loads it), OpenVINO fp32 and OpenVINO bf16
+(app/runtimes.py; a path this CPU or the installed packages lack is listed as skipped, with why).
+Each model's latest version is timed on real Fashion-MNIST test images; the (model, path) cells
+alternate in blocks so that load drift hits every cell alike. Prints the median µs per image, the
+ratio of each cell to the reference model's ONNX Runtime fp32 at the same batch size (the unit),
+and ONNX Runtime's optimized graph of each model (nodes, layout reorders), read back through
+`SessionOptions.optimized_model_filepath`. Nothing is asserted; run it on a quiet machine.
+Targets (docs/SERVING.md): the D-SphereNet's fp32 graph <= 1.15x the baseline at batch 16; its
+fastest path <= 0.5x at batch 16 and <= 1.0x at batch 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
-from app.model_store import ModelStoreError, load_version
+from app.manifest import MODEL_FILE, REFERENCE
+from app.model_store import ModelStoreError, find_version, load_version
+from app.runtimes import RuntimeUnavailable, cpu_features, cpu_name, openvino_runner
 from support.bundled import BUNDLED_STORE
 from support.fashion_mnist import load_fashion_mnist_test
 
-BATCHES = (1, 16)
+PATHS = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
+Run = Callable[[np.ndarray], object]
 
 
-def per_image_us(model, x: np.ndarray, runs: int) -> list[float]:  # type: ignore[no-untyped-def]
-    """`runs` timed calls on x (after 10 warm-up calls): microseconds per image of each."""
-    feed = {model.input_name: x}
+def per_image_us(run: Run, x: np.ndarray, calls: int) -> list[float]:
+    """`calls` timed calls on x (after 10 warm-up calls): microseconds per image of each."""
     for _ in range(10):
-        model.session.run(None, feed)
+        run(x)
     out = []
-    for _ in range(runs):
+    for _ in range(calls):
         t0 = time.perf_counter()
-        model.session.run(None, feed)
+        run(x)
         out.append((time.perf_counter() - t0) * 1e6 / len(x))
     return out
+
+
+def graph_counts(model_path: Path, threads: int) -> tuple[int, int]:
+    """(nodes, reorders) of ONNX Runtime's optimized graph of model_path on this CPU."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3  # the "hardware-specific optimized model" warning
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        kinds = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    return sum(kinds.values()), kinds["ReorderInput"] + kinds["ReorderOutput"]
+
+
+def runs_of(store: Path, name: str, version: str, threads: int) -> tuple[str, dict[str, Run], dict[str, str]]:
+    """(version, path -> run, path -> why skipped) of `version` of `name`."""
+    model = load_version(store, name, version, providers=["CPUExecutionProvider"], intra_op_threads=threads)
+    runs: dict[str, Run] = {"-".join(REFERENCE): model.runner}
+    skipped: dict[str, str] = {}
+    model_bytes = (model.path / MODEL_FILE).read_bytes()
+    for path in PATHS[1:]:
+        try:
+            runs[path] = openvino_runner(model_bytes, path.split("-")[1], threads)
+        except RuntimeUnavailable as e:
+            skipped[path] = str(e)
+    return model.version, runs, skipped
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, default=BUNDLED_STORE)
-    ap.add_argument("--models", default="fashion-mnist-dsphere,fashion-mnist-baseline")
-    ap.add_argument("--runs", type=int, default=200, help="timed calls per model and batch size")
+    ap.add_argument("--models", default="fashion-mnist-dsphere,fashion-mnist-baseline",
+                    help="comma-separated NAME (its latest version) or NAME@VERSION")
+    ap.add_argument("--runs", type=int, default=300, help="timed calls per cell and batch size")
     ap.add_argument("--blocks", type=int, default=5, help="alternating blocks the runs are split into")
-    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    ap.add_argument("--reference", default="fashion-mnist-baseline", help="the model ratios are taken to")
+    ap.add_argument("--threads", type=int, default=2, help="inference threads")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--reference", default="fashion-mnist-baseline", help="the model whose fp32 ONNX Runtime is 1x")
     args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
 
-    models = {}
-    for name in (n.strip() for n in args.models.split(",") if n.strip()):
+    cells: dict[tuple[str, str], Run] = {}
+    versions: dict[str, str] = {}
+    for spec in (n.strip() for n in args.models.split(",") if n.strip()):
+        name, _, version = spec.partition("@")
         try:
-            models[name] = load_version(args.store, name, providers=["CPUExecutionProvider"],
-                                        intra_op_threads=args.threads)
+            version, runs, skipped = runs_of(args.store, name, version or "latest", args.threads)
+            name = spec if "@" in spec else name
+            versions[name] = version
         except ModelStoreError as e:
             print(f"skipped {name}: {e}")
-    if not models:
+            continue
+        cells.update({(name, path): run for path, run in runs.items()})
+        for path, why in skipped.items():
+            print(f"skipped {name} {path}: {why}")
+    if not cells:
         raise SystemExit("error: none of the models is in the store")
-    images = (load_fashion_mnist_test(max(BATCHES)).astype(np.float32) / 255.0)[:, None]  # (N, 1, 28, 28)
-    times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in models for b in BATCHES}
+    images = (load_fashion_mnist_test(max(batches)).astype(np.float32) / 255.0)[:, None]  # (N, 1, 28, 28)
+    times: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
     per_block = max(1, args.runs // args.blocks)
     for _ in range(args.blocks):
-        for b in BATCHES:
-            for name, model in models.items():
-                times[name, b] += per_image_us(model, images[:b], per_block)
+        for b in batches:
+            for (name, path), run in cells.items():
+                times[name, path, b] += per_image_us(run, np.ascontiguousarray(images[:b]), max(10, per_block * 16 // b))
 
-    first = args.reference if args.reference in models else next(iter(models))
-    print(f"ONNX Runtime, {args.threads} threads, median µs per image over {args.blocks * per_block} calls")
-    print(f"| model | version | {' | '.join(f'batch {b}' for b in BATCHES)} | "
-          f"{' | '.join(f'ratio to {first} at {b}' for b in BATCHES)} |")
-    print("| --- | --- |" + " --- |" * (2 * len(BATCHES)))
-    for name, model in models.items():
-        med = [float(np.median(times[name, b])) for b in BATCHES]
-        ref = [float(np.median(times[first, b])) for b in BATCHES]
-        print(f"| {name} | {model.version} | {' | '.join(f'{m:.0f}' for m in med)} | "
+    unit = (args.reference if args.reference in versions else next(iter(versions)), "-".join(REFERENCE))
+    print(f"\n{cpu_name()} ({', '.join(cpu_features())}), {args.threads} threads; median µs per image; "
+          f"ratio to {unit[0]} {unit[1]} at the same batch size")
+    print(f"| model | version | path | {' | '.join(f'batch {b}' for b in batches)} | "
+          f"{' | '.join(f'x at {b}' for b in batches)} |")
+    print("| --- | --- | --- |" + " --- |" * (2 * len(batches)))
+    for name, path in cells:
+        med = [float(np.median(times[name, path, b])) for b in batches]
+        ref = [float(np.median(times[*unit, b])) for b in batches]
+        print(f"| {name.partition('@')[0]} | {versions[name]} | {path} | {' | '.join(f'{m:.0f}' for m in med)} | "
               f"{' | '.join(f'{m / r:.2f}x' for m, r in zip(med, ref, strict=True))} |")
+
+    print("\nONNX Runtime's optimized graph (this CPU):\n| model | version | nodes | reorders |\n| --- | --- | --- | --- |")
+    for name, version in versions.items():
+        bare = name.partition("@")[0]
+        nodes, reorders = graph_counts(args.store / bare / find_version(args.store, bare, version) / MODEL_FILE,
+                                       args.threads)
+        print(f"| {bare} | {version} | {nodes} | {reorders} |")
 
 
 if __name__ == "__main__":

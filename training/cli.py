@@ -204,6 +204,7 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    """The commands of the other command modules (evaluate, figure2, compare, reproduce)."""
+    """The commands of the other command modules (evaluate, figure2, compare, reproduce, precision)."""
     import training.evaluation.cli  # noqa: F401  (registers its commands on training.cli_app.app)
+    import training.precision  # noqa: F401
     import training.reproduce  # noqa: F401

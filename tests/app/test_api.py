@@ -249,8 +249,12 @@ async def test_unknown_route_json_404(make_client) -> None:
 
 async def test_health_and_ready(make_client) -> None:
     async with make_client() as c:
-        assert (await c.get("/healthz")).json() == {"status": "ok"}
+        health = (await c.get("/healthz")).json()
         r = await c.get("/readyz")
+    assert health["status"] == "ok" and health["model"] == {"name": "fashion-mnist-dsphere", "version": "1"}
+    runtime = health["runtime"]
+    assert (runtime["backend"], runtime["precision"], runtime["fallback"]) == ("onnxruntime", "fp32", None)
+    assert (runtime["requested_backend"], runtime["requested_precision"]) == ("onnxruntime", "fp32")
     assert r.status_code == 200
     assert r.json() == {"status": "ready", "model": {"name": "fashion-mnist-dsphere", "version": "1"}}
 

@@ -1,0 +1,172 @@
+"""Where a verified model.onnx runs: ONNX Runtime in fp32 (the reference), or OpenVINO in fp32 or
+bf16 where this CPU and the installed packages support it (docs/SERVING.md, "Precision").
+
+`open_runner` takes the requested (backend, precision) and answers a `Runner`: a callable
+x -> (logits, cosines) with the `RuntimeInfo` it actually runs with. Anything other than the
+reference is served only when the version carries a precision record for it (app/manifest.py,
+`PrecisionRecord`) measured on these very model bytes and meeting the contract's floors; when
+the record, the package or the CPU support is missing, the reference runs instead and the
+reason is logged as a warning and reported (`RuntimeInfo.fallback`, /healthz, the
+dsphere_inference_runtime_info metric).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from pydantic import ValidationError
+
+from app.errors import validation_message
+from app.manifest import OUTPUT_NAMES, REFERENCE, PrecisionRecord, precision_file
+
+log = logging.getLogger("dsphere.runtimes")
+
+Outputs = tuple[NDArray[np.float32], NDArray[np.float32]]
+# CPU flags that decide which low-precision kernels exist (Linux /proc/cpuinfo names).
+RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products; without them bf16 is emulated
+
+
+@cache
+def cpu_features() -> tuple[str, ...]:
+    """RELEVANT_FLAGS this CPU has, from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return tuple(f for f in RELEVANT_FLAGS if f in flags)
+
+
+@cache
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    backend: str
+    precision: str
+    requested_backend: str
+    requested_precision: str
+    runtime_version: str
+    cpu_features: tuple[str, ...] = field(default_factory=cpu_features)
+    fallback: str | None = None  # why the requested path is not the one running
+
+    @property
+    def path(self) -> str:
+        return f"{self.backend}-{self.precision}"
+
+
+@dataclass
+class Runner:
+    """Runs the model: __call__(x [N, C, H, W] float32) -> (logits, cosines)."""
+
+    info: RuntimeInfo
+    run: Callable[[NDArray[np.float32]], Outputs]
+
+    def __call__(self, x: NDArray[np.float32]) -> Outputs:
+        return self.run(x)
+
+
+class RuntimeUnavailable(Exception):
+    """The requested path cannot run here; the message says why (one line)."""
+
+
+def onnxruntime_runner(session: ort.InferenceSession, input_name: str, requested: tuple[str, str],
+                       fallback: str | None = None) -> Runner:
+    def run(x: NDArray[np.float32]) -> Outputs:
+        logits, cosines = session.run(list(OUTPUT_NAMES), {input_name: x})
+        return logits, cosines
+
+    info = RuntimeInfo(*REFERENCE, *requested, runtime_version=ort.__version__, fallback=fallback)
+    return Runner(info, run)
+
+
+def openvino_runner(model_bytes: bytes, precision: str, threads: int) -> Runner:
+    """model.onnx compiled by OpenVINO for this CPU in `precision`; RuntimeUnavailable where it cannot be."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise RuntimeUnavailable("the openvino package is not installed") from None
+    core = ov.Core()
+    if precision == "bf16":
+        caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        native = [f for f in BF16_FLAGS if f in cpu_features()]
+        if "BF16" not in caps or not native:
+            raise RuntimeUnavailable(f"this CPU has no native bf16 ({', '.join(BF16_FLAGS)} absent; "
+                                     f"OpenVINO capabilities {list(caps)})")
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        compiled = core.compile_model(core.read_model(model_bytes), "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
+        raise RuntimeUnavailable(f"OpenVINO cannot compile it ({str(exc).splitlines()[0][:200]})") from None
+    outputs = [compiled.output(name) for name in OUTPUT_NAMES]
+    local = threading.local()  # an infer request is not thread-safe: one per calling thread
+
+    def run(x: NDArray[np.float32]) -> Outputs:
+        request = getattr(local, "request", None)
+        if request is None:
+            request = local.request = compiled.create_infer_request()
+        result = request.infer({0: x})
+        return np.array(result[outputs[0]], np.float32), np.array(result[outputs[1]], np.float32)
+
+    return Runner(RuntimeInfo("openvino", precision, "openvino", precision, ov.__version__), run)
+
+
+def read_record(version_dir: Path, backend: str, precision: str, sha256: str) -> PrecisionRecord:
+    """The version's record of this path, checked against the model bytes and the contract."""
+    path = version_dir / precision_file(backend, precision)
+    try:
+        record = PrecisionRecord.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise RuntimeUnavailable(f"{path} is missing: this path's agreement with the fp32 reference "
+                                 "was never measured (python -m training precision)") from None
+    except (OSError, ValidationError) as exc:
+        why = validation_message(exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+        raise RuntimeUnavailable(f"{path} is not a valid precision record: {why}") from None
+    if record.sha256 != sha256 or (record.backend, record.precision) != (backend, precision):
+        raise RuntimeUnavailable(f"{path} was measured on other model bytes or another path")
+    failures = record.failures()
+    if failures:
+        raise RuntimeUnavailable(f"{path} misses the parity contract: {'; '.join(failures)}")
+    return record
+
+
+def open_runner(version_dir: Path, model_bytes: bytes, sha256: str, session: ort.InferenceSession,
+                input_name: str, backend: str, precision: str, threads: int = 0) -> Runner:
+    """The requested path when it can run here with a passing record, else the reference (warned)."""
+    requested = (backend, precision)
+    if requested == REFERENCE:
+        return onnxruntime_runner(session, input_name, requested)
+    try:
+        if backend != "openvino":
+            raise RuntimeUnavailable(f"{backend} has no {precision} path here; bf16 runs on openvino")
+        read_record(version_dir, backend, precision, sha256)
+        runner = openvino_runner(model_bytes, precision, threads)
+    except RuntimeUnavailable as exc:
+        log.warning("%s/%s: %s-%s unavailable, serving the fp32 ONNX Runtime reference: %s",
+                    version_dir.parent.name, version_dir.name, backend, precision, exc)
+        return onnxruntime_runner(session, input_name, requested, fallback=str(exc))
+    return runner

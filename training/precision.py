@@ -1,0 +1,226 @@
+"""`python -m training precision VERSION_DIR --evaluation REPORT_DIR`: measure a faster path of a
+version (OpenVINO bf16 by default) against the fp32 ONNX Runtime reference and write its
+precision record, `VERSION_DIR/precision/<backend>-<precision>.json` (schema: app/manifest.py),
+without which the service does not serve that path (docs/SERVING.md, "Precision").
+
+Measured, every verdict taken with the manifest's statistics and ρ (app.verdict):
+- agreement (label, verdict, both) on the 10,000 clean test images;
+- agreement on every adversarial input the version's evaluation kept (REPORT_DIR/.cache: each
+  attack's inputs, restarts included), the borderline cases of the rule;
+- the worst case per example over the evaluation's attacks, judged by the reference and by the
+  path, with Square on the rule run against the path itself beside them (its inputs judged by
+  both too); the record fails the contract when the defended rate moves by more than 1 point;
+- a borderline set, per example the input nearest the reference's threshold (float16, committed
+  beside the record): the test suite re-measures the path's agreement on it and on the clean
+  test set and fails below the recorded figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from safetensors.torch import load_file
+from torch import Tensor
+
+from app.manifest import (
+    MODEL_FILE,
+    PRECISION_DIR,
+    Agreement,
+    Manifest,
+    PrecisionRecord,
+    RobustnessShift,
+    precision_file,
+)
+from app.model_store import read_manifest
+from app.runtimes import Runner, RuntimeUnavailable, cpu_features, cpu_name, openvino_runner
+from app.verdict import Verdicts, geodesic_verdict
+from training.cli_app import app, command_line
+from training.data import load_dataset
+from training.evaluation.rule_attacks import RuleScores, RuleSquare
+from training.judging import OnnxModel
+from training.rejection import Rule
+
+log = logging.getLogger("dsphere.precision")
+
+_CACHE_NAME = re.compile(r"^(?P<name>.+)-[0-9a-f]{20}\.safetensors$")
+
+
+class PrecisionError(ValueError):
+    """The record cannot be measured; one line for the user."""
+
+
+class RunnerModel:
+    """A `Runner` behind OnnxModel's interface (batched, float64 outputs), for RuleScores and judging."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def __call__(self, x: Tensor | np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        arr = (x.detach().cpu().numpy() if isinstance(x, Tensor) else x).astype(np.float32)
+        outs = [self.runner(np.ascontiguousarray(arr[i: i + batch_size])) for i in range(0, len(arr), batch_size)]
+        return (np.concatenate([o[0] for o in outs]).astype(np.float64),
+                np.concatenate([o[1] for o in outs]).astype(np.float64))
+
+
+@dataclass(frozen=True)
+class Judges:
+    """The reference and the path, and the manifest's rule."""
+
+    reference: OnnxModel
+    path: RunnerModel
+    manifest: Manifest
+
+    def verdicts(self, x: Tensor) -> tuple[Verdicts, Verdicts, float]:
+        """(reference's, path's, max |Δ logit|) on x."""
+        m = self.manifest
+        (rl, rc), (pl, pc) = self.reference(x), self.path(x)
+        ref = geodesic_verdict(rl, rc, m.angle_mean_deg, m.angle_std_deg, m.rho)
+        out = geodesic_verdict(pl, pc, m.angle_mean_deg, m.angle_std_deg, m.rho)
+        return ref, out, float(np.abs(rl - pl).max())
+
+    def agreement(self, inputs: str, x: Tensor) -> Agreement:
+        ref, out, diff = self.verdicts(x)
+        label, verdict = ref.labels == out.labels, ref.accepted == out.accepted
+        return Agreement(inputs=inputs, n=len(x), label=float(label.mean()), verdict=float(verdict.mean()),
+                         outcome=float((label & verdict).mean()), max_abs_logit_diff=diff)
+
+
+def cached_attacks(report_dir: Path) -> dict[str, list[Tensor]]:
+    """Each attack's kept inputs (one tensor per restart or run) from an evaluation's cache."""
+    found: dict[str, list[Tensor]] = {}
+    for path in sorted((report_dir / ".cache").glob("*.safetensors")):
+        match = _CACHE_NAME.match(path.name)
+        if match:
+            found.setdefault(match["name"], []).append(load_file(str(path))["x_adv"])
+    if not found:
+        raise PrecisionError(f"{report_dir / '.cache'} holds no attack inputs: run the evaluation there first")
+    return found
+
+
+def _cache_name(attack: str) -> str:
+    return attack.replace(":", "_")
+
+
+def worst_case(judges: Judges, x: Tensor, y: Tensor, inputs: dict[str, list[Tensor]]) -> tuple[float, ...]:
+    """(reference robust, reference defended, path robust, path defended) over the examples, each
+    example's worst outcome over its clean input and every attack input (those covering it)."""
+    n = len(x)
+    robust = {"ref": np.ones(n, bool), "path": np.ones(n, bool)}
+    defended = {"ref": np.ones(n, bool), "path": np.ones(n, bool)}
+    for x_adv in [x, *(t for runs in inputs.values() for t in runs)]:
+        m = len(x_adv)
+        ref, out, _ = judges.verdicts(x_adv)
+        for key, v in (("ref", ref), ("path", out)):
+            correct = v.labels == y[:m].numpy()
+            robust[key][:m] &= correct
+            defended[key][:m] &= correct | ~v.accepted
+    return (float(robust["ref"].mean()), float(defended["ref"].mean()), float(robust["path"].mean()),
+            float(defended["path"].mean()))
+
+
+def borderline(judges: Judges, inputs: list[Tensor], n: int) -> Tensor:
+    """Per example (of the first n), the input whose reference angle is nearest its class's threshold."""
+    m = judges.manifest
+    best = torch.zeros(n, *inputs[0].shape[1:])
+    gap = np.full(n, np.inf)
+    for x_adv in inputs:
+        logits, cosines = judges.reference(x_adv)
+        v = geodesic_verdict(logits, cosines, m.angle_mean_deg, m.angle_std_deg, m.rho)
+        g = np.abs(v.angles_deg - v.thresholds_deg)
+        rows = np.flatnonzero(g < gap[: len(x_adv)])
+        gap[rows], best[rows] = g[rows], x_adv[rows]
+    return best
+
+
+def measure(version_dir: Path, report_dir: Path, backend: str, precision: str, threads: int,
+            square_queries: int, n_square: int, say: typer.echo = typer.echo) -> PrecisionRecord:  # type: ignore[valid-type]
+    manifest = read_manifest(version_dir / "manifest.json")
+    report = json.loads((report_dir / "report.json").read_text())
+    if report["model"].get("sha256") not in (None, manifest.sha256):
+        raise PrecisionError(f"{report_dir}/report.json judged another model.onnx than {version_dir}")
+    if backend != "openvino":
+        raise PrecisionError(f"no faster path on {backend}: the reference is onnxruntime-fp32")
+    try:
+        runner = openvino_runner((version_dir / MODEL_FILE).read_bytes(), precision, threads)
+    except RuntimeUnavailable as exc:
+        raise PrecisionError(f"{backend}-{precision} cannot run here: {exc}") from None
+    judges = Judges(OnnxModel(version_dir / MODEL_FILE), RunnerModel(runner), manifest)
+    test = load_dataset(manifest.training.dataset, "test",
+                        manifest.training.training_config.get("data_dir"))
+    clean = judges.agreement("test", test.images)
+    say(f"clean test images: {clean.model_dump()}")
+
+    n = int(report["worst_case"]["n_examples"])
+    x, y = test.images[:n], test.labels[:n]
+    kept = cached_attacks(report_dir)
+    inputs: dict[str, list[Tensor]] = {}
+    not_judged = []
+    for attack in report["worst_case"]["attacks"]:
+        if attack == "clean":
+            continue
+        if _cache_name(attack) in kept:
+            inputs[attack] = kept[_cache_name(attack)]
+        else:
+            not_judged.append(attack)
+    others = [t for name, runs in kept.items() for t in runs if name not in {_cache_name(a) for a in inputs}]
+    every = [t for runs in inputs.values() for t in runs] + others
+    adversarial = judges.agreement("adversarial", torch.cat(every))
+    say(f"{adversarial.n} adversarial inputs: {adversarial.model_dump()}")
+
+    rule = Rule(tuple(manifest.angle_mean_deg), tuple(manifest.angle_std_deg), manifest.rho)
+    m = min(n_square or n, n)
+    say(f"Square on the rule against {backend}-{precision}: {m} examples, {square_queries} queries ...")
+    torch.manual_seed(0)
+    scores = RuleScores(judges.path, rule, manifest.num_classes)  # type: ignore[arg-type]  # OnnxModel's interface
+    on_path = RuleSquare(float(report["eps"]), rule, square_queries)(scores, x[:m], y[:m])
+    inputs[f"rule-square on {backend}-{precision}"] = [on_path]
+    ref_robust, ref_defended, robust, defended = worst_case(judges, x, y, inputs)
+    say(f"worst case: reference {ref_robust:.4f} / {ref_defended:.4f}, path {robust:.4f} / {defended:.4f}")
+
+    border = borderline(judges, [*every, on_path], n).half()
+    border_file = f"{PRECISION_DIR}/{backend}-{precision}-borderline.npz"
+    (version_dir / PRECISION_DIR).mkdir(exist_ok=True)
+    np.savez_compressed(version_dir / border_file, x=border.numpy(), y=y.numpy().astype(np.uint8))
+    border_agreement = judges.agreement("borderline", border.float())
+
+    return PrecisionRecord(
+        name=manifest.name, version=manifest.version, sha256=manifest.sha256, backend=backend,  # type: ignore[arg-type]
+        precision=precision, runtime_version=runner.info.runtime_version, cpu=cpu_name(),  # type: ignore[arg-type]
+        cpu_features=list(cpu_features()), rho=manifest.rho, clean=clean, adversarial=adversarial,
+        borderline=border_agreement, borderline_file=border_file,
+        robustness=RobustnessShift(n_examples=n, attacks=list(inputs), attacks_on_path=[f"rule-square on {backend}-"
+                                   f"{precision}"], not_judged=not_judged, reference_robust_accuracy=ref_robust,
+                                   reference_defended_rate=ref_defended, robust_accuracy=robust,
+                                   defended_rate=defended),
+        created_at=datetime.now(UTC), command=command_line())
+
+
+@app.command()
+def precision(
+    version_dir: Annotated[Path, typer.Argument(help="model-store version dir")],
+    evaluation: Annotated[Path, typer.Option(help="the version's evaluation output dir (report.json, .cache/)")],
+    backend: Annotated[str, typer.Option(help="the path's backend")] = "openvino",
+    precision: Annotated[str, typer.Option(help="the path's precision: bf16 or fp32")] = "bf16",
+    threads: Annotated[int, typer.Option(help="inference threads (0: the backend's default)")] = 2,
+    square_queries: Annotated[int, typer.Option(help="Square on the rule against the path: queries")] = 300,
+    n_square: Annotated[int, typer.Option(help="examples for that Square (0: the worst case's)")] = 0,
+) -> None:
+    """Measure a faster path against the fp32 reference; write its precision record."""
+    try:
+        record = measure(version_dir, evaluation, backend, precision, threads, square_queries, n_square)
+    except (PrecisionError, OSError, KeyError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    path = version_dir / precision_file(backend, precision)
+    path.write_text(record.model_dump_json(indent=1) + "\n")
+    failures = record.failures()
+    typer.echo(f"wrote {path}" + (f"; it misses the contract, the service will not serve it: {'; '.join(failures)}"
+                                  if failures else "; it meets the contract"))
