@@ -71,15 +71,23 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-server-header", "--timeout-graceful-shutdown", "20"]
 
 # ---------------------------------------------------------------------------
-# cpu: python:3.11-slim + onnxruntime (the default target: last stage)
+# cpu: python:3.11-slim + onnxruntime + openvino (the default target: last stage)
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=requirements /src/requirements-cpu.txt /tmp/requirements.txt
-# Same check as gpu-build, with the flavours swapped.
+# Same check as gpu-build, with the flavours swapped. OpenVINO (DSPHERE_PRECISION=bf16) keeps its CPU
+# plugin and ONNX frontend only: its GPU and NPU plugins, the other frameworks' frontends and the C++
+# headers are never loaded here (about 80 MB).
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -r /tmp/requirements.txt \
- && ! /opt/venv/bin/pip show torch onnx onnxruntime-gpu >/dev/null 2>&1
+ && ! /opt/venv/bin/pip show torch onnx onnxruntime-gpu >/dev/null 2>&1 \
+ && ov=$(echo /opt/venv/lib/python3*/site-packages/openvino) \
+ && rm -rf "$ov"/include "$ov"/libs/cache.json "$ov"/libs/libopenvino_intel_gpu_plugin.so \
+      "$ov"/libs/libopenvino_intel_npu_plugin.so "$ov"/libs/libopenvino_*tensorflow*_frontend.so* \
+      "$ov"/libs/libopenvino_paddle_frontend.so* "$ov"/libs/libopenvino_pytorch_frontend.so* \
+      "$ov"/libs/libopenvino_gguf_frontend.so* \
+ && /opt/venv/bin/python -c "import openvino as ov; ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')"
 
 FROM ${PYTHON_IMAGE} AS cpu
 RUN useradd --system --uid 10001 --user-group --home-dir /srv/dsphere --shell /usr/sbin/nologin dsphere \

@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch from the local wheel; pinned so nothing pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[serve,train,dev]"
+	$(PY) -m pip install -q -e ".[serve,openvino,train,dev]"
 	touch $@
 
 test: install

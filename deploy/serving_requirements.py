@@ -1,8 +1,8 @@
 """The serving images' dependency lists, read from pyproject.toml (run by the Dockerfile).
 
 Writes requirements-cpu.txt and requirements-gpu.txt next to pyproject.toml in the current
-directory: the base dependencies + the `serve` extra; the gpu list swaps onnxruntime for the
-`gpu` extra (onnxruntime-gpu), because both wheels install the same `onnxruntime` module and
+directory: the base dependencies + the `serve` extra; the cpu list adds the `openvino` extra (the
+bf16 path, app/runtimes.py); the gpu list swaps onnxruntime for the `gpu` extra (onnxruntime-gpu), because both wheels install the same `onnxruntime` module and
 must never be installed together. Exits non-zero if torch (or onnx, onnxscript: the `train`
 extra's export tools) would end up in a serving image, or if a list holds other than exactly
 one onnxruntime flavour.
@@ -27,7 +27,7 @@ def name(req: str) -> str:
 def requirement_lists(project: dict) -> dict[str, list[str]]:
     extras = project["optional-dependencies"]
     serve = list(project.get("dependencies", [])) + list(extras["serve"])
-    cpu = serve
+    cpu = serve + list(extras["openvino"])
     gpu = [r for r in serve if name(r) != "onnxruntime"] + list(extras["gpu"])
     return {"cpu": cpu, "gpu": gpu}
 
