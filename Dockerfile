@@ -77,8 +77,8 @@ FROM ${PYTHON_IMAGE} AS cpu-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=requirements /src/requirements-cpu.txt /tmp/requirements.txt
 # Same check as gpu-build, with the flavours swapped. OpenVINO (DSPHERE_PRECISION=bf16) keeps its CPU
-# plugin and ONNX frontend only: its GPU and NPU plugins, the other frameworks' frontends and the C++
-# headers are never loaded here (about 80 MB).
+# plugin and ONNX frontend only: its GPU and NPU plugins, the other frameworks' frontends (and its
+# torch.compile shim, openvino/torch), the C++ headers are never loaded here (about 80 MB).
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -r /tmp/requirements.txt \
  && ! /opt/venv/bin/pip show torch onnx onnxruntime-gpu >/dev/null 2>&1 \
@@ -86,7 +86,8 @@ RUN python -m venv /opt/venv \
  && rm -rf "$ov"/include "$ov"/libs/cache.json "$ov"/libs/libopenvino_intel_gpu_plugin.so \
       "$ov"/libs/libopenvino_intel_npu_plugin.so "$ov"/libs/libopenvino_*tensorflow*_frontend.so* \
       "$ov"/libs/libopenvino_paddle_frontend.so* "$ov"/libs/libopenvino_pytorch_frontend.so* \
-      "$ov"/libs/libopenvino_gguf_frontend.so* \
+      "$ov"/libs/libopenvino_gguf_frontend.so* "$ov"/torch "$ov"/frontend/pytorch "$ov"/frontend/tensorflow \
+      "$ov"/frontend/jax "$ov"/frontend/paddle \
  && /opt/venv/bin/python -c "import openvino as ov; ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')"
 
 FROM ${PYTHON_IMAGE} AS cpu
