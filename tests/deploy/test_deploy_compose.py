@@ -212,7 +212,8 @@ def test_serving_requirements_have_no_training_deps(tmp_path: Path) -> None:
         assert "fastapi-offline" in names, "/docs and /redoc need their local assets in the image"
     assert "onnxruntime" in cpu and "onnxruntime-gpu" not in cpu
     assert "onnxruntime-gpu" in gpu and "onnxruntime" not in gpu, "both wheels ship the same module"
-    assert cpu - {"onnxruntime"} == gpu - {"onnxruntime-gpu"}
+    assert "openvino" in cpu and "openvino" not in gpu, "the bf16 path (DSPHERE_PRECISION) is the CPU image's"
+    assert cpu - {"onnxruntime", "openvino"} == gpu - {"onnxruntime-gpu"}
 
 
 def _pypi_reachable() -> bool:
