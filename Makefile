@@ -22,12 +22,13 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
 MODEL ?= fashion-mnist-baseline
+PRECISION ?= fp32
 
 serve: install
 	# The latest version of MODEL in model_store/: by default the model whose worst-case defended rate is highest
 	# (docs/results/model-comparison-3.0.0.md: the baseline CNN 2.0.0); make serve MODEL=fashion-mnist-dsphere for
-	# the D-SphereNet.
-	DSPHERE_MODEL_NAME=$(MODEL) $(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) \
+	# the D-SphereNet. make serve PRECISION=bf16: OpenVINO's bf16 path where the CPU has it (docs/SERVING.md).
+	DSPHERE_MODEL_NAME=$(MODEL) DSPHERE_PRECISION=$(PRECISION) $(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) \
 		--timeout-graceful-shutdown 20
 
 images:

@@ -110,7 +110,8 @@ def main() -> None:
     for _ in range(args.blocks):
         for b in batches:
             for (name, path), run in cells.items():
-                times[name, path, b] += per_image_us(run, np.ascontiguousarray(images[:b]), max(10, per_block * 16 // b))
+                calls = max(10, per_block * 16 // b)  # about as many images per cell at every batch size
+                times[name, path, b] += per_image_us(run, np.ascontiguousarray(images[:b]), calls)
 
     unit = (args.reference if args.reference in versions else next(iter(versions)), "-".join(REFERENCE))
     print(f"\n{cpu_name()} ({', '.join(cpu_features())}), {args.threads} threads; median µs per image; "
@@ -124,7 +125,8 @@ def main() -> None:
         print(f"| {name.partition('@')[0]} | {versions[name]} | {path} | {' | '.join(f'{m:.0f}' for m in med)} | "
               f"{' | '.join(f'{m / r:.2f}x' for m, r in zip(med, ref, strict=True))} |")
 
-    print("\nONNX Runtime's optimized graph (this CPU):\n| model | version | nodes | reorders |\n| --- | --- | --- | --- |")
+    print("\nONNX Runtime's optimized graph (this CPU):\n| model | version | nodes | reorders |\n"
+          "| --- | --- | --- | --- |")
     for name, version in versions.items():
         bare = name.partition("@")[0]
         nodes, reorders = graph_counts(args.store / bare / find_version(args.store, bare, version) / MODEL_FILE,

@@ -122,8 +122,8 @@ def main() -> None:
     ceiling = {(lbl.removeprefix("bare /decode"), c): r.rps for lbl, c, r in rows if lbl.startswith("bare")}
     print(f"\nmodel: {which} {name} ({store}), {os.cpu_count()} CPUs, wrk {args.duration}s per cell, "
           "1 uvicorn worker each")
-    print(f"| endpoint | connections | req/s | p50 ms | p99 ms | x bare | non-2xx |\n| --- | --- | --- | --- | --- | --- "
-          "| --- |")
+    print("| endpoint | connections | req/s | p50 ms | p99 ms | x bare | non-2xx |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for label, c, r in rows:
         kind = label.split(" [")[0].removeprefix("/classify")
         ceil = None if label.startswith("bare") else ceiling.get((kind, c))

@@ -84,7 +84,8 @@ def main() -> None:
                 logits, cosines = (np.concatenate([o[k] for o in out]).astype(np.float64) for k in (0, 1))
                 v = geodesic_verdict(logits, cosines, manifest.angle_mean_deg, manifest.angle_std_deg, manifest.rho)
                 ref = ref or v
-                t1, t16 = (us_per_image(run, np.ascontiguousarray(images[:b]), max(10, args.runs // b)) for b in (1, 16))
+                t1, t16 = (us_per_image(run, np.ascontiguousarray(images[:b]), max(10, args.runs // b))
+                           for b in (1, 16))
                 print(f"| {name} | {manifest.version} | {path} | {(v.labels == ref.labels).mean():.4f} | "
                       f"{(v.accepted == ref.accepted).mean():.4f} | {t1:.0f} | {t16:.0f} |")
 

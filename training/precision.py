@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,7 +143,7 @@ def borderline(judges: Judges, inputs: list[Tensor], n: int) -> Tensor:
 
 
 def measure(version_dir: Path, report_dir: Path, backend: str, precision: str, threads: int,
-            square_queries: int, n_square: int, say: typer.echo = typer.echo) -> PrecisionRecord:  # type: ignore[valid-type]
+            square_queries: int, n_square: int, say: Callable[[str], None] = typer.echo) -> PrecisionRecord:
     manifest = read_manifest(version_dir / "manifest.json")
     report = json.loads((report_dir / "report.json").read_text())
     if report["model"].get("sha256") not in (None, manifest.sha256):
