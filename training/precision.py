@@ -111,6 +111,16 @@ def _cache_name(attack: str) -> str:
     return attack.replace(":", "_")
 
 
+def evaluation_inputs(report_dir: Path, worst_case_attacks: list[str]
+                      ) -> tuple[dict[str, list[Tensor]], list[str], list[Tensor]]:
+    """(the worst case's attacks -> their kept inputs, the worst case's attacks with none kept,
+    every kept input including the attacks on other scores)."""
+    kept = cached_attacks(report_dir)
+    inputs = {a: kept[_cache_name(a)] for a in worst_case_attacks if _cache_name(a) in kept}
+    not_judged = [a for a in worst_case_attacks if a != "clean" and _cache_name(a) not in kept]
+    return inputs, not_judged, [t for runs in kept.values() for t in runs]
+
+
 def worst_case(judges: Judges, x: Tensor, y: Tensor, inputs: dict[str, list[Tensor]]) -> tuple[float, ...]:
     """(reference robust, reference defended, path robust, path defended) over the examples, each
     example's worst outcome over its clean input and every attack input (those covering it)."""
@@ -162,18 +172,7 @@ def measure(version_dir: Path, report_dir: Path, backend: str, precision: str, t
 
     n = int(report["worst_case"]["n_examples"])
     x, y = test.images[:n], test.labels[:n]
-    kept = cached_attacks(report_dir)
-    inputs: dict[str, list[Tensor]] = {}
-    not_judged = []
-    for attack in report["worst_case"]["attacks"]:
-        if attack == "clean":
-            continue
-        if _cache_name(attack) in kept:
-            inputs[attack] = kept[_cache_name(attack)]
-        else:
-            not_judged.append(attack)
-    others = [t for name, runs in kept.items() for t in runs if name not in {_cache_name(a) for a in inputs}]
-    every = [t for runs in inputs.values() for t in runs] + others
+    inputs, not_judged, every = evaluation_inputs(report_dir, report["worst_case"]["attacks"])
     adversarial = judges.agreement("adversarial", torch.cat(every))
     say(f"{adversarial.n} adversarial inputs: {adversarial.model_dump()}")
 
