@@ -5,7 +5,8 @@ PYTHON ?= python3
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test serve images train train-rejection evaluate evaluate-rejection publish choose-variant reproduce \
+.PHONY: install test serve images train train-rejection evaluate evaluate-rejection evaluate-serving \
+	precision-records publish choose-variant reproduce \
 	bench soak lint clean
 
 install: $(VENV)/.installed
@@ -105,6 +106,22 @@ evaluate-rejection: install
 	$(PY) -m training compare docs/results/fashion-mnist-dsphere-3.0.0/report.json \
 		docs/results/fashion-mnist-baseline-2.0.0/report.json docs/results/fashion-mnist-dsphere-2.0.0/report.json \
 		docs/results/fashion-mnist-baseline-1.0.0/report.json --out docs/results/model-comparison-3.0.0.md
+
+# 3.1.0: 3.0.0's checkpoint exported in the serving form (training/serving_graph.py, docs/SERVING.md), a new
+# version with its own calibration and full evaluation under the 3.0.0 protocol, side by side with 3.0.0.
+evaluate-serving: install
+	$(MAKE) publish NAME=fashion-mnist-dsphere VERSION=3.1.0 CKPT=checkpoints/dsphere-wm-truncated-rejection \
+		SUBS="checkpoints/baseline-nfgsm" EVAL_OPTS="$(EVAL_REJECTION)"
+	$(PY) -m training compare docs/results/fashion-mnist-dsphere-3.1.0/report.json \
+		docs/results/fashion-mnist-dsphere-3.0.0/report.json \
+		--out docs/results/fashion-mnist-dsphere-3.1.0/compared-with-3.0.0.md
+
+# The served versions' bf16 precision records (OpenVINO against the fp32 reference, from each version's own
+# evaluation and its attack cache; a few minutes each): without one, DSPHERE_PRECISION=bf16 serves fp32.
+PRECISION_RECORDS := fashion-mnist-dsphere/3.1.0 fashion-mnist-baseline/2.0.0
+precision-records: install
+	$(foreach v,$(PRECISION_RECORDS),{ test -f model_store/$(v)/precision/openvino-bf16.json || $(PY) -m training \
+		precision model_store/$(v) --evaluation docs/results/$(subst /,-,$(v)); } &&) true
 
 # Full evaluation (n = 1000; each about 30-40 min on 2 cores, resumable from its cache): each
 # model is exported to a staging store, attacked (transfer both ways between the two models, and
