@@ -171,7 +171,8 @@ def test_memory_bounded_and_still_serving_after_corpus(server: ServerHandle) -> 
     elapsed = time.monotonic() - t0
     assert_alive(server)
     with server.client() as c:
-        assert c.get("/healthz").json() == {"status": "ok"}
+        health = c.get("/healthz").json()
+        assert health["status"] == "ok" and health["runtime"]["fallback"] is None, health
         assert c.get("/readyz").status_code == 200
     after = _normal_classify(server, png)
     for key in ("label", "class_name", "verdict", "model"):

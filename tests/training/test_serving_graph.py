@@ -1,0 +1,75 @@
+"""The serving form of the export (training/serving_graph.py): the same function as the trained
+model for every corr and head, weights still under their PyTorch names, and a graph that keeps
+ONNX Runtime's blocked layout (no full-size layout reorder per sphere layer)."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from training.export import export_onnx
+from training.judging import PARITY_ATOL, OnnxModel, parity
+from training.layers import CORRS, sphere_layers
+from training.models import HEADS, ModelConfig, build_model
+from training.onnx_weights import model_from_onnx
+
+
+def _inputs() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.cat([torch.rand(16, 1, 28, 28),  # noise
+                      torch.zeros(2, 1, 28, 28),  # blank: every patch norm 0 (the eps path)
+                      torch.full((2, 1, 28, 28), 0.02),  # faint: patch norms below 1 (truncated's min)
+                      (torch.rand(4, 1, 28, 28) > 0.5).float()])
+
+
+@pytest.mark.parametrize("corr", CORRS)
+@pytest.mark.parametrize("head", HEADS)
+def test_serving_form_computes_the_trained_function(tmp_path: Path, corr: str, head: str) -> None:
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(arch="dsphere", corr=corr, head=head)).eval()
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path)
+    assert parity(model, OnnxModel(path), _inputs()) < PARITY_ATOL / 2  # the export refuses above PARITY_ATOL
+
+
+@pytest.mark.parametrize("head", ["softmax", "wsoftmax"])
+def test_baseline_exports_unchanged_in_function(tmp_path: Path, head: str) -> None:
+    model = build_model(ModelConfig(arch="baseline", head=head)).eval()
+    export_onnx(model, tmp_path / "model.onnx")
+    assert parity(model, OnnxModel(tmp_path / "model.onnx"), _inputs()) < PARITY_ATOL / 2
+
+
+def test_weights_keep_their_pytorch_names(tmp_path: Path) -> None:
+    cfg = ModelConfig(arch="dsphere", corr="truncated", head="wm")
+    model = build_model(cfg).eval()
+    export_onnx(model, tmp_path / "model.onnx")
+    rebuilt = model_from_onnx(tmp_path / "model.onnx", cfg.to_dict())
+    for (name, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def _reorders(path: Path, tmp_path: Path) -> int:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    kinds = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    return kinds["ReorderInput"] + kinds["ReorderOutput"]
+
+
+def test_serving_graph_keeps_the_blocked_layout(tmp_path: Path) -> None:
+    """At most one reorder per sphere conv (its one-channel factor map) plus the trunk's exit; the
+    trained form's broadcast multiply needs two full-size ones per layer (15 on this CPU)."""
+    model = build_model(ModelConfig(arch="dsphere", corr="truncated", head="wm")).eval()
+    export_onnx(model, tmp_path / "model.onnx")
+    convs = len(sphere_layers(model.features))
+    assert _reorders(tmp_path / "model.onnx", tmp_path) <= convs + 1
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    out = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    assert out[0].shape == out[1].shape == (3, 10)
