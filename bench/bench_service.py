@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--model", default=NAME, help="model of the bundled store to serve")
     ap.add_argument("--precisions", default="fp32,bf16", help="DSPHERE_PRECISION values, one server each")
+    ap.add_argument("--threads", type=int, default=0, help="DSPHERE_INTRA_OP_THREADS (0: the runtime's default)")
     args = ap.parse_args()
     precisions = [p for p in args.precisions.split(",") if p]
     if shutil.which("wrk") is None:
@@ -103,7 +104,8 @@ def main() -> None:
             rows += measure(label, url, body, concs, args.duration)
         for precision in precisions:
             env = {**os.environ, "DSPHERE_MODEL_STORE": str(store), "DSPHERE_MODEL_NAME": name,
-                   "DSPHERE_QUEUE_SIZE": "1024", "DSPHERE_PRECISION": precision}
+                   "DSPHERE_QUEUE_SIZE": "1024", "DSPHERE_PRECISION": precision,
+                   "DSPHERE_INTRA_OP_THREADS": str(args.threads)}
             svc, svc_url = start("app.main:app", env, "/readyz", [])
             try:
                 runtime = httpx.get(svc_url + "/healthz", timeout=5).json()["runtime"]
@@ -121,7 +123,7 @@ def main() -> None:
 
     ceiling = {(lbl.removeprefix("bare /decode"), c): r.rps for lbl, c, r in rows if lbl.startswith("bare")}
     print(f"\nmodel: {which} {name} ({store}), {os.cpu_count()} CPUs, wrk {args.duration}s per cell, "
-          "1 uvicorn worker each")
+          f"1 uvicorn worker each, DSPHERE_INTRA_OP_THREADS={args.threads}")
     print("| endpoint | connections | req/s | p50 ms | p99 ms | x bare | non-2xx |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")
     for label, c, r in rows:
