@@ -94,7 +94,7 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
-        self._info_labels: tuple[str, str, str, str] | None = None
+        self._model_info = _InfoGauge(self.model_info, self.multiprocess)
         self.runtime_info = Gauge(
             "dsphere_inference_runtime_info",
             "1 for the backend and precision running the served version; fallback says why a requested path is not.",
@@ -103,28 +103,14 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
-        self._runtime_labels: tuple[str, ...] | None = None
+        self._runtime_info = _InfoGauge(self.runtime_info, self.multiprocess)
 
     def set_model(self, model: str, version: str, sha256: str, provider: str) -> None:
-        labels = (model, version, sha256, provider)
-        if self._info_labels is not None and self._info_labels != labels:
-            if self.multiprocess:
-                self.model_info.labels(*self._info_labels).set(0)
-            else:
-                self.model_info.remove(*self._info_labels)
-        self.model_info.labels(*labels).set(1)
-        self._info_labels = labels
+        self._model_info.set(model, version, sha256, provider)
 
     def set_runtime(self, model: str, version: str, info: RuntimeInfo) -> None:
-        labels = (model, version, info.backend, info.precision, info.requested_backend, info.requested_precision,
-                  ",".join(info.cpu_features), info.fallback or "")
-        if self._runtime_labels is not None and self._runtime_labels != labels:
-            if self.multiprocess:
-                self.runtime_info.labels(*self._runtime_labels).set(0)
-            else:
-                self.runtime_info.remove(*self._runtime_labels)
-        self.runtime_info.labels(*labels).set(1)
-        self._runtime_labels = labels
+        self._runtime_info.set(model, version, info.backend, info.precision, info.requested_backend,
+                               info.requested_precision, ",".join(info.cpu_features), info.fallback or "")
 
     def observe_verdicts(self, model: str, version: str, class_names: list[str], v: Verdicts) -> None:
         for label, angle, verdict in zip(v.labels.tolist(), v.angles_deg.tolist(), v.names(), strict=True):
@@ -150,3 +136,21 @@ class Metrics:
                 out[family.name] += [(dict(s.labels), s.value) for s in family.samples
                                      if s.name == f"{family.name}_total"]
         return out
+
+
+class _InfoGauge:
+    """An info gauge: 1 for the current label set; the previous set removed (set to 0 with several
+    processes, where `livemax` keeps the highest value any live process wrote)."""
+
+    def __init__(self, gauge: Gauge, multiprocess: bool) -> None:
+        self.gauge, self.multiprocess = gauge, multiprocess
+        self.labels: tuple[str, ...] | None = None
+
+    def set(self, *labels: str) -> None:
+        if self.labels is not None and self.labels != labels:
+            if self.multiprocess:
+                self.gauge.labels(*self.labels).set(0)
+            else:
+                self.gauge.remove(*self.labels)
+        self.gauge.labels(*labels).set(1)
+        self.labels = labels

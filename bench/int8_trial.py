@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from bench_models import per_image_us  # bench/ is on sys.path: this script's folder
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -36,17 +36,6 @@ class Images(CalibrationDataReader):
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
-
-
-def us_per_image(run, x: np.ndarray, runs: int) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(10):
-        run(x)
-    t = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        run(x)
-        t.append(time.perf_counter() - t0)
-    return float(np.median(t)) * 1e6 / len(x)
 
 
 def main() -> None:
@@ -84,8 +73,8 @@ def main() -> None:
                 logits, cosines = (np.concatenate([o[k] for o in out]).astype(np.float64) for k in (0, 1))
                 v = geodesic_verdict(logits, cosines, manifest.angle_mean_deg, manifest.angle_std_deg, manifest.rho)
                 ref = ref or v
-                t1, t16 = (us_per_image(run, np.ascontiguousarray(images[:b]), max(10, args.runs // b))
-                           for b in (1, 16))
+                t1, t16 = (float(np.median(per_image_us(run, np.ascontiguousarray(images[:b]),
+                                                        max(10, args.runs // b)))) for b in (1, 16))
                 print(f"| {name} | {manifest.version} | {path} | {(v.labels == ref.labels).mean():.4f} | "
                       f"{(v.accepted == ref.accepted).mean():.4f} | {t1:.0f} | {t16:.0f} |")
 
