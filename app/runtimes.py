@@ -1,5 +1,6 @@
 """Where a verified model.onnx runs: ONNX Runtime in fp32 (the reference), or OpenVINO in fp32 or
-bf16 where this CPU and the installed packages support it (docs/SERVING.md, "Precision").
+bf16 where this CPU and the installed packages support it (docs/SERVING.md, "Paths and how the
+service picks one").
 
 `open_runner` takes the requested (backend, precision) and answers a `Runner`: a callable
 x -> (logits, cosines) with the `RuntimeInfo` it actually runs with. Anything other than the
