@@ -1,7 +1,8 @@
 """`python -m training precision VERSION_DIR --evaluation REPORT_DIR`: measure a faster path of a
 version (OpenVINO bf16 by default) against the fp32 ONNX Runtime reference and write its
 precision record, `VERSION_DIR/precision/<backend>-<precision>.json` (schema: app/manifest.py),
-without which the service does not serve that path (docs/SERVING.md, "Precision").
+without which the service does not serve that path (docs/SERVING.md, "The parity contract and
+precision records").
 
 Measured, every verdict taken with the manifest's statistics and ρ (app.verdict):
 - agreement (label, verdict, both) on the 10,000 clean test images;
