@@ -23,7 +23,7 @@ async def healthz(svc: ServiceDep) -> Health:
         return Health(status="ok")
     info = rt.model.runner.info
     return Health(status="ok", model=ModelRef(name=rt.name, version=rt.version),
-                  runtime=InferenceRuntime(**{**asdict(info), "cpu_features": list(info.cpu_features)}))
+                  runtime=InferenceRuntime(**asdict(info)))
 
 
 @router.get("/readyz", response_model=Ready, responses=error_responses(503), summary="Model loaded and warmed")

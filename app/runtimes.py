@@ -38,29 +38,23 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 dot products; without th
 
 
 @cache
+def _cpuinfo_first(key: str) -> str:
+    """The value of the first `key` line of /proc/cpuinfo ("" where there is none or it cannot be read)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((ln.partition(":")[2].strip() for ln in lines if ln.startswith(key)), "")
+
+
 def cpu_features() -> tuple[str, ...]:
     """RELEVANT_FLAGS this CPU has, from /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
+    flags = set(_cpuinfo_first("flags").split())
     return tuple(f for f in RELEVANT_FLAGS if f in flags)
 
 
-@cache
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return "unknown"
+    return _cpuinfo_first("model name") or "unknown"
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import collections
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 from app.manifest import MODEL_FILE, REFERENCE
 from app.model_store import ModelStoreError, find_version, load_version
 from app.runtimes import RuntimeUnavailable, cpu_features, cpu_name, openvino_runner
 from support.bundled import BUNDLED_STORE
 from support.fashion_mnist import load_fashion_mnist_test
+from support.ort_graph import optimized_graph_counts
 
 PATHS = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
 Run = Callable[[np.ndarray], object]
@@ -47,18 +45,6 @@ def per_image_us(run: Run, x: np.ndarray, calls: int) -> list[float]:
         run(x)
         out.append((time.perf_counter() - t0) * 1e6 / len(x))
     return out
-
-
-def graph_counts(model_path: Path, threads: int) -> tuple[int, int]:
-    """(nodes, reorders) of ONNX Runtime's optimized graph of model_path on this CPU."""
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3  # the "hardware-specific optimized model" warning
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        kinds = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-    return sum(kinds.values()), kinds["ReorderInput"] + kinds["ReorderOutput"]
 
 
 def runs_of(store: Path, name: str, version: str, threads: int) -> tuple[str, dict[str, Run], dict[str, str]]:
@@ -129,8 +115,8 @@ def main() -> None:
           "| --- | --- | --- | --- |")
     for name, version in versions.items():
         bare = name.partition("@")[0]
-        nodes, reorders = graph_counts(args.store / bare / find_version(args.store, bare, version) / MODEL_FILE,
-                                       args.threads)
+        vdir = args.store / bare / find_version(args.store, bare, version)
+        nodes, reorders = optimized_graph_counts(vdir / MODEL_FILE, args.threads)
         print(f"| {bare} | {version} | {nodes} | {reorders} |")
 
 

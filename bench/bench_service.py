@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 
 from app.model_store import load_version
+from app.settings import load_settings
 from support.bundled import BUNDLED_STORE, REPO
 from support.bundled import MODEL_NAME as NAME
 from support.fake_store import write_version
@@ -59,8 +60,9 @@ def start(target: str, env: dict[str, str], ready_path: str, extra: list[str]) -
 def model_compute(store: Path, name: str, precision: str, batch: int = 16, runs: int = 50) -> tuple[str, float]:
     """(path, microseconds per image) of the served version's runner alone, loaded by the service's
     own loader, at `batch` rows per call: the floor under any /classify latency."""
-    model = load_version(store, name, providers=["CPUExecutionProvider"],
-                         backend="onnxruntime" if precision == "fp32" else "openvino", precision=precision)
+    settings = load_settings(precision=precision)  # the service's own choice of backend
+    model = load_version(store, name, providers=["CPUExecutionProvider"], backend=settings.runtime_backend,
+                         precision=precision)
     x = np.random.default_rng(0).random((batch, *model.manifest.input.shape), dtype=np.float32)
     for _ in range(5):
         model.runner(x)

@@ -28,70 +28,44 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from app.runtimes import RuntimeUnavailable, openvino_runner
 from support.fashion_mnist import load_fashion_mnist_test
+from support.ort_graph import optimized_graph_counts
 from training.layers import SphereConv2d
 from training.onnx_weights import model_from_onnx
-from training.serving_graph import ServingGraph, _normalized_kernels, sphere_conv
-
-Form = Callable[[SphereConv2d, Tensor], Tensor]  # layer, x -> relu(layer(x))
+from training.serving_graph import ServingGraph, SphereConvForm, _normalized_kernels, sphere_conv
 
 
 def _truncated(y: Tensor, sq: Tensor) -> Tensor:
     return torch.relu(y) / torch.clamp(torch.sqrt(sq), min=1.0)
 
 
-def to_channels(layer: SphereConv2d, x: Tensor) -> Tensor:
+def to_channels(layer: SphereConv2d, x: Tensor, relu: bool) -> Tensor:
     s = F.conv2d(x * x, torch.full((layer.out_channels, layer.in_channels, 1, 1), 9.0))
     sq = F.avg_pool2d(s, 3, 1, 1, count_include_pad=True)
     return _truncated(F.conv2d(x, _normalized_kernels(layer), None, 1, 1), sq)
 
 
-def full_ones(layer: SphereConv2d, x: Tensor) -> Tensor:
+def full_ones(layer: SphereConv2d, x: Tensor, relu: bool) -> Tensor:
     sq = F.conv2d(x * x, torch.ones(layer.out_channels, layer.in_channels, 3, 3), None, 1, 1)
     return _truncated(F.conv2d(x, _normalized_kernels(layer), None, 1, 1), sq)
 
 
-def broadcast(layer: SphereConv2d, x: Tensor) -> Tensor:
+def broadcast(layer: SphereConv2d, x: Tensor, relu: bool) -> Tensor:
     s = F.conv2d(x * x, torch.full((1, layer.in_channels, 1, 1), 9.0))
     sq = F.avg_pool2d(s, 3, 1, 1, count_include_pad=True)
     return _truncated(F.conv2d(x, _normalized_kernels(layer), None, 1, 1), sq)
 
 
-FORMS: dict[str, Form | None] = {"trained": None, "serving": lambda layer, x: sphere_conv(layer, x, True),
-                                 "broadcast": broadcast, "to-channels": to_channels, "full-ones": full_ones}
-
-
-class WithForm(ServingGraph):
-    """ServingGraph with another SphereConv2d form (or the trained one)."""
-
-    def __init__(self, model: nn.Module, form: Form | None) -> None:
-        super().__init__(model)  # type: ignore[arg-type]
-        self.form = form
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        layers, i = list(self.features), 0
-        while i < len(layers):
-            if self.form is not None and isinstance(layers[i], SphereConv2d):
-                x, i = self.form(layers[i], x), i + 2  # type: ignore[arg-type]
-            else:
-                x, i = layers[i](x), i + 1
-        return self.classifier(torch.relu(self.fc(x.flatten(1))))
-
-
-def counts(path: Path) -> tuple[int, int]:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    kinds = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-    return sum(kinds.values()), kinds["ReorderInput"] + kinds["ReorderOutput"]
+# each a (layer, x, relu) -> relu(layer(x)) form for ServingGraph (the paper's nets: every sphere conv
+# is followed by a relu); None: the model as trained
+FORMS: dict[str, SphereConvForm | None] = {"trained": None, "serving": sphere_conv, "broadcast": broadcast,
+                                           "to-channels": to_channels, "full-ones": full_ones}
 
 
 def main() -> None:
@@ -109,7 +83,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, form in FORMS.items():
             path = Path(tmp) / f"{name}.onnx"
-            torch.onnx.export(WithForm(model, form).eval(), (x[:2],), str(path), input_names=["input"],
+            graph = model if form is None else ServingGraph(model, form)
+            torch.onnx.export(graph.eval(), (x[:2],), str(path), input_names=["input"],
                               output_names=["logits", "cosines"], opset_version=17, dynamo=False,
                               dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}, "cosines": {0: "N"}})
             opts = ort.SessionOptions()
@@ -117,7 +92,7 @@ def main() -> None:
             session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             out = session.run(None, {"input": x.numpy()})
             diff = max(float(np.abs(out[k] - ref[k].numpy()).max()) for k in (0, 1))
-            nodes, reorders = counts(path)
+            nodes, reorders = optimized_graph_counts(path)
             print(f"{name:12s} max |Δ| to PyTorch {diff:.1e}, optimized graph {nodes} nodes, {reorders} reorders")
             runs[name, "onnxruntime-fp32"] = lambda a, s=session: s.run(None, {"input": a})
             try:

@@ -19,7 +19,8 @@ import torch
 from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
-from app.manifest import OUTPUT_NAMES
+from app.manifest import REFERENCE
+from app.runtimes import Runner, onnxruntime_runner
 from app.verdict import Verdicts, calibrate_rho_on, geodesic_verdict
 
 # ONNX Runtime and PyTorch must agree this closely on logits and cosines (export refuses a graph
@@ -27,21 +28,29 @@ from app.verdict import Verdicts, calibrate_rho_on, geodesic_verdict
 PARITY_ATOL = 1e-4
 
 
-class OnnxModel:
-    """ONNX Runtime on a model.onnx, batched: (logits, cosines) as float64 arrays."""
+class BatchedRunner:
+    """A model runner (app.runtimes: x -> (logits, cosines), the service's own) called in batches:
+    (logits, cosines) as float64 arrays."""
+
+    def __init__(self, runner: Runner, batch_size: int = 1000) -> None:
+        self.runner, self.batch_size = runner, batch_size
+
+    def __call__(self, x: Tensor | np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        arr = (x.detach().cpu().numpy() if isinstance(x, Tensor) else x).astype(np.float32)
+        b = batch_size or self.batch_size
+        outs = [self.runner(np.ascontiguousarray(arr[i: i + b])) for i in range(0, len(arr), b)]
+        return (np.concatenate([o[0] for o in outs]).astype(np.float64),
+                np.concatenate([o[1] for o in outs]).astype(np.float64))
+
+
+class OnnxModel(BatchedRunner):
+    """ONNX Runtime on a model.onnx, the fp32 reference, batched."""
 
     def __init__(self, path: Path) -> None:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, x: Tensor | np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-        arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
-        outs = [self.session.run(list(OUTPUT_NAMES), {self.input_name: arr[i: i + batch_size].astype(np.float32)})
-                for i in range(0, len(arr), batch_size)]
-        return (np.concatenate([o[0] for o in outs]).astype(np.float64),
-                np.concatenate([o[1] for o in outs]).astype(np.float64))
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        super().__init__(onnxruntime_runner(session, session.get_inputs()[0].name, REFERENCE))
 
 
 def parity(model: nn.Module, onnx_model: OnnxModel, x: Tensor) -> float:

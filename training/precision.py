@@ -22,7 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -43,12 +43,12 @@ from app.manifest import (
     precision_file,
 )
 from app.model_store import read_manifest
-from app.runtimes import Runner, RuntimeUnavailable, cpu_features, cpu_name, openvino_runner
+from app.runtimes import RuntimeUnavailable, cpu_features, cpu_name, openvino_runner
 from app.verdict import Verdicts, geodesic_verdict
 from training.cli_app import app, command_line
 from training.data import load_dataset
 from training.evaluation.rule_attacks import RuleScores, RuleSquare
-from training.judging import OnnxModel
+from training.judging import BatchedRunner, OnnxModel
 from training.rejection import Rule
 
 log = logging.getLogger("dsphere.precision")
@@ -60,40 +60,34 @@ class PrecisionError(ValueError):
     """The record cannot be measured; one line for the user."""
 
 
-class RunnerModel:
-    """A `Runner` behind OnnxModel's interface (batched, float64 outputs), for RuleScores and judging."""
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-
-    def __call__(self, x: Tensor | np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        arr = (x.detach().cpu().numpy() if isinstance(x, Tensor) else x).astype(np.float32)
-        outs = [self.runner(np.ascontiguousarray(arr[i: i + batch_size])) for i in range(0, len(arr), batch_size)]
-        return (np.concatenate([o[0] for o in outs]).astype(np.float64),
-                np.concatenate([o[1] for o in outs]).astype(np.float64))
-
-
 @dataclass(frozen=True)
 class Judges:
-    """The reference and the path, and the manifest's rule."""
+    """The reference and the path, and the manifest's rule. Each input tensor is run once by both:
+    the agreement, the worst case and the borderline set read the same verdicts."""
 
-    reference: OnnxModel
-    path: RunnerModel
+    reference: BatchedRunner
+    path: BatchedRunner
     manifest: Manifest
+    _judged: dict[int, tuple[Tensor, Verdicts, Verdicts, float]] = field(default_factory=dict, repr=False)
 
     def verdicts(self, x: Tensor) -> tuple[Verdicts, Verdicts, float]:
         """(reference's, path's, max |Δ logit|) on x."""
+        hit = self._judged.get(id(x))
+        if hit is not None and hit[0] is x:  # x itself is kept, so its id is not reused
+            return hit[1:]
         m = self.manifest
         (rl, rc), (pl, pc) = self.reference(x), self.path(x)
         ref = geodesic_verdict(rl, rc, m.angle_mean_deg, m.angle_std_deg, m.rho)
         out = geodesic_verdict(pl, pc, m.angle_mean_deg, m.angle_std_deg, m.rho)
-        return ref, out, float(np.abs(rl - pl).max())
+        self._judged[id(x)] = (x, ref, out, float(np.abs(rl - pl).max()))
+        return self._judged[id(x)][1:]
 
-    def agreement(self, inputs: str, x: Tensor) -> Agreement:
-        ref, out, diff = self.verdicts(x)
-        label, verdict = ref.labels == out.labels, ref.accepted == out.accepted
-        return Agreement(inputs=inputs, n=len(x), label=float(label.mean()), verdict=float(verdict.mean()),
-                         outcome=float((label & verdict).mean()), max_abs_logit_diff=diff)
+    def agreement(self, inputs: str, xs: list[Tensor]) -> Agreement:
+        judged = [self.verdicts(x) for x in xs]
+        label = np.concatenate([ref.labels == out.labels for ref, out, _ in judged])
+        verdict = np.concatenate([ref.accepted == out.accepted for ref, out, _ in judged])
+        return Agreement(inputs=inputs, n=len(label), label=float(label.mean()), verdict=float(verdict.mean()),
+                         outcome=float((label & verdict).mean()), max_abs_logit_diff=max(d for *_, d in judged))
 
 
 def cached_attacks(report_dir: Path) -> dict[str, list[Tensor]]:
@@ -141,12 +135,10 @@ def worst_case(judges: Judges, x: Tensor, y: Tensor, inputs: dict[str, list[Tens
 
 def borderline(judges: Judges, inputs: list[Tensor], n: int) -> Tensor:
     """Per example (of the first n), the input whose reference angle is nearest its class's threshold."""
-    m = judges.manifest
     best = torch.zeros(n, *inputs[0].shape[1:])
     gap = np.full(n, np.inf)
     for x_adv in inputs:
-        logits, cosines = judges.reference(x_adv)
-        v = geodesic_verdict(logits, cosines, m.angle_mean_deg, m.angle_std_deg, m.rho)
+        v = judges.verdicts(x_adv)[0]
         g = np.abs(v.angles_deg - v.thresholds_deg)
         rows = np.flatnonzero(g < gap[: len(x_adv)])
         gap[rows], best[rows] = g[rows], x_adv[rows]
@@ -165,23 +157,23 @@ def measure(version_dir: Path, report_dir: Path, backend: str, precision: str, t
         runner = openvino_runner((version_dir / MODEL_FILE).read_bytes(), precision, threads)
     except RuntimeUnavailable as exc:
         raise PrecisionError(f"{backend}-{precision} cannot run here: {exc}") from None
-    judges = Judges(OnnxModel(version_dir / MODEL_FILE), RunnerModel(runner), manifest)
+    judges = Judges(OnnxModel(version_dir / MODEL_FILE), BatchedRunner(runner), manifest)
     test = load_dataset(manifest.training.dataset, "test",
                         manifest.training.training_config.get("data_dir"))
-    clean = judges.agreement("test", test.images)
+    clean = judges.agreement("test", [test.images])
     say(f"clean test images: {clean.model_dump()}")
 
     n = int(report["worst_case"]["n_examples"])
     x, y = test.images[:n], test.labels[:n]
     inputs, not_judged, every = evaluation_inputs(report_dir, report["worst_case"]["attacks"])
-    adversarial = judges.agreement("adversarial", torch.cat(every))
+    adversarial = judges.agreement("adversarial", every)
     say(f"{adversarial.n} adversarial inputs: {adversarial.model_dump()}")
 
     rule = Rule(tuple(manifest.angle_mean_deg), tuple(manifest.angle_std_deg), manifest.rho)
     m = min(n_square or n, n)
     say(f"Square on the rule against {backend}-{precision}: {m} examples, {square_queries} queries ...")
     torch.manual_seed(0)
-    scores = RuleScores(judges.path, rule, manifest.num_classes)  # type: ignore[arg-type]  # OnnxModel's interface
+    scores = RuleScores(judges.path, rule, manifest.num_classes)
     on_path = RuleSquare(float(report["eps"]), rule, square_queries)(scores, x[:m], y[:m])
     inputs[f"rule-square on {backend}-{precision}"] = [on_path]
     ref_robust, ref_defended, robust, defended = worst_case(judges, x, y, inputs)
@@ -191,7 +183,7 @@ def measure(version_dir: Path, report_dir: Path, backend: str, precision: str, t
     border_file = f"{PRECISION_DIR}/{backend}-{precision}-borderline.npz"
     (version_dir / PRECISION_DIR).mkdir(exist_ok=True)
     np.savez_compressed(version_dir / border_file, x=border.numpy(), y=y.numpy().astype(np.uint8))
-    border_agreement = judges.agreement("borderline", border.float())
+    border_agreement = judges.agreement("borderline", [border.float()])
 
     return PrecisionRecord(
         name=manifest.name, version=manifest.version, sha256=manifest.sha256, backend=backend,  # type: ignore[arg-type]

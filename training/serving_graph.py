@@ -29,6 +29,8 @@ The classifier computes W·x once for both outputs (training computes it twice).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -73,14 +75,17 @@ def sphere_conv(layer: SphereConv2d, x: Tensor, relu: bool) -> Tensor:
     return torch.relu(out) if relu else out
 
 
-def _trunk(features: nn.Sequential, x: Tensor) -> Tensor:
+SphereConvForm = Callable[[SphereConv2d, Tensor, bool], Tensor]  # (layer, x, relu after it) -> output
+
+
+def _trunk(features: nn.Sequential, x: Tensor, conv: SphereConvForm) -> Tensor:
     layers = list(features)
     i = 0
     while i < len(layers):
         layer = layers[i]
         if isinstance(layer, SphereConv2d):
             relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
-            x = sphere_conv(layer, x, relu)
+            x = conv(layer, x, relu)
             i += 2 if relu else 1
         else:
             x = layer(x)
@@ -90,17 +95,19 @@ def _trunk(features: nn.Sequential, x: Tensor) -> Tensor:
 
 class ServingGraph(nn.Module):
     """A ConvNet in its exported form. It holds the model's own modules under the model's
-    attribute names, so the ONNX initializers keep their PyTorch names."""
+    attribute names, so the ONNX initializers keep their PyTorch names. `conv` is the form of
+    each SphereConv2d (bench/graph_forms.py swaps in the forms it compares)."""
 
-    def __init__(self, model: ConvNet) -> None:
+    def __init__(self, model: ConvNet, conv: SphereConvForm = sphere_conv) -> None:
         super().__init__()
         self.config = model.config
+        self.conv = conv
         self.features = model.features
         self.fc = model.fc
         self.classifier = model.classifier
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z = self.fc(_trunk(self.features, x).flatten(1))
+        z = self.fc(_trunk(self.features, x, self.conv).flatten(1))
         z = torch.relu(z) if self.config.feature_relu else z
         return self._classify(z)
 

@@ -18,8 +18,8 @@ from app.manifest import MIN_ADVERSARIAL_AGREEMENT, MIN_CLEAN_AGREEMENT, MODEL_F
 from app.model_store import load_version, read_manifest
 from support.bundled import BUNDLED_STORE
 from support.fashion_mnist import load_fashion_mnist_test
-from training.judging import OnnxModel
-from training.precision import Judges, RunnerModel
+from training.judging import BatchedRunner, OnnxModel
+from training.precision import Judges
 
 RECORDS = sorted(BUNDLED_STORE.glob("*/*/precision/*.json"))
 
@@ -57,13 +57,13 @@ def test_agreement_has_not_fallen_below_the_record(path: Path) -> None:
         return
     assert (info.backend, info.precision, info.fallback) == (record.backend, record.precision, None), info
     # measured as `python -m training precision` measures (training/precision.py)
-    judges = Judges(OnnxModel(vdir / MODEL_FILE), RunnerModel(model.runner), model.manifest)
+    judges = Judges(OnnxModel(vdir / MODEL_FILE), BatchedRunner(model.runner), model.manifest)
     same_cpu = list(runtimes.cpu_features()) == record.cpu_features
     clean = torch.from_numpy((load_fashion_mnist_test(10_000).astype(np.float32) / 255.0)[:, None])
-    got = judges.agreement("test", clean)
+    got = judges.agreement("test", [clean])
     floor = (record.clean.label, record.clean.verdict) if same_cpu else (0.0, MIN_CLEAN_AGREEMENT)
     assert got.label >= floor[0] and got.verdict >= floor[1], (got, record.clean)
     border = torch.from_numpy(np.load(vdir / record.borderline_file)["x"].astype(np.float32))
-    got = judges.agreement("borderline", border)
+    got = judges.agreement("borderline", [border])
     floor = (record.borderline.label, record.borderline.verdict) if same_cpu else (0.0, MIN_ADVERSARIAL_AGREEMENT)
     assert got.label >= floor[0] and got.verdict >= floor[1], (got, record.borderline)

@@ -4,15 +4,14 @@ ONNX Runtime's blocked layout (no full-size layout reorder per sphere layer)."""
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
+from support.ort_graph import optimized_graph_counts
 from training.export import export_onnx
 from training.judging import PARITY_ATOL, OnnxModel, parity
 from training.layers import CORRS, sphere_layers
@@ -54,22 +53,13 @@ def test_weights_keep_their_pytorch_names(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
-def _reorders(path: Path, tmp_path: Path) -> int:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    kinds = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-    return kinds["ReorderInput"] + kinds["ReorderOutput"]
-
-
 def test_serving_graph_keeps_the_blocked_layout(tmp_path: Path) -> None:
     """At most one reorder per sphere conv (its one-channel factor map) plus the trunk's exit; the
     trained form's broadcast multiply needs two full-size ones per layer (15 on this CPU)."""
     model = build_model(ModelConfig(arch="dsphere", corr="truncated", head="wm")).eval()
     export_onnx(model, tmp_path / "model.onnx")
     convs = len(sphere_layers(model.features))
-    assert _reorders(tmp_path / "model.onnx", tmp_path) <= convs + 1
+    assert optimized_graph_counts(tmp_path / "model.onnx")[1] <= convs + 1
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     out = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     assert out[0].shape == out[1].shape == (3, 10)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.attacks import eval_mode, logits_of, project
-from training.judging import OnnxModel
+from training.judging import BatchedRunner
 from training.rejection import Rule, rule_margins, rule_objective
 
 
@@ -192,7 +192,7 @@ class RuleScores(nn.Module):
 
     FLOOR = 1e-6
 
-    def __init__(self, onnx_model: OnnxModel, rule: Rule, num_classes: int, kappa: float = 10.0) -> None:
+    def __init__(self, onnx_model: BatchedRunner, rule: Rule, num_classes: int, kappa: float = 10.0) -> None:
         super().__init__()
         self.onnx_model, self.rule, self.num_classes, self.kappa = onnx_model, rule, num_classes, kappa
         self._dummy = nn.Parameter(torch.zeros(()), requires_grad=False)  # ART wants parameters
