@@ -5,7 +5,7 @@ PYTHON ?= python3
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install test serve images train train-rejection evaluate evaluate-rejection evaluate-serving \
+.PHONY: install test serve images train train-rejection train-served evaluate evaluate-rejection evaluate-serving \
 	precision-records publish choose-variant reproduce \
 	bench soak lint clean
 
@@ -81,13 +81,22 @@ train: install
 # W-Softmax), 6 epochs (D-SphereNet) or 2 (baseline) at lr 2.5e-4 (/10 at 50 % and 75 %), the rule-aware guard choosing
 # best/ on the defended rate. The D-SphereNet's run was stopped by hand at iteration 1,287 when its guard had fallen
 # 7 points below its best (checkpoints/dsphere-wm-truncated-rejection/summary.json); `keep --stopped` sealed best/.
-REJECTION := --mode rejection --eps 0.1 --lr 2.5e-4 --lr-milestones 0.5,0.75 --checkpoint-every 250 --guard-every 250 \
+REJECTION := --mode rejection --reject-cones fixed --reject-attack-steps 2 --eps 0.1 --lr 2.5e-4 --lr-milestones 0.5,0.75 --checkpoint-every 250 --guard-every 250 \
 	--resume
 train-rejection: install
 	$(call run,dsphere-wm-truncated-rejection,$(DSPHERE) --init-from checkpoints/dsphere-wm-truncated-nfgsm \
 		--epochs 6 $(REJECTION))
 	$(call run,baseline-rejection,--arch baseline --head wsoftmax --init-from checkpoints/baseline-nfgsm --epochs 2 \
 		$(subst --guard-every 250,--guard-every 143,$(REJECTION)))
+
+# The 4.0.0 campaign (docs/METHOD.md, "Training the verdict"): rejection training against the served rule itself
+# (--reject-cones served: each class's threshold rho*(mean+std) measured on the model every 25 iterations), a
+# PGD-3 training attack, 2 epochs from the 3.0.0 checkpoints at lr 2.5e-4, the guard choosing best/.
+SERVED := --mode rejection --reject-cones served --reject-attack-steps 3 --eps 0.1 --lr 2.5e-4 --lr-milestones 0.5,0.75 \
+	--epochs 2 --checkpoint-every 100 --guard-every 143 --resume
+train-served: install
+	$(call run,dsphere-wm-truncated-served,$(DSPHERE) --init-from checkpoints/dsphere-wm-truncated-rejection $(SERVED))
+	$(call run,baseline-served,--arch baseline --head wsoftmax --init-from checkpoints/baseline-rejection $(SERVED))
 
 # Their full evaluations, every attack including those aimed at the verdict, budgets sized for 2 shared cores:
 # PGD-100 restarts 1 -> 2, APGD 50 iterations, transfer PGD-50, the rule attack 10 steps per target and loss with

@@ -48,7 +48,13 @@ def train(  # a flat list: one parameter per option, then one call
         help="fgsm/pgd: weight of the adversarial loss (1 = pure adversarial)")] = 1.0,
     trades_beta: Annotated[float, typer.Option(help="trades: weight beta of KL(clean || adversarial)")] = 6.0,
     reject_scale: Annotated[float, typer.Option(help="rejection: scale s of the logits s*cos and s*t")] = 10.0,
-    reject_cos: Annotated[float, typer.Option(help="rejection: t, cosine of the training cone's half-angle")] = 0.5,
+    reject_cones: Annotated[str, typer.Option(
+        help="rejection: served (each class's served threshold rho*(mean+std), measured as the model trains) "
+             "or fixed (one cone of cosine --reject-cos)")] = "served",
+    reject_cos: Annotated[float, typer.Option(help="rejection, fixed cones: t, cosine of the cone's half-angle")] = 0.5,
+    reject_attack_steps: Annotated[int, typer.Option(help="rejection: PGD steps of the training attack")] = 2,
+    cone_refresh_every: Annotated[int, typer.Option(
+        help="rejection, served cones: iterations between measurements of the cones")] = 25,
     reject_margin: Annotated[float, typer.Option(help="rejection: angular margin m of clean inputs")] = 0.1,
     outlier_fraction: Annotated[float, typer.Option(
         help="rejection: synthetic outliers per batch, as a share of the batch size")] = 0.25,
@@ -105,7 +111,9 @@ def train(  # a flat list: one parameter per option, then one call
                       checkpoint_minutes=checkpoint_minutes, device=device,
                       objective=ObjectiveConfig(wm_eta=wm_eta, ortho_weight=ortho_weight),
                       guard=GuardConfig(every=guard_every),
-                      rejection=RejectionConfig(scale=reject_scale, reject_cos=reject_cos, margin=reject_margin,
+                      rejection=RejectionConfig(scale=reject_scale, cones=reject_cones, reject_cos=reject_cos,
+                                                attack_steps=reject_attack_steps, cone_refresh_every=cone_refresh_every,
+                                                margin=reject_margin,
                                                 outlier_fraction=outlier_fraction, outlier_eps=outlier_eps,
                                                 shrunk_share=shrunk_share))
     _, ckpt = run_training(model_cfg, cfg, out, resume=resume, command=command_line(), init_from=init_from,

@@ -69,7 +69,8 @@ class TrainConfig:
         d = dict(d)
         d["objective"] = ObjectiveConfig(**d.get("objective", {}))
         d["guard"] = GuardConfig(**d.get("guard", {}))
-        d["rejection"] = RejectionConfig(**d.get("rejection", {}))
+        # Runs written before served cones existed trained in one fixed cone.
+        d["rejection"] = RejectionConfig(**{"cones": "fixed", **d["rejection"]} if "rejection" in d else {})
         d["lr_milestones"] = tuple(d.get("lr_milestones", (1 / 3, 2 / 3)))
         return cls(**d)
 

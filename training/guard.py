@@ -106,16 +106,11 @@ class OverfittingGuard:
         return point
 
     def _measure_rule(self, model: nn.Module, iteration: int, epoch: int, data: RuleData) -> GuardPoint:
-        from training.angle_stats import compute_angle_stats
-        from training.judging import Rates, calibrate
-        from training.rejection import Rule, rule_objective
+        from training.judging import Rates
+        from training.rejection import measure_rule, rule_objective
 
-        k = int(getattr(getattr(model, "config", None), "num_classes", 10))
-        stats = compute_angle_stats(model, data.x_stats, data.y_stats, k)
-        logits, cos = predict(model, data.x_calib)
-        rho = calibrate(logits.double().cpu().numpy(), cos.double().cpu().numpy(), stats.mean_deg, stats.std_deg,
-                        self.cfg.target_reject_rate).rho
-        served = Rule(stats.mean_deg, stats.std_deg, float(rho))
+        served = measure_rule(model, data.x_stats, data.y_stats, data.x_calib, self.cfg.target_reject_rate)
+        rho = served.rho
         cos_thr = served.cos_thresholds(self.x.device)
         kappa = self.cfg.kappa
 

@@ -45,7 +45,7 @@ from training.distributed import DistInfo, check_ranks_agree, init_distributed, 
 from training.guard import CatastrophicOverfitting, GuardPoint, OverfittingGuard, RuleData
 from training.models import ConvNet, ModelConfig, build_model
 from training.objectives import regularizer
-from training.rejection import rejection_loss
+from training.rejection import ServedCones, rejection_loss
 
 log = logging.getLogger("dsphere.train")
 
@@ -89,6 +89,7 @@ class Run:
     total: int
     ckpt: Checkpoint
     guard: OverfittingGuard | None
+    cones: ServedCones | None = None  # rejection training: the cones it rejects outside of
     it: int = 0
     epochs: list[dict[str, Any]] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
@@ -139,6 +140,9 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, co
     if info.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(cfg, out, device, info, model, net, optimizer, train_ds, val_ds, iters_per_epoch, total, ckpt, guard)
+    if cfg.mode == "rejection":
+        run.cones = ServedCones(cfg.rejection, model_cfg.num_classes, train_ds.images.to(device),
+                                train_ds.labels.to(device))
     if resuming:
         _resume(run, out / "last")
     return run
@@ -188,6 +192,8 @@ def _resume(run: Run, last: Path) -> None:
     run.minutes_before = float(prev.metrics.get("train_minutes", 0.0))
     if run.guard is not None:
         run.guard.history = [GuardPoint(**h) for h in prev.metrics.get("guard", [])]
+    if run.cones is not None:
+        run.cones.load(prev.metrics.get("served_cones"), run.device)
     log.info("resumed from %s at iteration %d", last, run.it)
 
 
@@ -251,8 +257,10 @@ def _step(run: Run, x: Tensor, y: Tensor) -> dict[str, str]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.it, run.total, cfg)
     eps = eps_at(run.it, run.iters_per_epoch, cfg)
-    if cfg.mode == "rejection":
-        loss, logits = rejection_loss(run.model, run.net, x, y, eps, run.it, cfg.rejection, cfg.objective)
+    if run.cones is not None:
+        if eps > 0 and run.cones.due(run.it):
+            run.cones.refresh(run.model, run.it)
+        loss, logits = rejection_loss(run.model, run.net, x, y, eps, run.it, cfg.rejection, cfg.objective, run.cones)
     else:
         x_adv = adversarial_input(run.model, x, y, cfg.mode, eps, cfg.attack_steps, _step_size(cfg, eps))
         loss, logits = training_loss(run.model, run.net, x, x_adv, y, cfg.mode, cfg.adv_weight, cfg.trades_beta,
@@ -330,6 +338,8 @@ def _progress_metrics(run: Run) -> dict[str, Any]:
     metrics = {**run.ckpt.metrics, "epochs": run.epochs, "train_minutes": round(run.minutes, 2)}
     if run.guard is not None:
         metrics["guard"] = run.guard.to_list()
+    if run.cones is not None and run.cones.state() is not None:
+        metrics["served_cones"] = run.cones.state()
     return metrics
 
 

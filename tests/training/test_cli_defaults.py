@@ -25,7 +25,9 @@ TRAIN_RENAMED = {"guard_every": ("guard", "every"), "wm_eta": ("objective", "wm_
                  "ortho_weight": ("objective", "ortho_weight"), "reject_scale": ("rejection", "scale"),
                  "reject_cos": ("rejection", "reject_cos"), "reject_margin": ("rejection", "margin"),
                  "outlier_fraction": ("rejection", "outlier_fraction"), "outlier_eps": ("rejection", "outlier_eps"),
-                 "shrunk_share": ("rejection", "shrunk_share")}
+                 "shrunk_share": ("rejection", "shrunk_share"), "reject_cones": ("rejection", "cones"),
+                 "reject_attack_steps": ("rejection", "attack_steps"),
+                 "cone_refresh_every": ("rejection", "cone_refresh_every")}
 EVAL_NOT_CONFIG = {
     "version_dir": "an argument", "store": "where to find the version", "name": "where to find the version",
     "version": "where to find the version", "checkpoint": "an argument", "substitute": "list of paths",

@@ -22,7 +22,10 @@ from training.rejection import (
     RejectionConfig,
     Rule,
     correct_or_reject_loss,
+    ServedCones,
+    measure_rule,
     reject_loss,
+    rule_decision,
     rule_logits,
     rule_objective,
 )
@@ -31,24 +34,63 @@ from training.train import train
 CFG = RejectionConfig()
 
 
+def _random_rule(seed: int, n: int = 400, k: int = 10) -> tuple[np.ndarray, np.ndarray, Rule]:
+    rng = np.random.default_rng(seed)
+    cos = rng.uniform(-0.2, 0.98, (n, k))
+    logits = 10 * cos + rng.normal(0, 0.3, (n, k))  # label = argmax logits, not always argmax cos
+    return logits, cos, Rule(tuple(rng.uniform(20, 60, k)), tuple(rng.uniform(2, 10, k)), float(rng.uniform(0.9, 1.2)))
+
+
 def test_correct_or_reject_loss_is_minus_log_of_p_true_plus_p_reject() -> None:
-    g = torch.Generator().manual_seed(0)
-    cos = torch.rand(32, 10, generator=g) * 2 - 1
-    y = torch.randint(10, (32,), generator=g)
-    p = torch.softmax(rule_logits(cos, CFG), 1)
+    logits, cos, rule = _random_rule(0, n=32)
+    lg, cs, thr = torch.tensor(logits), torch.tensor(cos), rule.cos_thresholds().double()
+    y = torch.randint(10, (32,), generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(rule_logits(lg, cs, CFG, thr), 1)
     want = -torch.log(p[torch.arange(32), y] + p[:, -1])
-    torch.testing.assert_close(correct_or_reject_loss(cos, y, CFG), want)
-    torch.testing.assert_close(reject_loss(cos, CFG), -torch.log(p[:, -1]))
+    torch.testing.assert_close(correct_or_reject_loss(lg, cs, y, CFG, thr), want)
+    torch.testing.assert_close(reject_loss(lg, cs, CFG, thr), -torch.log(p[:, -1]))
 
 
 def test_the_margin_lowers_the_true_class_logit_only() -> None:
     cos = torch.zeros(3, 10)
     y = torch.tensor([0, 4, 9])
-    z = rule_logits(cos, CFG, y)
+    thr = torch.full((10,), 0.5)
+    z = rule_logits(cos, cos, CFG, thr, y)
     assert z.shape == (3, 11)
     assert torch.all(z[torch.arange(3), y] == -CFG.scale * CFG.margin)
-    assert torch.all(z[:, -1] == CFG.scale * CFG.reject_cos)
+    assert torch.all(z[:, -1] == CFG.scale * 0.5)
     assert int((z[:, :10] != 0).sum()) == 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_trainings_decision_is_the_served_verdict(seed: int) -> None:
+    """Training rejects exactly where app.verdict rejects, with the same label, on random
+    logits, cosines and per-class statistics (labels from logits, not always argmax cos)."""
+    logits, cos, rule = _random_rule(seed)
+    v = geodesic_verdict(logits, cos, rule.angle_mean_deg, rule.angle_std_deg, rule.rho)
+    labels, accepted = rule_decision(torch.tensor(logits), torch.tensor(cos), CFG, rule.cos_thresholds().double())
+    assert 0 < v.accepted.sum() < len(v)  # both verdicts occur
+    assert (logits.argmax(1) != cos.argmax(1)).any()  # and the two argmaxes differ somewhere
+    np.testing.assert_array_equal(labels.numpy(), v.labels)
+    np.testing.assert_array_equal(accepted.numpy(), v.accepted)
+
+
+def test_served_cones_are_the_rule_export_would_ship_and_survive_a_checkpoint() -> None:
+    torch.manual_seed(0)
+    net = build_net(ModelConfig(arch="dsphere", corr="truncated", head="wm", widths=(4, 4, 4), fc_dim=8))
+    x, y = torch.rand(60, 1, 28, 28), torch.randint(10, (60,))
+    cfg = RejectionConfig(cone_n_stats=30, cone_refresh_every=5)
+    cones = ServedCones(cfg, 10, x, y)
+    assert cones.due(3)  # never measured
+    cones.refresh(net, 3)
+    assert not cones.due(4) and cones.due(5)
+    want = measure_rule(net, x[:30], y[:30], x[30:60], cfg.target_reject_rate)
+    assert cones.rule == want
+    torch.testing.assert_close(cones.cos_thr, want.cos_thresholds())
+    again = ServedCones(cfg, 10)
+    again.load(cones.state())
+    assert again.rule == want and again.iteration == 3
+    assert not ServedCones(RejectionConfig(cones="fixed"), 10).due(0)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -99,6 +141,8 @@ def test_a_rejection_run_is_guarded_on_the_defended_rate(tmp_path: Path) -> None
     _, ckpt = train(ModelConfig(corr="truncated", widths=(4, 8, 8), fc_dim=16), cfg, tmp_path / "run",
                     show_progress=False)
     guard = ckpt.metrics["guard"]
+    cones = ckpt.metrics["served_cones"]  # training rejected outside the model's own served cones
+    assert cones["iteration"] == 50 and cones["rho"] > 0 and len(cones["angle_mean_deg"]) == 10
     assert [g["iteration"] for g in guard][:4] == [48, 56, 64, 72]  # after the natural epoch (46 iterations)
     for g in guard:
         assert g["defended_rate"] is not None and g["defended_rate"] >= g["pgd_accuracy"] - 1e-9

@@ -194,6 +194,21 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted: Path, tmp_path: Pat
     assert resumed["best"]["iteration"] == whole["best"]["iteration"]
 
 
+def test_resumed_rejection_run_keeps_its_served_cones(tmp_path: Path) -> None:
+    """Rejection training's cones are measured every few iterations: a run interrupted between
+    two measurements resumes with the cones it had (not ones measured on its later weights)."""
+    from training.rejection import RejectionConfig
+
+    over = dict(mode="rejection", rejection=RejectionConfig(cone_refresh_every=5, cone_n_stats=64))
+    small_run(tmp_path / "whole", **over)
+    small_run(tmp_path / "parts", stop_after=7, **over)
+    assert load_checkpoint(tmp_path / "parts" / "last")[1].metrics["served_cones"]["iteration"] == 5
+    small_run(tmp_path / "parts", resume=True, **over)
+    whole, resumed = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "parts"))
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+    assert resumed["served_cones"] == whole["served_cones"]
+
+
 def test_resume_needs_no_init_checkpoint(tmp_path: Path) -> None:
     """A resumed run's weights come from last/: the warm start it began from may be gone."""
     from training.distributed import weights_digest
