@@ -104,6 +104,7 @@ class AttackRunner:
         self.results: list[AttackResult] = []
         self.judged: dict[str, Judged] = {}
         self.inputs: dict[str, Tensor] = {}
+        self.cached: dict[str, list[str]] = {}  # attack -> its files in the cache (the report's `cached_inputs`)
 
     def n(self, cap: int) -> int:
         return min(cap or len(self.t.x), len(self.t.x))
@@ -114,6 +115,8 @@ class AttackRunner:
         key = hashlib.sha256(json.dumps([self.t.manifest.sha256, name, params, examples, seed, self.t.eps],
                                         sort_keys=True, default=str).encode()).hexdigest()[:20]
         path = self.cache / f"{name.replace(':', '_')}-{key}.safetensors" if self.cache else None
+        if path is not None:
+            self.cached.setdefault(name, []).append(path.name)
         if path is not None and path.is_file():
             return load_file(str(path))["x_adv"]
         torch.manual_seed(seed)
@@ -220,11 +223,15 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
     ood = ood_table(target.onnx_model, target.x, target.rule, cfg) if cfg.ood else []
     distal = (distal_table(wb.model, target.onnx_model, tuple(target.manifest.input.shape), target.rule, cfg, say)
               if cfg.ood and wb.model is not None else [])
+    distal_skipped = wb.unavailable if cfg.ood and wb.model is None else None
+    if distal_skipped is not None:
+        say(f"distal attack: skipped ({distal_skipped})")
     warnings += [c.verdict for c in (sanity.noise, sanity.pgd_budget, sanity.eps_sweep, sanity.gradient_free,
                                      sanity.rule) if c is not None and not c.ok]
     detectors = _detectors(runner, clean, wb.model) if cfg.detectors else []
     report = _report(target, cfg, command, checkpoint, wb, clean, runner.results, done, detectors, sanity, warnings)
-    report.ood, report.distal = ood, distal
+    report.ood, report.distal, report.distal_skipped = ood, distal, distal_skipped
+    report.cached_inputs = runner.cached if out is not None else None
     outcome = Outcome(report, runner.judged, clean, sweep)
     outcome.report.seconds = round(time.time() - t_start, 1)
     if out is not None:

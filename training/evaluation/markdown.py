@@ -137,6 +137,8 @@ def _foreign_section(r: Report) -> list[str]:
         L.extend(f"| {d.start} | {d.eps:g} | {d.n_examples} | {_pct(d.start_accepted_rate)} | "
                  f"{_pct(d.accepted_rate)} |" for d in r.distal)
         L.append("")
+    if r.distal_skipped:
+        L.append(f"Distal inputs: the attack was skipped ({r.distal_skipped}).\n")
     return L
 
 

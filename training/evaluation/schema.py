@@ -217,11 +217,15 @@ class Report(_Model):
     worst_case_all_examples: WorstCase | None = None
     detectors: list[Detector] = Field(default_factory=list)
     distal: list[DistalResult] = Field(default_factory=list)
+    distal_skipped: str | None = Field(None, description="why the distal attack did not run (it is white-box)")
     ood: list[OodResult] = Field(default_factory=list)
     sanity: Sanity = Field(default_factory=Sanity)
     warnings: list[str] = Field(default_factory=list)
     figures: list[str] = Field(default_factory=list)
     seconds: float = 0.0
+    cached_inputs: dict[str, list[str]] | None = Field(
+        None, description="per attack, its inputs' files in the output's .cache/ (what `python -m training "
+        "precision` reads); None in reports made before they were listed")
 
     def attack(self, name: str) -> AttackResult:
         for a in self.attacks:
