@@ -10,6 +10,7 @@ does not know.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Final, Literal
 
@@ -174,16 +175,21 @@ class Manifest(_Strict):
 # A faster path (another runtime, a lower precision) of a version's model.onnx is served only with
 # its agreement with the fp32 ONNX Runtime reference measured and recorded here
 # (`python -m training precision`, docs/SERVING.md). The service refuses a path whose record is
-# missing, made on other model bytes, or below the contract's floors, and serves the fp32 reference.
+# missing, made on other model bytes, below the contract's floors, or measured under other
+# conditions than the running service's (CPU features, runtime version, rho), and serves the fp32
+# reference.
 PRECISION_DIR = "precision"
 BACKENDS = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
 REFERENCE = ("onnxruntime", "fp32")
-# The contract: accept/reject verdicts agree on at least these shares of the inputs, and the
-# worst-case defended rate moves by at most this much. Label agreement is recorded beside it.
+# The contract is on the answer a user gets, the (label, verdict) pair: the path gives the
+# reference's pair on at least these shares of the inputs; the borderline set meets the floor its
+# record states (never below MIN_BORDERLINE_FLOOR); the worst case (robust accuracy and defended
+# rate) moves by at most MAX_WORST_CASE_SHIFT.
 MIN_CLEAN_AGREEMENT: Final = 0.999
 MIN_ADVERSARIAL_AGREEMENT: Final = 0.99
-MAX_DEFENDED_SHIFT: Final = 0.01
+MIN_BORDERLINE_FLOOR: Final = 0.90
+MAX_WORST_CASE_SHIFT: Final = 0.01
 
 
 def precision_file(backend: str, precision: str) -> str:
@@ -231,8 +237,11 @@ class PrecisionRecord(_Strict):
     rho: float = Field(gt=0, description="the manifest's rho the verdicts were taken with")
     clean: Agreement
     adversarial: Agreement
-    borderline: Agreement = Field(description="on borderline_file, the inputs tests re-check (no floor: the "
-                                  "inputs nearest the threshold, where a flip is likeliest)")
+    borderline: Agreement = Field(description="on borderline_file, the inputs tests re-check (the inputs nearest "
+                                  "the threshold, where a flip is likeliest)")
+    borderline_floor: float | None = Field(
+        None, ge=0, le=1, description=f"the (label, verdict) agreement the borderline set must keep (at least "
+        f"{MIN_BORDERLINE_FLOOR}); records made before the contract stated one have none and are not served")
     borderline_file: str = Field(description="per example, the adversarial input nearest the reference's threshold")
     robustness: RobustnessShift
     created_at: datetime
@@ -241,11 +250,32 @@ class PrecisionRecord(_Strict):
     def failures(self) -> list[str]:
         """The contract's floors this record misses (empty: the path may be served)."""
         out = []
-        if self.clean.verdict < MIN_CLEAN_AGREEMENT:
-            out.append(f"clean verdict agreement {self.clean.verdict:.4f} < {MIN_CLEAN_AGREEMENT}")
-        if self.adversarial.verdict < MIN_ADVERSARIAL_AGREEMENT:
-            out.append(f"adversarial verdict agreement {self.adversarial.verdict:.4f} < {MIN_ADVERSARIAL_AGREEMENT}")
-        shift = abs(self.robustness.defended_rate - self.robustness.reference_defended_rate)
-        if shift > MAX_DEFENDED_SHIFT + 1e-12:
-            out.append(f"worst-case defended rate moves {shift:.4f} > {MAX_DEFENDED_SHIFT}")
+        for agreement, floor in ((self.clean, MIN_CLEAN_AGREEMENT), (self.adversarial, MIN_ADVERSARIAL_AGREEMENT)):
+            if agreement.outcome < floor:
+                out.append(f"{agreement.inputs} (label, verdict) agreement {agreement.outcome:.4f} < {floor}")
+        if self.borderline_floor is None:
+            out.append("the record states no floor for its borderline set")
+        elif self.borderline_floor < MIN_BORDERLINE_FLOOR:
+            out.append(f"its borderline floor {self.borderline_floor} < {MIN_BORDERLINE_FLOOR}")
+        elif self.borderline.outcome < self.borderline_floor:
+            out.append(f"borderline (label, verdict) agreement {self.borderline.outcome:.4f} < its floor "
+                       f"{self.borderline_floor}")
+        r = self.robustness
+        for what, ref, path in (("defended rate", r.reference_defended_rate, r.defended_rate),
+                                ("robust accuracy", r.reference_robust_accuracy, r.robust_accuracy)):
+            if abs(path - ref) > MAX_WORST_CASE_SHIFT + 1e-12:
+                out.append(f"worst-case {what} moves {abs(path - ref):.4f} > {MAX_WORST_CASE_SHIFT}")
+        return out
+
+    def other_conditions(self, cpu_features: list[str] | tuple[str, ...], runtime_version: str,
+                         rho: float) -> list[str]:
+        """How the running service differs from where the figures were measured (empty: the same
+        conditions; another CPU with the same features counts as the same)."""
+        out = []
+        if set(cpu_features) != set(self.cpu_features):
+            out.append(f"this CPU's features {sorted(cpu_features)} are not the record's {sorted(self.cpu_features)}")
+        if runtime_version != self.runtime_version:
+            out.append(f"{self.backend} {runtime_version} is not the record's {self.runtime_version}")
+        if not math.isclose(rho, self.rho, rel_tol=1e-12):
+            out.append(f"rho {rho} is not the record's {self.rho} (a DSPHERE_RHO override was never measured)")
         return out

@@ -7,7 +7,8 @@ its name/version match the directories, model.onnx's sha256 equals the manifest'
 between), then the ONNX session's input/outputs match the manifest. Any failure
 raises a `ModelStoreError` whose message names the file. The ONNX Runtime session is the fp32
 reference; `runner` is what runs requests: the reference, or a faster path (app/runtimes.py)
-when asked for and backed by the version's precision record.
+when asked for and backed by the version's precision record, measured under the served rho (`rho`:
+a DSPHERE_RHO override; None, the manifest's).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def load_version(
     intra_op_threads: int = 0,
     backend: str = REFERENCE[0],
     precision: str = REFERENCE[1],
+    rho: float | None = None,
 ) -> LoadedModel:
     version = find_version(store, name, version)
     vdir = store / name / version
@@ -184,7 +186,8 @@ def load_version(
     except Exception as exc:  # onnxruntime raises its own (untyped) exceptions
         raise ModelInvalidError(f"{model_path}: ONNX Runtime cannot load it ({exc})") from None
     input_name = _check_session(session, manifest, model_path)
-    runner = open_runner(vdir, model_bytes, digest, session, input_name, backend, precision, intra_op_threads)
+    runner = open_runner(vdir, model_bytes, digest, session, input_name, backend, precision, intra_op_threads,
+                         manifest.rho if rho is None else rho)
     return LoadedModel(name, version, vdir, manifest, digest, session, input_name, tuple(session.get_providers()),
                        runner)
 

@@ -5,10 +5,11 @@ service picks one").
 `open_runner` takes the requested (backend, precision) and answers a `Runner`: a callable
 x -> (logits, cosines) with the `RuntimeInfo` it actually runs with. Anything other than the
 reference is served only when the version carries a precision record for it (app/manifest.py,
-`PrecisionRecord`) measured on these very model bytes and meeting the contract's floors; when
-the record, the package or the CPU support is missing, the reference runs instead and the
-reason is logged as a warning and reported (`RuntimeInfo.fallback`, /healthz, the
-dsphere_inference_runtime_info metric).
+`PrecisionRecord`) measured on these very model bytes, meeting the contract's floors, and made
+under the running service's conditions (this CPU's features, the installed runtime's version, the
+served rho); when the record, the package or the CPU support is missing, or the conditions
+differ, the reference runs instead and the reason is logged as a warning and reported
+(`RuntimeInfo.fallback`, /healthz, the dsphere_inference_runtime_info metric).
 """
 
 from __future__ import annotations
@@ -97,12 +98,20 @@ def onnxruntime_runner(session: ort.InferenceSession, input_name: str, requested
     return Runner(info, run)
 
 
-def openvino_runner(model_bytes: bytes, precision: str, threads: int) -> Runner:
-    """model.onnx compiled by OpenVINO for this CPU in `precision`; RuntimeUnavailable where it cannot be."""
+def openvino_version() -> str:
+    """The installed OpenVINO's version; RuntimeUnavailable where the package is missing."""
     try:
         import openvino as ov
     except ImportError:
         raise RuntimeUnavailable("the openvino package is not installed") from None
+    return str(ov.__version__)
+
+
+def openvino_runner(model_bytes: bytes, precision: str, threads: int) -> Runner:
+    """model.onnx compiled by OpenVINO for this CPU in `precision`; RuntimeUnavailable where it cannot be."""
+    openvino_version()
+    import openvino as ov
+
     core = ov.Core()
     if precision == "bf16":
         caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -149,16 +158,26 @@ def read_record(version_dir: Path, backend: str, precision: str, sha256: str) ->
     return record
 
 
+def check_conditions(version_dir: Path, record: PrecisionRecord, rho: float) -> None:
+    """RuntimeUnavailable where this service runs under other conditions than the record was measured in."""
+    differ = record.other_conditions(cpu_features(), openvino_version(), rho)
+    if differ:
+        raise RuntimeUnavailable(f"{version_dir / precision_file(record.backend, record.precision)} was measured "
+                                 f"under other conditions: {'; '.join(differ)}")
+
+
 def open_runner(version_dir: Path, model_bytes: bytes, sha256: str, session: ort.InferenceSession,
-                input_name: str, backend: str, precision: str, threads: int = 0) -> Runner:
-    """The requested path when it can run here with a passing record, else the reference (warned)."""
+                input_name: str, backend: str, precision: str, threads: int = 0, rho: float | None = None) -> Runner:
+    """The requested path when it can run here with a passing record made under these conditions (rho: the
+    served one; None: the record's, i.e. the manifest's), else the reference (warned)."""
     requested = (backend, precision)
     if requested == REFERENCE:
         return onnxruntime_runner(session, input_name, requested)
     try:
         if backend != "openvino":
             raise RuntimeUnavailable(f"{backend} has no {precision} path here; bf16 runs on openvino")
-        read_record(version_dir, backend, precision, sha256)
+        record = read_record(version_dir, backend, precision, sha256)
+        check_conditions(version_dir, record, record.rho if rho is None else rho)
         runner = openvino_runner(model_bytes, precision, threads)
     except RuntimeUnavailable as exc:
         log.warning("%s/%s: %s-%s unavailable, serving the fp32 ONNX Runtime reference: %s",

@@ -86,7 +86,7 @@ class Service:
     def _build(self, name: str, version: str) -> ModelRuntime:
         s = self.settings
         model = load_version(s.model_store, name, version, s.provider_list, s.intra_op_threads, s.runtime_backend,
-                             s.precision)
+                             s.precision, s.rho)
         rt = ModelRuntime(
             model,
             rho=s.rho,

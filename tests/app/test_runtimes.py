@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from app import runtimes
-from app.manifest import MIN_CLEAN_AGREEMENT, PrecisionRecord, precision_file
+from app.manifest import MIN_BORDERLINE_FLOOR, MIN_CLEAN_AGREEMENT, PrecisionRecord, precision_file
 from app.model_store import load_version
 from app.settings import SettingsError, load_settings
 from support.fake_store import NAME, prototype
@@ -37,16 +37,26 @@ def _openvino_installed() -> bool:
     return True
 
 
+def _runtime_version() -> str:
+    try:
+        return runtimes.openvino_version()
+    except runtimes.RuntimeUnavailable:
+        return "not installed"
+
+
 def write_record(vdir: Path, precision: str = "bf16", **changes: Any) -> dict[str, Any]:
-    """A precision record for vdir's model.onnx meeting the contract (figures as given)."""
+    """A precision record for vdir's model.onnx meeting the contract (figures as given), measured under
+    this service's conditions (this CPU's features, the installed OpenVINO, the manifest's rho) on
+    another CPU model."""
     manifest = json.loads((vdir / "manifest.json").read_text())
     agreement = {"n": 100, "label": 1.0, "verdict": 1.0, "outcome": 1.0, "max_abs_logit_diff": 0.01}
     record: dict[str, Any] = {
         "name": manifest["name"], "version": manifest["version"], "sha256": manifest["sha256"],
-        "backend": "openvino", "precision": precision, "runtime_version": "test", "cpu": "test",
-        "cpu_features": list(runtimes.cpu_features()), "rho": manifest["rho"],
+        "backend": "openvino", "precision": precision, "runtime_version": _runtime_version(),
+        "cpu": "another CPU model", "cpu_features": list(runtimes.cpu_features()), "rho": manifest["rho"],
         "clean": {"inputs": "test", **agreement}, "adversarial": {"inputs": "adversarial", **agreement},
-        "borderline": {"inputs": "borderline", **agreement}, "borderline_file": "precision/none.npz",
+        "borderline": {"inputs": "borderline", **agreement}, "borderline_floor": MIN_BORDERLINE_FLOOR,
+        "borderline_file": "precision/none.npz",
         "robustness": {"n_examples": 100, "attacks": ["pgd-100"], "attacks_on_path": [], "not_judged": [],
                        "reference_robust_accuracy": 0.7, "reference_defended_rate": 0.75, "robust_accuracy": 0.7,
                        "defended_rate": 0.75},
@@ -85,9 +95,12 @@ def test_a_record_of_other_model_bytes_is_refused(store: Path) -> None:
 
 
 @pytest.mark.parametrize("field, figures, why", [
-    ("clean", {"verdict": MIN_CLEAN_AGREEMENT - 0.0005}, "clean verdict agreement"),
-    ("adversarial", {"verdict": 0.98}, "adversarial verdict agreement"),
+    # the contract is on the (label, verdict) pair: labels that flip count although every verdict agrees
+    ("clean", {"outcome": MIN_CLEAN_AGREEMENT - 0.0005}, "test (label, verdict) agreement"),
+    ("adversarial", {"outcome": 0.98}, "adversarial (label, verdict) agreement"),
+    ("borderline", {"outcome": MIN_BORDERLINE_FLOOR - 0.01}, "borderline (label, verdict) agreement"),
     ("robustness", {"defended_rate": 0.735}, "worst-case defended rate moves"),
+    ("robustness", {"robust_accuracy": 0.689}, "worst-case robust accuracy moves"),
 ])  # fmt: skip
 def test_a_record_below_the_contract_is_refused(store: Path, field: str, figures: dict[str, float],
                                                  why: str) -> None:
@@ -99,6 +112,44 @@ def test_a_record_below_the_contract_is_refused(store: Path, field: str, figures
     assert why in (info.fallback or "")
 
 
+@pytest.mark.parametrize("floor, why", [
+    (None, "states no floor for its borderline set"),
+    (MIN_BORDERLINE_FLOOR - 0.05, f"its borderline floor {MIN_BORDERLINE_FLOOR - 0.05} < {MIN_BORDERLINE_FLOOR}"),
+    (1.0, "borderline (label, verdict) agreement 0.9900 < its floor 1.0"),
+])  # fmt: skip
+def test_the_borderline_set_keeps_the_floor_its_record_states(store: Path, floor: float | None, why: str) -> None:
+    vdir = store / NAME / "1"
+    base = write_record(vdir)
+    write_record(vdir, borderline_floor=floor, borderline={**base["borderline"], "outcome": 0.99})
+    info = load_version(store, NAME, "1", backend="openvino", precision="bf16").runner.info
+    assert info.backend == "onnxruntime" and why in (info.fallback or ""), info
+
+
+@pytest.mark.skipif(not _openvino_installed(), reason="needs openvino (make install installs it)")
+@pytest.mark.parametrize("changes, rho, why", [
+    ({"cpu_features": ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"]}, None,
+     "this CPU's features"),
+    ({"runtime_version": "2024.0.0-unmeasured"}, None, "is not the record's 2024.0.0-unmeasured"),
+    ({}, 1.25, "rho 1.25 is not the record's"),
+])  # fmt: skip
+def test_a_record_made_under_other_conditions_is_refused(store: Path, changes: dict[str, Any], rho: float | None,
+                                                          why: str) -> None:
+    """Another CPU feature set (AMX), another OpenVINO release or a DSPHERE_RHO override was never measured."""
+    write_record(store / NAME / "1", **changes)
+    info = load_version(store, NAME, "1", backend="openvino", precision="bf16", rho=rho).runner.info
+    assert info.backend == "onnxruntime" and "measured under other conditions" in (info.fallback or "")
+    assert why in (info.fallback or ""), info.fallback
+
+
+@pytest.mark.skipif(not _openvino_installed(), reason="needs openvino (make install installs it)")
+@pytest.mark.anyio
+async def test_a_rho_override_serves_the_reference_and_says_why(store: Path, make_client) -> None:
+    write_record(store / NAME / "1")
+    async with make_client(precision="bf16", rho=1.25) as c:
+        runtime = (await c.get("/healthz")).json()["runtime"]
+    assert runtime["backend"] == "onnxruntime" and "rho 1.25 is not the record's" in runtime["fallback"], runtime
+
+
 def test_without_the_openvino_package_the_reference_runs(store: Path, monkeypatch) -> None:
     write_record(store / NAME / "1")
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
@@ -108,7 +159,7 @@ def test_without_the_openvino_package_the_reference_runs(store: Path, monkeypatc
 
 @pytest.mark.skipif(not _openvino_installed(), reason="needs openvino (make install installs it)")
 def test_a_cpu_without_native_bf16_runs_the_reference(store: Path, monkeypatch) -> None:
-    write_record(store / NAME / "1")
+    write_record(store / NAME / "1", cpu_features=["avx2", "avx512f"])
     monkeypatch.setattr(runtimes, "cpu_features", lambda: ("avx2", "avx512f"))
     info = load_version(store, NAME, "1", backend="openvino", precision="bf16").runner.info
     assert info.backend == "onnxruntime" and "no native bf16" in (info.fallback or "")
