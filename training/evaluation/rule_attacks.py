@@ -214,7 +214,6 @@ class RuleSquare:
     max_iter: int = 1000
     restarts: int = 1
     p_init: float = 0.8
-    batch_size: int = 250
     kappa: float = 10.0
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
