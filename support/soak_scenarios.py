@@ -409,6 +409,10 @@ def run_hot_reload(swaps: int = 10, clients: int = 4, per_window: int = 8, log_p
         samples = sorted([s for p in pools for s in p.stop()], key=lambda s: s.sent)
         rc = _stop(srv)
         shutil.rmtree(tmp, ignore_errors=True)
+    # the refusals name files of the temporary store: recorded under "<store>", not this machine's folder
+    refused = [Reload(r.version, r.t0, r.t1, r.status,
+                      {**r.body, "detail": str(r.body.get("detail", "")).replace(str(tmp), "<store>")})
+               for r in refused]
     return HotReload(("1.0.1", bundled), done, refused, samples, ready, rc, srv.log_tail())
 
 

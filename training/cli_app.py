@@ -11,10 +11,18 @@ import sys
 
 import typer
 
+from training.portable import portable_path
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="D-SphereNet training, export and evaluation.")
 
 
+def _portable_argument(arg: str) -> str:
+    option, eq, value = arg.partition("=")
+    return f"{option}={portable_path(value)}" if eq and option.startswith("--") else portable_path(arg)
+
+
 def command_line() -> str:
-    """This process's command line as `python -m training ...` (recorded in checkpoints and reports)."""
-    return shlex.join(["python", "-m", "training", *sys.argv[1:]])
+    """This process's command line as `python -m training ...` (recorded in checkpoints and reports), with
+    paths under the working directory made relative to it."""
+    return shlex.join(["python", "-m", "training", *map(_portable_argument, sys.argv[1:])])

@@ -14,6 +14,16 @@ from training.guard import GuardConfig
 from training.objectives import ObjectiveConfig
 from training.rejection import RejectionConfig
 
+# The modes that run `attack_steps` (PGD steps); fgsm and nfgsm take one step, rejection runs its own
+# (`rejection.attack_steps`), natural none: for them a run records attack_steps as None.
+STEPPED_MODES = ("pgd", "trades")
+
+
+def as_ran(d: dict[str, Any]) -> dict[str, Any]:
+    """A training config's dict with `attack_steps` None where its mode does not run it (checkpoints
+    written before recorded the unused default, 7)."""
+    return {**d, "attack_steps": None} if d.get("mode") not in STEPPED_MODES else dict(d)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -62,11 +72,12 @@ class TrainConfig:
         return self.mode != "natural" and self.eps > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options as the run uses them (recorded in checkpoints and manifests; see `as_ran`)."""
+        return as_ran(asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if not (k == "attack_steps" and v is None)}
         d["objective"] = ObjectiveConfig(**d.get("objective", {}))
         d["guard"] = GuardConfig(**d.get("guard", {}))
         # Runs written before served cones existed trained in one fixed cone.

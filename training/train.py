@@ -39,12 +39,13 @@ from training.adversarial import adversarial_input, training_loss
 from training.angle_stats import compute_angle_stats
 from training.attacks import accuracy
 from training.checkpoint import Checkpoint, load_checkpoint, load_optimizer_state, restore_rng, save_checkpoint
-from training.config import TrainConfig, eps_at, lr_at
+from training.config import TrainConfig, as_ran, eps_at, lr_at
 from training.data import Dataset, training_splits
 from training.distributed import DistInfo, check_ranks_agree, init_distributed, resolve_device, weights_digest
 from training.guard import CatastrophicOverfitting, GuardPoint, OverfittingGuard, RuleData
 from training.models import ConvNet, ModelConfig, build_model
 from training.objectives import regularizer
+from training.portable import portable_path
 from training.rejection import ServedCones, rejection_loss
 
 log = logging.getLogger("dsphere.train")
@@ -180,7 +181,7 @@ def _guard_rule(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, device: to
 
 def _resume(run: Run, last: Path) -> None:
     loaded, prev = load_checkpoint(last)
-    if _canonical(prev.training_config) != _canonical(run.cfg.to_dict()):
+    if _canonical(as_ran(prev.training_config)) != _canonical(run.cfg.to_dict()):
         raise ValueError(f"--resume: {last} was written with other training options; "
                          f"repeat that run's command (checkpoint.json 'command': {prev.command})")
     run.model.load_state_dict(loaded.state_dict())
@@ -373,7 +374,7 @@ def _finish(run: Run, reason: str | None) -> tuple[ConvNet, Checkpoint]:
     else:
         _save_last(run)
     best = _seal_best(run)
-    summary = {"learned": ckpt.learned, **ckpt.metrics, "checkpoint": str(run.out / "final"),
+    summary = {"learned": ckpt.learned, **ckpt.metrics, "checkpoint": portable_path(run.out / "final"),
                "angle_mean_deg": list(ckpt.angle_stats.mean_deg) if ckpt.angle_stats else None,
                "angle_std_deg": list(ckpt.angle_stats.std_deg) if ckpt.angle_stats else None,
                "best": best, "stopped": reason}
@@ -414,7 +415,7 @@ def _seal_best(run: Run) -> dict[str, Any] | None:
     point: GuardPoint = run.guard.best
     ckpt.metrics = {**ckpt.metrics, "val_accuracy": val_acc, "best": asdict(point)}
     save_checkpoint(best_dir, model, ckpt)
-    return {"checkpoint": str(best_dir), **asdict(point), "val_accuracy": val_acc, "learned": ckpt.learned}
+    return {"checkpoint": portable_path(best_dir), **asdict(point), "val_accuracy": val_acc, "learned": ckpt.learned}
 
 
 def _write_summary(run: Run, status: str = "", summary: dict[str, Any] | None = None) -> None:
@@ -445,7 +446,7 @@ def seal_stopped_run(run_dir: str | os.PathLike[str], reason: str) -> Path:
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update(status="stopped", stopped=reason, learned=ckpt.learned,
-                   best={"checkpoint": str(best_dir), **(asdict(best) if best else {}), "val_accuracy": val_acc,
-                         "learned": ckpt.learned})
+                   best={"checkpoint": portable_path(best_dir), **(asdict(best) if best else {}),
+                         "val_accuracy": val_acc, "learned": ckpt.learned})
     summary_path.write_text(json.dumps(summary, indent=2))
     return best_dir

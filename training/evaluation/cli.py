@@ -10,6 +10,7 @@ import typer
 from training.cli_app import app, command_line
 from training.cli_values import comma_list
 from training.evaluation.config import ALL_ATTACKS
+from training.portable import portable_path
 
 
 def _eps_list(text: str, option: str) -> tuple[float, ...]:
@@ -84,12 +85,14 @@ def evaluate(  # a flat list: one parameter per option, then one call
 
     if threads:
         torch.set_num_threads(threads)
-    vdir = version_path(version_dir, store, name, version)
+    vdir = Path(portable_path(version_path(version_dir, store, name, version)))
+    checkpoint = Path(portable_path(checkpoint)) if checkpoint is not None else None
     cfg = EvalConfig(
         eps=eps, split=split, n_examples=n_examples, attacks=comma_list(attacks, str, "--attacks"),
         seed=seed, rho=rho, data_dir=data_dir, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
         pgd_restarts=pgd_restarts, n_pgd=n_pgd, apgd_iter=apgd_iter, n_apgd=n_apgd, square_queries=square_queries,
-        n_square=n_square, substitutes=tuple(str(s) for s in (substitute or ())), transfer_steps=transfer_steps,
+        n_square=n_square, substitutes=tuple(portable_path(s) for s in (substitute or ())),
+        transfer_steps=transfer_steps,
         n_transfer=n_transfer, adaptive_k=adaptive_k, adaptive_steps=adaptive_steps,
         adaptive_restarts=adaptive_restarts, n_adaptive=n_adaptive, sanity=sanity, n_budget_check=n_budget_check,
         sweep_eps=_eps_list(sweep_eps, "--sweep-eps"), n_sweep=n_sweep, sweep_steps=sweep_steps, figures=figures,
