@@ -67,8 +67,12 @@ class FGSM:
     step_size: float | None = None
     loss_fn: LossFn = ce_loss
 
+    @property
+    def step(self) -> float:
+        return self.step_size if self.step_size is not None else (1.25 * self.eps if self.random_start else self.eps)
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        step = self.step_size if self.step_size is not None else (1.25 * self.eps if self.random_start else self.eps)
+        step = self.step
         with eval_mode(model):
             x0 = x
             if self.random_start:
@@ -91,8 +95,12 @@ class PGD:
     random_start: bool = True
     loss_fn: LossFn = ce_loss
 
+    @property
+    def step(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        step = self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+        step = self.step
         with eval_mode(model):
             best = x.clone()
             best_score = torch.full((len(x),), -float("inf"), device=x.device)

@@ -10,7 +10,7 @@ iterations and at each epoch's end. The run keeps the checkpoint of the best suc
 
 In rejection training (training/rejection.py) the guard watches what is shipped: the
 DEFENDED rate (1 − accepted-and-wrong) of the served geodesic rule under a rule-aware PGD-10
-(it ascends `rejection.rule_objective`, knowing the angle statistics and ρ), beside robust
+(it ascends `rule.rule_objective`, knowing the angle statistics and ρ), beside robust
 accuracy under the same attack; `best/` is chosen on the defended rate. The rule is the one
 export will ship: θ*, θσ on (a prefix of) the training split, ρ calibrated to
 `target_reject_rate` on the validation images outside the guard's subset.
@@ -107,7 +107,7 @@ class OverfittingGuard:
 
     def _measure_rule(self, model: nn.Module, iteration: int, epoch: int, data: RuleData) -> GuardPoint:
         from training.judging import Rates
-        from training.rejection import measure_rule, rule_objective
+        from training.rule import measure_rule, rule_objective
 
         served = measure_rule(model, data.x_stats, data.y_stats, data.x_calib, self.cfg.target_reject_rate)
         rho = served.rho

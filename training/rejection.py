@@ -31,25 +31,24 @@ angular analogue of a published method:
 After training, θ*, θσ are measured and ρ is calibrated to a 5 % clean false-reject rate on
 validation, as for every model: the served rule is the geodesic rule of app/verdict.py.
 
-`rule_objective` is the attacker's side of the served rule, shared by the guard and the
-evaluation: positive iff the input is accepted with a wrong label.
+The served rule itself (`Rule`, `measure_rule`) and the attacker's side of it are
+training/rule.py, shared with the guard and the evaluation.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from app.verdict import Verdicts, geodesic_verdict
-from training.attacks import eval_mode, logits_of, predict, project
+from training.attacks import eval_mode, logits_of, project
 from training.models import ConvNet
 from training.objectives import ObjectiveConfig, head_loss
 from training.outliers import mixed_trained_outliers
+from training.rule import Rule, measure_rule
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,8 @@ class ServedCones:
     fixed cone of `reject_cos`. Its state goes into the checkpoint, so a resumed run uses the
     cones the interrupted one had."""
 
-    def __init__(self, cfg: RejectionConfig, num_classes: int, x: Tensor | None = None, y: Tensor | None = None) -> None:
+    def __init__(self, cfg: RejectionConfig, num_classes: int, x: Tensor | None = None,
+                 y: Tensor | None = None) -> None:
         self.cfg = cfg
         self.cos_thr = torch.full((num_classes,), cfg.reject_cos)
         self.rule: Rule | None = None
@@ -148,14 +148,13 @@ class ServedCones:
     def state(self) -> dict[str, Any] | None:
         if self.rule is None:
             return None
-        return {"iteration": self.iteration, **asdict(self.rule)}
+        return {"iteration": self.iteration, **self.rule.state()}
 
     def load(self, state: dict[str, Any] | None, device: torch.device | None = None) -> None:
         if not state:
             return
-        state = dict(state)
-        self.iteration = int(state.pop("iteration"))
-        self.rule = Rule(tuple(state["angle_mean_deg"]), tuple(state["angle_std_deg"]), float(state["rho"]))
+        self.iteration = int(state["iteration"])
+        self.rule = Rule.of(state)
         self.cos_thr = self.rule.cos_thresholds(device)
 
 
@@ -220,64 +219,3 @@ def rejection_loss(model: ConvNet, net: nn.Module, x: Tensor, y: Tensor, eps: fl
     head = head_loss(model, logits, yc, iteration, objective, rows=slice(0, n_clean))
     loss = adv + cfg.clean_weight * clean + cfg.outlier_weight * out + cfg.head_weight * head
     return loss, logits[n_clean: n_clean + n]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """The served rule as the attacker and the guard see it: per-class thresholds
-    τ_k = ρ (θ*_k + θσ_k) in degrees."""
-
-    angle_mean_deg: tuple[float, ...]
-    angle_std_deg: tuple[float, ...]
-    rho: float
-
-    def cos_thresholds(self, device: torch.device | None = None) -> Tensor:
-        tau = [min(180.0, self.rho * (m + s)) for m, s in zip(self.angle_mean_deg, self.angle_std_deg, strict=True)]
-        return torch.cos(torch.deg2rad(torch.tensor(tau, dtype=torch.float32))).to(device)
-
-    def verdicts(self, logits: Tensor, cosines: Tensor) -> Verdicts:
-        """app.verdict.geodesic_verdict (the service's rule) on PyTorch outputs."""
-        return geodesic_verdict(logits.detach().double().cpu().numpy(), cosines.detach().double().cpu().numpy(),
-                                self.angle_mean_deg, self.angle_std_deg, self.rho)
-
-    def broken(self, logits: Tensor, cosines: Tensor, y: Tensor) -> np.ndarray:
-        """Accepted with a wrong label."""
-        v = self.verdicts(logits, cosines)
-        return v.accepted & (v.labels != y.cpu().numpy())
-
-
-def measure_rule(model: nn.Module, x_stats: Tensor, y_stats: Tensor, x_calib: Tensor,
-                 target_reject_rate: float) -> Rule:
-    """The rule export would ship for `model` now: θ*, θσ on (x_stats, y_stats), ρ calibrated to
-    `target_reject_rate` on x_calib (app.verdict's rule, exactly)."""
-    from training.angle_stats import compute_angle_stats
-    from training.judging import calibrate
-
-    k = int(getattr(getattr(model, "config", None), "num_classes", 10))
-    with eval_mode(model), torch.no_grad():
-        stats = compute_angle_stats(model, x_stats, y_stats, k)
-        logits, cos = predict(model, x_calib)
-    rho = calibrate(logits.double().cpu().numpy(), cos.double().cpu().numpy(), stats.mean_deg, stats.std_deg,
-                    target_reject_rate).rho
-    return Rule(tuple(stats.mean_deg), tuple(stats.std_deg), float(rho))
-
-
-def rule_margins(logits: Tensor, cosines: Tensor, cos_thresholds: Tensor, kappa: float = 10.0) -> Tensor:
-    """(N, K): min(logit margin of k, κ·(cos θ_k − cos τ_k)) per class k, positive exactly when
-    the served rule answers k and accepts it."""
-    k = logits.shape[1]
-    eye = torch.eye(k, dtype=torch.bool, device=logits.device)
-    others = logits.unsqueeze(1).masked_fill(eye.unsqueeze(0), float("-inf")).amax(2)  # (N, K): max_{j≠k}
-    slack = kappa * (cosines - cos_thresholds.to(cosines.dtype).view(1, -1))
-    return torch.minimum(logits - others, slack)
-
-
-def rule_objective(logits: Tensor, cosines: Tensor, y: Tensor, cos_thresholds: Tensor,
-                   kappa: float = 10.0, target: Tensor | None = None) -> Tensor:
-    """The attacker's objective against the served rule, (N,): the rule margin of the given
-    `target` class per row, or the largest over the wrong classes. Positive iff the rule accepts
-    a wrong label; the attacker maximizes it."""
-    obj = rule_margins(logits, cosines, cos_thresholds, kappa)
-    if target is not None:
-        return obj.gather(1, target.view(-1, 1)).squeeze(1)
-    return obj.masked_fill(F.one_hot(y, obj.shape[1]).bool(), float("-inf")).amax(1)

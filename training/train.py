@@ -11,22 +11,23 @@ over `eps_warmup_epochs`. A run whose validation accuracy stays near chance is r
 "did not learn" (TrainingDidNotLearn) and its final checkpoint is marked learned=false,
 which export refuses.
 
-Every adversarial run is watched by the catastrophic-overfitting guard (training/guard.py):
-it keeps `best/` (highest validation PGD accuracy) and stops a collapsing run. `last/` is
-written every `checkpoint_every` iterations or `checkpoint_minutes`, whichever comes first,
-with the optimizer and random-generator states, so `resume=True` continues exactly.
+Every adversarial run is watched by the catastrophic-overfitting guard (training/guard.py),
+checked from one place (`_guard`): it keeps `best/` (highest validation PGD accuracy) and stops a
+collapsing run. `last/` is written every `checkpoint_every` iterations or `checkpoint_minutes`,
+whichever comes first, with the optimizer and random-generator states, so `resume=True`
+continues exactly. The run folder (last/, best/, final/, summary.json, sealing) is
+training/run_folder.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,30 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from training.adversarial import adversarial_input, training_loss
-from training.angle_stats import compute_angle_stats
 from training.attacks import accuracy
-from training.checkpoint import Checkpoint, load_checkpoint, load_optimizer_state, restore_rng, save_checkpoint
-from training.config import TrainConfig, as_ran, eps_at, lr_at
-from training.data import Dataset, training_splits
+from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.config import TrainConfig, eps_at, lr_at
+from training.data import Dataset
 from training.distributed import DistInfo, check_ranks_agree, init_distributed, resolve_device, weights_digest
-from training.guard import CatastrophicOverfitting, GuardPoint, OverfittingGuard, RuleData
+from training.guard import CatastrophicOverfitting, OverfittingGuard, RuleData
 from training.models import ConvNet, ModelConfig, build_model
 from training.objectives import regularizer
-from training.portable import portable_path
 from training.rejection import ServedCones, rejection_loss
+from training.run_folder import (
+    Run,
+    final_summary,
+    prepare_data,
+    progress_metrics,
+    resume_run,
+    save,
+    save_last,
+    seal,
+    seal_run_best,
+    seal_stopped_run,
+    write_progress,
+)
+
+__all__ = ["TrainingDidNotLearn", "prepare_data", "seal", "seal_stopped_run", "train"]
 
 log = logging.getLogger("dsphere.train")
 
@@ -62,43 +76,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def prepare_data(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
-    train, val = training_splits(cfg.dataset, cfg.data_dir, cfg.n_val)
-    if cfg.limit_train:
-        train = train.subset(slice(0, cfg.limit_train))
-    return train, val
-
-
-
-
-@dataclass
-class Run:
-    """What one training run carries from step to step."""
-
-    cfg: TrainConfig
-    out: Path
-    device: torch.device
-    info: DistInfo
-    model: ConvNet
-    net: nn.Module  # the model, or its DistributedDataParallel wrapper
-    optimizer: torch.optim.Optimizer
-    train_ds: Dataset
-    val_ds: Dataset
-    iters_per_epoch: int
-    total: int
-    ckpt: Checkpoint
-    guard: OverfittingGuard | None
-    cones: ServedCones | None = None  # rejection training: the cones it rejects outside of
-    it: int = 0
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    t0: float = field(default_factory=time.time)
-    minutes_before: float = 0.0  # training time of the run's earlier, interrupted parts
-
-    @property
-    def minutes(self) -> float:
-        return self.minutes_before + (time.time() - self.t0) / 60
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | os.PathLike[str], resume: bool = False,
@@ -145,7 +122,7 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, co
         run.cones = ServedCones(cfg.rejection, model_cfg.num_classes, train_ds.images.to(device),
                                 train_ds.labels.to(device))
     if resuming:
-        _resume(run, out / "last")
+        resume_run(run, out / "last")
     return run
 
 
@@ -179,29 +156,6 @@ def _guard_rule(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, device: to
                     val_ds.images[cfg.guard.n_examples:].to(device), val_ds.labels[cfg.guard.n_examples:].to(device))
 
 
-def _resume(run: Run, last: Path) -> None:
-    loaded, prev = load_checkpoint(last)
-    if _canonical(as_ran(prev.training_config)) != _canonical(run.cfg.to_dict()):
-        raise ValueError(f"--resume: {last} was written with other training options; "
-                         f"repeat that run's command (checkpoint.json 'command': {prev.command})")
-    run.model.load_state_dict(loaded.state_dict())
-    load_optimizer_state(last, run.optimizer)
-    restore_rng(last)
-    run.it = prev.iteration
-    run.ckpt.metrics = dict(prev.metrics)
-    run.epochs = list(prev.metrics.get("epochs", []))
-    run.minutes_before = float(prev.metrics.get("train_minutes", 0.0))
-    if run.guard is not None:
-        run.guard.history = [GuardPoint(**h) for h in prev.metrics.get("guard", [])]
-    if run.cones is not None:
-        run.cones.load(prev.metrics.get("served_cones"), run.device)
-    log.info("resumed from %s at iteration %d", last, run.it)
-
-
-def _canonical(d: dict[str, Any]) -> str:
-    return json.dumps(d, sort_keys=True, default=str)
-
-
 def _loop(run: Run, show_progress: bool, stop_after: int | None) -> str | None:
     """Train until the end, `stop_after`, or a collapse (whose reason it returns)."""
     cfg, ipe = run.cfg, run.iters_per_epoch
@@ -222,16 +176,16 @@ def _loop(run: Run, show_progress: bool, stop_after: int | None) -> str | None:
                 postfix["epoch"] = str(epoch)
                 bar.update(1)
                 bar.set_postfix(postfix)
-                if _guard_due(run) and run.it % cfg.guard.every == 0:
-                    reason = _check(run, epoch, postfix)
+                checked, reason = _guard(run, epoch, postfix, epoch_end=False)
+                if checked:
                     last_save = time.time()
                     if reason:
                         return reason
                 elif _checkpoint_due(cfg, run.it, time.time() - last_save):
-                    _save_last(run)
+                    save_last(run)
                     last_save = time.time()
             if run.it == stop_after and run.it < run.total:
-                _save_last(run)
+                save_last(run)
                 return None
             reason = _end_of_epoch(run, epoch, postfix, bar)
             if reason:
@@ -285,9 +239,16 @@ def _guard_due(run: Run) -> bool:
     return run.guard is not None and eps_at(run.it - 1, run.iters_per_epoch, run.cfg) > 0
 
 
-def _check(run: Run, epoch: int, postfix: dict[str, str]) -> str | None:
-    """One guard check: best/ if it is the best so far, last/, the summary; a collapse's reason."""
+def _guard(run: Run, epoch: int, postfix: dict[str, str], epoch_end: bool) -> tuple[bool, str | None]:
+    """The one place the guard is checked: every `guard.every` iterations and at each epoch's end
+    (once an iteration). A check writes best/ if it is the best so far, last/ and the summary.
+    Returns (checked, the reason to stop when the run collapsed)."""
+    if not _guard_due(run):
+        return False, None
     assert run.guard is not None
+    last = run.guard.history[-1].iteration if run.guard.history else None
+    if (last == run.it) if epoch_end else (run.it % run.cfg.guard.every != 0):
+        return False, None
     point = run.guard.measure(run.model, run.it, epoch)
     best = run.guard.best
     postfix.update(pgd=f"{point.pgd_accuracy:.3f}", best=f"{best.score:.3f}" if best else "-")
@@ -299,10 +260,10 @@ def _check(run: Run, epoch: int, postfix: dict[str, str]) -> str | None:
              best.score if best else float("nan"))
     if run.info.is_main:
         if best is point:
-            _save(run, "best", with_state=False)
-        _save_last(run)
-        _write_summary(run, status="running")
-    return run.guard.collapse_reason(point)
+            save(run, "best", with_state=False)
+        save_last(run)
+        write_progress(run)
+    return True, run.guard.collapse_reason(point)
 
 
 def _fmt(v: float | None) -> str:
@@ -313,11 +274,9 @@ def _end_of_epoch(run: Run, epoch: int, postfix: dict[str, str], bar: tqdm) -> s
     va = accuracy(run.model, run.val_ds.images.to(run.device), run.val_ds.labels.to(run.device))
     record: dict[str, Any] = {"epoch": epoch, "iteration": run.it, "val_accuracy": va,
                               "minutes": round(run.minutes, 2)}
-    reason = None
+    _, reason = _guard(run, epoch, postfix, epoch_end=True)
     if _guard_due(run):
         assert run.guard is not None
-        if not run.guard.history or run.guard.history[-1].iteration != run.it:
-            reason = _check(run, epoch, postfix)
         record["val_pgd_accuracy"] = run.guard.history[-1].pgd_accuracy
         if run.guard.history[-1].defended_rate is not None:
             record["val_defended_rate"] = run.guard.history[-1].defended_rate
@@ -331,28 +290,8 @@ def _end_of_epoch(run: Run, epoch: int, postfix: dict[str, str], bar: tqdm) -> s
     if run.info.is_main:
         bar.write(f"epoch {epoch}: iteration {run.it}/{run.total}  val accuracy {va:.4f}{pgd}  ({run.minutes:.1f} min)")
         if run.it < run.total:
-            _save_last(run)
+            save_last(run)
     return reason
-
-
-def _progress_metrics(run: Run) -> dict[str, Any]:
-    metrics = {**run.ckpt.metrics, "epochs": run.epochs, "train_minutes": round(run.minutes, 2)}
-    if run.guard is not None:
-        metrics["guard"] = run.guard.to_list()
-    if run.cones is not None and run.cones.state() is not None:
-        metrics["served_cones"] = run.cones.state()
-    return metrics
-
-
-def _save(run: Run, name: str, with_state: bool) -> None:
-    run.ckpt.iteration, run.ckpt.epoch = run.it, run.it // run.iters_per_epoch
-    run.ckpt.metrics = _progress_metrics(run)
-    save_checkpoint(run.out / name, run.model, run.ckpt, run.optimizer if with_state else None, rng=with_state)
-
-
-def _save_last(run: Run) -> None:
-    if run.info.is_main:
-        _save(run, "last", with_state=True)
 
 
 def _finish(run: Run, reason: str | None) -> tuple[ConvNet, Checkpoint]:
@@ -366,19 +305,14 @@ def _finish(run: Run, reason: str | None) -> tuple[ConvNet, Checkpoint]:
             return run.model, run.ckpt
     cfg, ckpt = run.cfg, run.ckpt
     val_acc = seal(run.model, ckpt, run.cfg, run.train_ds, run.val_ds, run.device)
-    ckpt.metrics = {**_progress_metrics(run), "val_accuracy": val_acc, "iterations": run.it,
+    ckpt.metrics = {**progress_metrics(run), "val_accuracy": val_acc, "iterations": run.it,
                     "n_train": len(run.train_ds), "n_val": len(run.val_ds), "world_size": run.info.world_size,
                     "weights_sha256": digest}
     if reason is None:
         save_checkpoint(run.out / "final", run.model, ckpt, run.optimizer)
     else:
-        _save_last(run)
-    best = _seal_best(run)
-    summary = {"learned": ckpt.learned, **ckpt.metrics, "checkpoint": portable_path(run.out / "final"),
-               "angle_mean_deg": list(ckpt.angle_stats.mean_deg) if ckpt.angle_stats else None,
-               "angle_std_deg": list(ckpt.angle_stats.std_deg) if ckpt.angle_stats else None,
-               "best": best, "stopped": reason}
-    _write_summary(run, summary=summary)
+        save_last(run)
+    final_summary(run, seal_run_best(run), reason)
     if run.info.world_size > 1:
         dist.barrier()
     if reason is not None:
@@ -392,61 +326,3 @@ def _finish(run: Run, reason: str | None) -> tuple[ConvNet, Checkpoint]:
     return run.model, ckpt
 
 
-def seal(model: ConvNet, ckpt: Checkpoint, cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset,
-         device: torch.device | None = None) -> float:
-    """Whether a model learned, and its angle statistics on the training split (into ckpt);
-    returns its validation accuracy."""
-    model.eval()
-    val_acc = accuracy(model, val_ds.images.to(device), val_ds.labels.to(device))
-    ckpt.learned = val_acc >= 1.0 / model.config.num_classes + cfg.min_accuracy_over_chance
-    ckpt.angle_stats = compute_angle_stats(model, train_ds.images.to(device), train_ds.labels.to(device),
-                                           model.config.num_classes)
-    return val_acc
-
-
-def _seal_best(run: Run) -> dict[str, Any] | None:
-    """Give best/ its angle statistics and learned flag, so that export can take it."""
-    best_dir = run.out / "best"
-    if run.guard is None or run.guard.best is None or not best_dir.is_dir():
-        return None
-    model, ckpt = load_checkpoint(best_dir)
-    model.to(run.device)
-    val_acc = seal(model, ckpt, run.cfg, run.train_ds, run.val_ds, run.device)
-    point: GuardPoint = run.guard.best
-    ckpt.metrics = {**ckpt.metrics, "val_accuracy": val_acc, "best": asdict(point)}
-    save_checkpoint(best_dir, model, ckpt)
-    return {"checkpoint": portable_path(best_dir), **asdict(point), "val_accuracy": val_acc, "learned": ckpt.learned}
-
-
-def _write_summary(run: Run, status: str = "", summary: dict[str, Any] | None = None) -> None:
-    """summary.json: the final one, or the progress so far (guard curve, epochs)."""
-    if summary is None:
-        best = run.guard.best if run.guard else None
-        summary = {"status": status, "iteration": run.it, "total_iterations": run.total,
-                   **_progress_metrics(run), "best": asdict(best) if best else None}
-    run.out.mkdir(parents=True, exist_ok=True)
-    tmp = run.out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run.out / "summary.json")
-
-
-def seal_stopped_run(run_dir: str | os.PathLike[str], reason: str) -> Path:
-    """Make the best/ of a run stopped for good before its end exportable, as the end of the
-    run would have: its angle statistics on the training split and its learned flag, the
-    guard's point in its metrics; summary.json records why the run was stopped."""
-    out = Path(run_dir)
-    best_dir = out / "best"
-    model, ckpt = load_checkpoint(best_dir)
-    cfg = TrainConfig.from_dict(ckpt.training_config)
-    val_acc = seal(model, ckpt, cfg, *prepare_data(cfg))
-    points = [GuardPoint(**h) for h in ckpt.metrics.get("guard", [])]
-    best = max(points, key=lambda p: p.score, default=None)
-    ckpt.metrics = {**ckpt.metrics, "val_accuracy": val_acc, "best": asdict(best) if best else None}
-    save_checkpoint(best_dir, model, ckpt)
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.update(status="stopped", stopped=reason, learned=ckpt.learned,
-                   best={"checkpoint": portable_path(best_dir), **(asdict(best) if best else {}),
-                         "val_accuracy": val_acc, "learned": ckpt.learned})
-    summary_path.write_text(json.dumps(summary, indent=2))
-    return best_dir

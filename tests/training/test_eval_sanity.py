@@ -12,6 +12,7 @@ from support.fake_store import build_model
 from training.evaluation.sanity import gradient_free_check, noise_check, rule_checks
 from training.evaluation.scoring import Judged
 from training.judging import OnnxModel
+from training.rule import Rule
 
 
 def _j(name: str, correct: list[bool], accepted: list[bool]) -> Judged:
@@ -51,7 +52,7 @@ def test_noise_check_rejects_noise_on_the_fixture_model(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     path.write_bytes(build_model())
     # the fixture: noise lands near 60 degrees from every class; thresholds rho * (10 + 5) = 15 degrees
-    c = noise_check(OnnxModel(path), (1, 28, 28), [10.0] * 10, [5.0] * 10, 1.0, n=200)
+    c = noise_check(OnnxModel(path), (1, 28, 28), Rule((10.0,) * 10, (5.0,) * 10, 1.0), n=200)
     assert c.n_uniform == 200 and c.uniform_reject_rate == pytest.approx(1.0) and c.ok
-    loose = noise_check(OnnxModel(path), (1, 28, 28), [10.0] * 10, [5.0] * 10, 100.0, n=200)
+    loose = noise_check(OnnxModel(path), (1, 28, 28), Rule((10.0,) * 10, (5.0,) * 10, 100.0), n=200)
     assert loose.uniform_reject_rate == 0.0 and not loose.ok and loose.verdict.startswith("FAILED")

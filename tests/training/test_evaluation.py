@@ -75,6 +75,56 @@ def test_every_attack_ran_inside_the_eps_ball(full) -> None:  # type: ignore[no-
         assert a.n_examples > 0
 
 
+def _as_reported(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else getattr(value, "__name__", value)
+
+
+def test_every_reported_budget_is_that_of_the_attack_object_that_ran(full) -> None:  # type: ignore[no-untyped-def]
+    """No budget is typed twice: each attack's report parameters are the fields of the object
+    that made its inputs, and those are the configuration's."""
+    import dataclasses
+
+    from training.rule import Rule
+
+    r: Report = full.report
+    ran = {a.name: full.ran[a.name] for a in r.attacks if a.status == "ok"}
+    assert set(ran) == {a.name for a in r.attacks}
+    for name, attack in ran.items():
+        params = r.attack(name).params
+        inner = getattr(attack, "inner", None)
+        for obj in (attack, inner) if dataclasses.is_dataclass(inner) else (attack,):
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if not f.repr:
+                    continue
+                if isinstance(value, Rule):
+                    assert value == Rule.of(r) and params["rho"] == r.rho, name
+                elif dataclasses.is_dataclass(value):
+                    continue
+                elif f.name == "restarts" and "restart_schedule" in params:  # one run a restart, doubled
+                    assert value == 1 and params["restarts"] == params["restart_schedule"][-1]["restarts"], name
+                elif f.name == "step_size" and value is None:
+                    assert params["step_size"] == obj.step, name
+                else:
+                    assert params[f.name] == _as_reported(value), (name, f.name)
+        assert params["eps"] == r.eps, name
+    cfg = EvalConfig(eps=EPS, **FAST)  # type: ignore[arg-type]
+    assert ran["pgd-10"].steps == cfg.pgd_steps and ran["pgd-10"].step_size == cfg.pgd_step_size
+    assert ran["square"].max_iter == cfg.square_queries and ran["rule-square"].max_iter == cfg.rule_square_queries
+    assert params_of(r, "apgd-ce")["max_iter"] == cfg.apgd_iter and params_of(r, "orthogonal")["steps"] == 10
+    assert params_of(r, "adaptive")["steps"] == cfg.adaptive_steps and params_of(r, "rule")["steps"] == cfg.rule_steps
+    budget = r.sanity.pgd_budget
+    assert budget is not None
+    assert (budget.base["steps"], budget.base["restarts"]) == (cfg.pgd_steps, cfg.pgd_restarts)
+    assert (budget.doubled["steps"], budget.doubled["restarts"]) == (2 * cfg.pgd_steps, 2 * cfg.pgd_restarts)
+    assert r.sanity.eps_sweep is not None and r.sanity.eps_sweep.attack["steps"] == cfg.sweep_steps
+    assert all(d.params["steps"] == cfg.distal_steps and d.params["eps"] == d.eps for d in r.distal)
+
+
+def params_of(r: Report, name: str) -> dict[str, object]:
+    return r.attack(name).params
+
+
 def test_check_ball_rejects_out_of_ball_and_out_of_box() -> None:
     x = torch.full((2, 1, 4, 4), 0.5)
     assert check_ball(x + 0.1, x, 0.1) == pytest.approx(0.1)
@@ -399,9 +449,9 @@ def test_figure2_trains_two_2d_models_and_plots(tmp_path: Path) -> None:
     ("substitutes/ckpt-a", "ckpt-a"),
 ])
 def test_transfer_attacks_are_named_after_the_substitute_run(path: str, label: str) -> None:
-    from training.evaluation.core import _run_label
+    from training.evaluation.plan import run_label
 
-    assert _run_label(path) == label
+    assert run_label(path) == label
 
 
 def test_detectors_follow_the_standard_protocol(full) -> None:  # type: ignore[no-untyped-def]

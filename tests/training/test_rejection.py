@@ -12,7 +12,8 @@ import torch
 from app.verdict import geodesic_verdict
 from support.fake_store import build_model, prototype
 from training.config import TrainConfig
-from training.evaluation.rule_attacks import RuleAttack, RuleScores, _FlooredTrueClass, distal_attack
+from training.evaluation.foreign import DistalAttack
+from training.evaluation.rule_attacks import RuleAttack, RuleScores, _FlooredTrueClass
 from training.guard import GuardConfig
 from training.judging import OnnxModel
 from training.models import ModelConfig
@@ -20,15 +21,13 @@ from training.models import build_model as build_net
 from training.outliers import HELD_OUT, KINDS, TRAINED, make_outliers, mixed_trained_outliers
 from training.rejection import (
     RejectionConfig,
-    Rule,
-    correct_or_reject_loss,
     ServedCones,
-    measure_rule,
+    correct_or_reject_loss,
     reject_loss,
     rule_decision,
     rule_logits,
-    rule_objective,
 )
+from training.rule import Rule, measure_rule, rule_objective
 from training.train import train
 
 CFG = RejectionConfig()
@@ -200,7 +199,7 @@ def test_rule_attack_and_distal_attack_stay_in_the_ball_and_beat_the_rule_with_n
         logits, cos = net(x_adv)
     assert easy.broken(logits, cos, y).mean() >= 0.5
     start = torch.full((8, 1, 28, 28), 0.5)
-    d = distal_attack(net, start, 0.1, easy, steps=5)
+    d = DistalAttack(0.1, easy, steps=5)(net, start)
     assert float((d - start).abs().max()) <= 0.1 + 1e-6
     with torch.no_grad():
         lg, cs = net(d)

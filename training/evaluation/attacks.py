@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from app.verdict import geodesic_verdict
 from training.attacks import eval_mode, logits_of, project
+from training.rule import Rule, cosine_hinge
 
 log = logging.getLogger("dsphere.evaluation")
 
@@ -76,6 +75,7 @@ class ArtAPGD:
     max_iter: int = 100
     restarts: int = 1
     batch_size: int = 250
+    about: ClassVar[dict[str, str]] = {"library": "ART"}
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         from art.attacks.evasion import AutoProjectedGradientDescent
@@ -103,6 +103,7 @@ class ArtSquare:
     restarts: int = 1
     p_init: float = 0.8
     batch_size: int = 250
+    about: ClassVar[dict[str, str]] = {"library": "ART"}
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         from art.attacks.evasion import SquareAttack
@@ -137,29 +138,30 @@ keep a misclassified (rejected) iterate if there was one, else the clean input.
     """
 
     eps: float
-    angle_mean_deg: tuple[float, ...]
-    angle_std_deg: tuple[float, ...]
-    rho: float
+    rule: Rule
     k: int = 3
     steps: int = 100
     restarts: int = 1
     step_size: float | None = None  # default 2.5 eps / steps
     c: float = 10.0
     margin: float = 0.5
-    stats: dict[str, int] = field(default_factory=dict, compare=False)
+    about: ClassVar[dict[str, str]] = {"loss": "-cos(x, W_t) + c relu(max_{j!=t} z_j - z_t + margin), best over k "
+                                               "targets"}
+
+    @property
+    def step(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
     def _score(self, logits: Tensor, cosines: Tensor, y: Tensor) -> np.ndarray:
         """Accepted-and-wrong: 1e6 + angle slack; wrong but rejected: slack (< 0);
         correct: -inf. Higher is better for the attacker."""
-        v = geodesic_verdict(logits.detach().double().cpu().numpy(), cosines.detach().double().cpu().numpy(),
-                             self.angle_mean_deg, self.angle_std_deg, self.rho)
+        v = self.rule.verdicts(logits, cosines)
         wrong = v.labels != y.cpu().numpy()
         slack = v.thresholds_deg - v.angles_deg
         return np.where(wrong & v.accepted, 1e6 + slack, np.where(wrong, slack, -np.inf))
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        step = self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
-        n = len(x)
+        step, n = self.step, len(x)
         with eval_mode(model):
             with torch.no_grad():
                 logits0, _ = logits_of(model, x)
@@ -185,10 +187,7 @@ keep a misclassified (rejected) iterate if there was one, else the clean input.
                             best_score[better] = score[better]
                         if it == self.steps:
                             break
-                        cos_t = cosines.gather(1, t.view(-1, 1)).squeeze(1)
-                        logit_t = logits.gather(1, t.view(-1, 1)).squeeze(1)
-                        other = logits.masked_fill(F.one_hot(t, logits.shape[1]).bool(), -float("inf")).amax(1)
-                        loss = -cos_t + self.c * torch.relu(other - logit_t + self.margin)
+                        loss = -cosine_hinge(logits, cosines, t, self.c, self.margin)
                         (g,) = torch.autograd.grad(loss.sum(), x_adv)
                         x_adv = project(x_adv.detach() - step * g.sign(), x, self.eps)
         return best.detach()
@@ -199,8 +198,8 @@ class TransferAttack:
     """Black-box transfer: the inner attack runs on a substitute model; the target model is
     never queried. The callable ignores the model it is given."""
 
-    substitute: nn.Module
-    inner: Any
+    substitute: nn.Module = field(repr=False)  # not a setting: the report names its checkpoint
+    inner: Any = None
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return self.inner(self.substitute, x, y)

@@ -4,30 +4,68 @@
   training saw and the held-out kinds it never saw, each made from the evaluation's own test
   images where the kind needs a source image (permuted, shuffled, inverted);
 - `distal_table`: from uniform noise and from constant images, PGD within ε (0.1, 0.3) to get
-  ANY class accepted (rule_attacks.distal_attack); the acceptance rate (lower is better).
+  ANY class accepted (`DistalAttack`); the acceptance rate (lower is better).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from app.verdict import geodesic_verdict
+from training.attacks import eval_mode, logits_of, project
 from training.evaluation.attacks import check_ball
 from training.evaluation.config import EvalConfig
-from training.evaluation.rule_attacks import distal_attack
 from training.evaluation.schema import DistalResult, OodResult
+from training.evaluation.settings import settings
 from training.judging import OnnxModel
 from training.outliers import KINDS, TRAINED, make_outliers
-from training.rejection import Rule
+from training.rule import Rule, rule_margins
+
+
+@dataclass(frozen=True)
+class DistalAttack:
+    """From starting images that are not clothing (noise, constant images), PGD at radius ε
+    to get ANY class accepted: it ascends max_k min(logit margin of k, κ·cosine slack of k).
+    No true label: `y` is ignored."""
+
+    eps: float
+    rule: Rule
+    steps: int = 50
+    kappa: float = 10.0
+    about: ClassVar[dict[str, str]] = {"step_size": "2.5 eps / steps",
+                                       "loss": "max_k min(logit margin of k, kappa cosine slack of k)"}
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None) -> Tensor:
+        eps, rule = self.eps, self.rule
+        cos_thr = rule.cos_thresholds(x.device)
+        step = 2.5 * eps / self.steps
+        with eval_mode(model):
+            x_cur = x.clone()
+            best = x.clone()
+            accepted = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            for it in range(self.steps + 1):
+                x_cur = x_cur.detach().requires_grad_(True)
+                logits, cosines = logits_of(model, x_cur)
+                assert cosines is not None
+                obj = rule_margins(logits, cosines, cos_thr, self.kappa).amax(1)
+                with torch.no_grad():
+                    ok = torch.from_numpy(rule.verdicts(logits, cosines).accepted).to(x.device) & ~accepted
+                    best[ok] = x_cur.detach()[ok]
+                    accepted |= ok
+                if it == self.steps or bool(accepted.all()):
+                    break
+                (g,) = torch.autograd.grad(obj.sum(), x_cur)
+                x_cur = project(x_cur.detach() + step * g.sign(), x, eps)
+        return best.detach()
 
 
 def _accepted(onnx_model: OnnxModel, x: Tensor, rule: Rule) -> np.ndarray:
-    logits, cosines = onnx_model(x)
-    return geodesic_verdict(logits, cosines, rule.angle_mean_deg, rule.angle_std_deg, rule.rho).accepted
+    return rule.verdicts(*onnx_model(x)).accepted
 
 
 def ood_table(onnx_model: OnnxModel, x: Tensor, rule: Rule, cfg: EvalConfig) -> list[OodResult]:
@@ -60,15 +98,12 @@ def distal_table(model: nn.Module, onnx_model: OnnxModel, shape: tuple[int, ...]
         before = float(_accepted(onnx_model, x, rule).mean())
         for eps in cfg.distal_eps:
             torch.manual_seed(cfg.seed)
-            parts = [distal_attack(model, x[i: i + cfg.batch_size].to(dev), eps, rule, cfg.distal_steps,
-                                   cfg.rule_kappa).cpu() for i in range(0, len(x), cfg.batch_size)]
+            attack = DistalAttack(eps, rule, cfg.distal_steps, cfg.rule_kappa)
+            parts = [attack(model, x[i: i + cfg.batch_size].to(dev)).cpu() for i in range(0, len(x), cfg.batch_size)]
             x_adv = torch.cat(parts)
             check_ball(x_adv, x, eps, f"distal {start}")
             rate = float(_accepted(onnx_model, x_adv, rule).mean())
             say(f"distal from {start} at eps {eps}: {100 * rate:.1f} % accepted (before: {100 * before:.1f} %)")
             rows.append(DistalResult(start=start, eps=eps, n_examples=len(x), accepted_rate=rate,
-                                     start_accepted_rate=before,
-                                     params={"steps": cfg.distal_steps, "step_size": "2.5 eps / steps",
-                                             "loss": "max_k min(logit margin of k, kappa cosine slack of k)",
-                                             "kappa": cfg.rule_kappa}))
+                                     start_accepted_rate=before, params=settings(attack)))
     return rows

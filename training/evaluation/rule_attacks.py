@@ -3,8 +3,8 @@
 Tramèr 2022: a rejection defense is only as good as the attack that knows it).
 
 - `RuleAttack`: targeted PGD toward EVERY wrong class, two losses (the rule margin
-  min(logit margin, κ·cosine slack to the target's threshold) of training/rejection.py, and
-  the cosine of the target with a hinge keeping it on top), a decaying step size with
+  min(logit margin, κ·cosine slack to the target's threshold) of training/rule.py, and
+  the cosine of the target with a hinge keeping it on top, rule.cosine_hinge), a decaying step size with
   backtracking (a step that lowers the objective is undone and its step halved), every
   iterate judged by the exact rule and the best kept;
 - `OrthogonalPGD`: Bryniarski et al. 2021 (selective/orthogonal PGD): while the input is
@@ -12,7 +12,6 @@ Tramèr 2022: a rejection defense is only as good as the attack that knows it).
   gradient; once it is wrong, step on the rule's loss (the angle to the wrong label's
   threshold) projected orthogonally to the classifier's gradient;
 - `RuleScores` + ART's Square: the same objective WITHOUT gradients, querying model.onnx;
-- `distal_attack`: from noise or a constant image, any class accepted (no true label).
 
 All are callables (model, x, y) -> x_adv inside the ε-ball and [0, 1], like training.attacks.PGD.
 """
@@ -21,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,15 +29,7 @@ from torch import Tensor, nn
 
 from training.attacks import eval_mode, logits_of, project
 from training.judging import BatchedRunner
-from training.rejection import Rule, rule_margins, rule_objective
-
-
-def _cosine_hinge(logits: Tensor, cosines: Tensor, t: Tensor, c: float = 10.0, margin: float = 0.5) -> Tensor:
-    """cos(x, W_t) − c·relu(max_{j≠t} z_j − z_t + margin): maximized by the attacker."""
-    cos_t = cosines.gather(1, t.view(-1, 1)).squeeze(1)
-    logit_t = logits.gather(1, t.view(-1, 1)).squeeze(1)
-    other = logits.masked_fill(F.one_hot(t, logits.shape[1]).bool(), -float("inf")).amax(1)
-    return cos_t - c * torch.relu(other - logit_t + margin)
+from training.rule import Rule, cosine_hinge, rule_margins, rule_objective
 
 
 @dataclass(frozen=True)
@@ -54,6 +46,12 @@ class RuleAttack:
     kappa: float = 10.0
     losses: tuple[str, ...] = ("margin", "cosine")
     cosine_targets: int = 9  # the cosine loss on the likeliest wrong classes only (all of them by default)
+    hinge_c: float = 10.0  # the cosine loss's hinge (rule.cosine_hinge)
+    hinge_margin: float = 0.5
+    about: ClassVar[dict[str, str]] = {
+        "targets": "every wrong class", "step_size": "2 eps / sqrt(steps), decaying, backtracking",
+        "loss_margin": "min(logit margin of target, kappa (cos theta_t - cos tau_t))",
+        "loss_cosine": "cos(x, W_t) - hinge_c relu(max_{j!=t} z_j - z_t + hinge_margin)"}
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         n, dev = len(x), x.device
@@ -87,7 +85,7 @@ class RuleAttack:
     def _objective(self, logits: Tensor, cosines: Tensor, y: Tensor, t: Tensor, loss: str, cos_thr: Tensor) -> Tensor:
         if loss == "margin":
             return rule_objective(logits, cosines, y, cos_thr, self.kappa, target=t)
-        return _cosine_hinge(logits, cosines, t)
+        return cosine_hinge(logits, cosines, t, self.hinge_c, self.hinge_margin)
 
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, t: Tensor, loss: str,
              cos_thr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,10 +137,15 @@ class OrthogonalPGD:
     eps: float
     rule: Rule
     steps: int = 100
-    step_size: float | None = None
+    step_size: float | None = None  # default 2.5 eps / steps
+    about: ClassVar[dict[str, Any]] = {"selective": True}
+
+    @property
+    def step(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        step = self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+        step = self.step
         cos_thr = self.rule.cos_thresholds(x.device)
         n = len(x)
         with eval_mode(model):
@@ -215,6 +218,7 @@ class RuleSquare:
     restarts: int = 1
     p_init: float = 0.8
     kappa: float = 10.0
+    about: ClassVar[dict[str, str]] = {"library": "ART", "scores": "rule margins, true class floored"}
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         from art.attacks.evasion import SquareAttack
@@ -261,29 +265,3 @@ class _FlooredTrueClass(nn.Module):
             return self.y
         d = torch.cdist(xc.flatten(1), self.x_clean.flatten(1), p=float("inf"))
         return self.y[d.argmin(1)]
-
-
-def distal_attack(model: nn.Module, x: Tensor, eps: float, rule: Rule, steps: int = 50,
-                  kappa: float = 10.0) -> Tensor:
-    """From starting images that are not clothing (noise, constant images), PGD at radius ε
-    to get ANY class accepted: it ascends max_k min(logit margin of k, κ·cosine slack of k)."""
-    cos_thr = rule.cos_thresholds(x.device)
-    step = 2.5 * eps / steps
-    with eval_mode(model):
-        x_cur = x.clone()
-        best = x.clone()
-        accepted = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for it in range(steps + 1):
-            x_cur = x_cur.detach().requires_grad_(True)
-            logits, cosines = logits_of(model, x_cur)
-            assert cosines is not None
-            obj = rule_margins(logits, cosines, cos_thr, kappa).amax(1)
-            with torch.no_grad():
-                ok = torch.from_numpy(rule.verdicts(logits, cosines).accepted).to(x.device) & ~accepted
-                best[ok] = x_cur.detach()[ok]
-                accepted |= ok
-            if it == steps or bool(accepted.all()):
-                break
-            (g,) = torch.autograd.grad(obj.sum(), x_cur)
-            x_cur = project(x_cur.detach() + step * g.sign(), x, eps)
-    return best.detach()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +21,13 @@ from torch import Tensor, nn
 from training.attacks import PGD, attack_dataset
 from training.evaluation.attacks import check_ball
 from training.evaluation.config import EvalConfig
+from training.evaluation.runner import AttackRunner, Target
 from training.evaluation.schema import EpsPoint, EpsSweep, GradientFreeCheck, NoiseCheck, PgdBudgetCheck, RuleChecks
 from training.evaluation.scoring import Judged, judge, rate_fields
+from training.evaluation.settings import settings
 from training.judging import OnnxModel
 from training.models import ConvNet
+from training.rule import Rule
 
 
 def attack_on(model: nn.Module, attack: Callable[[nn.Module, Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
@@ -32,38 +37,36 @@ def attack_on(model: nn.Module, attack: Callable[[nn.Module, Tensor, Tensor], Te
     return attack_dataset(model, attack, x.to(dev), y.to(dev), batch_size).cpu()
 
 
-def _pgd_restarts(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, eps: float, mean: list[float],
-                  std: list[float], rho: float, steps: int, step_size: float, restarts: int, seed: int,
-                  batch_size: int, name: str) -> Judged:
-    """PGD with `restarts` restarts, each its own run; per example the restart best for the
-    attacker under the served rule (as the evaluation's PGD keeps them)."""
+def _pgd_restarts(t: Target, model: ConvNet, pgd: PGD, m: int, restarts: int, seed: int, batch_size: int,
+                  name: str) -> Judged:
+    """PGD with `restarts` restarts on the first m examples, each its own run; per example the
+    restart best for the attacker under the served rule (as the evaluation's PGD keeps them)."""
+    x, y = t.x[:m], t.y[:m]
+    x_adv: Tensor | None = None
     worst: Judged | None = None
     for r in range(restarts):
         torch.manual_seed(seed + r)
-        xa = attack_on(model, PGD(eps, steps=steps, step_size=step_size), x, y, batch_size)
-        check_ball(xa, x, eps, name)
-        j = judge(onnx_model, xa, y, mean, std, rho, name)
-        worst = j if worst is None else worst.where(worst.attacker_best(j), j)
+        xa = attack_on(model, pgd, x, y, batch_size)
+        check_ball(xa, x, t.eps, name)
+        x_adv, worst = AttackRunner.keep_worst(x_adv, worst, xa, t.judge(xa, name))
     assert worst is not None
     return worst
 
 
-def pgd_budget_check(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, eps: float, mean: list[float],
-                     std: list[float], rho: float, cfg: EvalConfig,
+def pgd_budget_check(t: Target, model: ConvNet, cfg: EvalConfig,
                      say: Callable[[str], None]) -> tuple[PgdBudgetCheck, Judged]:
     """Doubling PGD's steps AND restarts must not lower robust accuracy much (else the base
     attack had not converged and its numbers overstate robustness). Both runs are made here,
     on the same examples, each keeping restarts by the served rule; the doubled run's
     outcomes are returned for the worst case per example."""
-    m = min(cfg.n_budget_check, len(x))
-    base_p = {"steps": cfg.pgd_steps, "step_size": cfg.pgd_step_size, "restarts": cfg.pgd_restarts}
-    dbl_p = {"steps": 2 * cfg.pgd_steps, "step_size": cfg.pgd_step_size, "restarts": 2 * cfg.pgd_restarts}
+    m = min(cfg.n_budget_check, len(t.x))
+    base_pgd = PGD(t.eps, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size)
+    dbl_pgd = replace(base_pgd, steps=2 * base_pgd.steps)
+    base_n, dbl_n = cfg.pgd_restarts, 2 * cfg.pgd_restarts
     t0 = time.time()
-    args = (model, onnx_model, x[:m], y[:m], eps, mean, std, rho)
-    base = _pgd_restarts(*args, cfg.pgd_steps, cfg.pgd_step_size, cfg.pgd_restarts, cfg.seed, cfg.batch_size,
-                         "pgd (budget check)")
-    dbl = _pgd_restarts(*args, 2 * cfg.pgd_steps, cfg.pgd_step_size, 2 * cfg.pgd_restarts, cfg.seed + 1000,
-                        cfg.batch_size, f"pgd-{2 * cfg.pgd_steps} x{2 * cfg.pgd_restarts} (budget check)")
+    base = _pgd_restarts(t, model, base_pgd, m, base_n, cfg.seed, cfg.batch_size, "pgd (budget check)")
+    dbl = _pgd_restarts(t, model, dbl_pgd, m, dbl_n, cfg.seed + 1000, cfg.batch_size,
+                        f"pgd-{dbl_pgd.steps} x{dbl_n} (budget check)")
     b_acc, d_acc = float(base.correct.mean()), float(dbl.correct.mean())
     b_def, d_def = float((~base.broken).mean()), float((~dbl.broken).mean())
     tol = max(0.02, 2.0 / m)
@@ -73,64 +76,74 @@ def pgd_budget_check(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor
                f"PGD had not converged: doubling its steps and restarts lowered robust accuracy {b_acc:.3f} -> "
                f"{d_acc:.3f}; the PGD numbers overstate robustness")
     say(f"budget check: {verdict} ({time.time() - t0:.0f}s)")
-    return PgdBudgetCheck(n_examples=m, base=base_p, doubled=dbl_p, base_robust_accuracy=b_acc,
+    return PgdBudgetCheck(n_examples=m, base={**settings(base_pgd), "restarts": base_n},
+                          doubled={**settings(dbl_pgd), "restarts": dbl_n}, base_robust_accuracy=b_acc,
                           doubled_robust_accuracy=d_acc, base_defended_rate=b_def, doubled_defended_rate=d_def,
                           ok=ok, verdict=verdict), dbl
 
 
-def eps_sweep(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, mean: list[float], std: list[float],
-               rho: float, cfg: EvalConfig, say: Callable[[str], None]) -> tuple[EpsSweep, list[tuple[float, Judged]]]:
+def eps_sweep(t: Target, model: ConvNet, cfg: EvalConfig,
+              say: Callable[[str], None]) -> tuple[EpsSweep, list[tuple[float, Judged]]]:
     """Accuracy under PGD must fall to ~0 as eps grows (at eps = 0.5 any image can be
     turned into uniform gray); if it does not, gradients are masked. With the rule attack in
     the evaluation, each point also has the defended rate under it (margin loss, every wrong
     class, one restart of `sweep_steps`)."""
-    m = min(cfg.n_sweep, len(x))
-    points, judged = [], []
+    m = min(cfg.n_sweep, len(t.x))
+    x, y = t.x[:m], t.y[:m]
+    points, judged, ran = [], [], []
     t0 = time.time()
     for e in sorted(set(cfg.sweep_eps)):
         if e == 0:
-            xa = x[:m]
+            xa = x
         else:
+            pgd = PGD(e, steps=cfg.sweep_steps)
+            ran.append(pgd)
             torch.manual_seed(cfg.seed)
-            xa = attack_on(model, PGD(e, steps=cfg.sweep_steps, step_size=2.5 * e / cfg.sweep_steps),
-                            x[:m], y[:m], cfg.batch_size)
-            check_ball(xa, x[:m], e, f"pgd sweep eps={e}")
-        j = judge(onnx_model, xa, y[:m], mean, std, rho, f"eps={e}")
+            xa = attack_on(model, pgd, x, y, cfg.batch_size)
+            check_ball(xa, x, e, f"pgd sweep eps={e}")
+        j = t.judge(xa, f"eps={e}")
         judged.append((e, j))
         r = rate_fields(j)
         rule_def = None
         if "rule" in cfg.attacks:
-            rule_def = r["defended_rate"] if e == 0 else _rule_defended(model, onnx_model, x[:m], y[:m], e, mean, std,
-                                                                        rho, cfg)
+            rule_def = r["defended_rate"] if e == 0 else _rule_defended(t, model, m, e, cfg)
         points.append(EpsPoint(eps=e, robust_accuracy=r["robust_accuracy"], reject_rate=r["reject_rate"],
                                defended_rate=r["defended_rate"], rule_defended_rate=rule_def))
+    ok, verdict = _sweep_verdict(points, m)
+    say(f"eps sweep: {verdict} ({time.time() - t0:.0f}s)")
+    return EpsSweep(attack=_sweep_attack(ran), n_examples=m, points=points, ok=ok, verdict=verdict), judged
+
+
+def _sweep_attack(ran: list[PGD]) -> dict[str, Any]:
+    """The sweep's PGD as it ran: its settings at every ε (eps and the step size listed per point)."""
+    if not ran:
+        return {"name": "pgd"}
+    each = [settings(a) for a in ran]
+    return {"name": "pgd", **each[-1], "eps": [s["eps"] for s in each], "step_size": [s["step_size"] for s in each]}
+
+
+def _sweep_verdict(points: list[EpsPoint], m: int) -> tuple[bool, str]:
     accs = [p.robust_accuracy for p in points]
     top = points[-1]
     monotone = all(b <= a + max(0.02, 2.0 / m) for a, b in zip(accs, accs[1:], strict=False))
     ok = (top.eps < 0.3 or top.robust_accuracy <= 0.05) and monotone
     if ok:
-        verdict = f"ok: PGD accuracy falls from {accs[0]:.3f} to {top.robust_accuracy:.3f} at eps {top.eps}"
-    elif not monotone:
-        verdict = ("gradient masking suspected: accuracy does not decrease monotonically with eps "
-                   f"({', '.join(f'{a:.3f}' for a in accs)})")
-    else:
-        verdict = (f"gradient masking suspected: PGD accuracy is still {top.robust_accuracy:.3f} at eps {top.eps} "
-                   "(an honest attack reaches ~0)")
-    say(f"eps sweep: {verdict} ({time.time() - t0:.0f}s)")
-    attack = {"name": "pgd", "steps": cfg.sweep_steps, "step_size": "2.5 eps / steps", "restarts": 1}
-    return EpsSweep(attack=attack, n_examples=m, points=points, ok=ok, verdict=verdict), judged
+        return ok, f"ok: PGD accuracy falls from {accs[0]:.3f} to {top.robust_accuracy:.3f} at eps {top.eps}"
+    if not monotone:
+        return ok, ("gradient masking suspected: accuracy does not decrease monotonically with eps "
+                    f"({', '.join(f'{a:.3f}' for a in accs)})")
+    return ok, (f"gradient masking suspected: PGD accuracy is still {top.robust_accuracy:.3f} at eps {top.eps} "
+                "(an honest attack reaches ~0)")
 
 
-def _rule_defended(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: Tensor, eps: float, mean: list[float],
-                   std: list[float], rho: float, cfg: EvalConfig) -> float:
+def _rule_defended(t: Target, model: ConvNet, m: int, eps: float, cfg: EvalConfig) -> float:
     from training.evaluation.rule_attacks import RuleAttack
-    from training.rejection import Rule
 
     torch.manual_seed(cfg.seed)
-    attack = RuleAttack(eps, Rule(tuple(mean), tuple(std), rho), cfg.sweep_steps, 1, cfg.rule_kappa, ("margin",))
-    xa = attack_on(model, attack, x, y, cfg.batch_size)
-    check_ball(xa, x, eps, f"rule sweep eps={eps}")
-    return float((~judge(onnx_model, xa, y, mean, std, rho, f"rule eps={eps}").broken).mean())
+    attack = RuleAttack(eps, t.rule, cfg.sweep_steps, 1, cfg.rule_kappa, ("margin",))
+    xa = attack_on(model, attack, t.x[:m], t.y[:m], cfg.batch_size)
+    check_ball(xa, t.x[:m], eps, f"rule sweep eps={eps}")
+    return float((~t.judge(xa, f"rule eps={eps}").broken).mean())
 
 
 def rule_checks(judged: dict[str, Judged], schedule: list[dict[str, object]], tolerance: float) -> RuleChecks:
@@ -180,14 +193,14 @@ def gradient_free_check(judged: dict[str, Judged]) -> GradientFreeCheck:
                              best_white_box=best_name, ok=ok, verdict=verdict)
 
 
-def noise_check(onnx_model: OnnxModel, shape: tuple[int, ...], mean: list[float], std: list[float], rho: float,
-                n: int = 1000, seed: int = 0, target: float = 0.99) -> NoiseCheck:
+def noise_check(onnx_model: OnnxModel, shape: tuple[int, ...], rule: Rule, n: int = 1000, seed: int = 0,
+                target: float = 0.99) -> NoiseCheck:
     """Reject rates of n uniform-noise images and of 11 constant images (0, 0.1, ..., 1)."""
     g = torch.Generator().manual_seed(seed)
     uniform = torch.rand((n, *shape), generator=g)
     constant = torch.linspace(0, 1, 11).view(-1, *([1] * len(shape))).expand(11, *shape).contiguous()
-    ju = judge(onnx_model, uniform, torch.zeros(n, dtype=torch.long), mean, std, rho, "uniform noise")
-    jc = judge(onnx_model, constant, torch.zeros(11, dtype=torch.long), mean, std, rho, "constant")
+    ju = judge(onnx_model, uniform, torch.zeros(n, dtype=torch.long), rule, "uniform noise")
+    jc = judge(onnx_model, constant, torch.zeros(11, dtype=torch.long), rule, "constant")
     u, c = float((~ju.accepted).mean()), float((~jc.accepted).mean())
     ok = u >= target and c >= target
     verdict = (f"{'ok' if ok else 'FAILED'}: rejected {100 * u:.1f} % of {n} uniform-noise images and "

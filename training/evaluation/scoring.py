@@ -8,24 +8,45 @@ wrong, = 1 - defended: the attacker's win).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from app.verdict import Verdicts, angle_ratio, geodesic_verdict, softmax
+from app.verdict import Verdicts, angle_ratio, softmax
 from training.evaluation.schema import Report, WorstCase
-from training.judging import OnnxModel, Rates
+from training.judging import BatchedRunner, Rates
+from training.rule import Rule
 
 
 @dataclass
-class Judged:
-    """Per-example outcome of an attack (ONNX Runtime verdicts)."""
+class Verdicted:
+    """Per-example outcome of a set of inputs under the served rule: what the worst case reads."""
 
     name: str
     correct: np.ndarray  # (n,) bool: predicted label == true label
     accepted: np.ndarray  # (n,) bool at rho
+
+    @classmethod
+    def of(cls, name: str, v: Verdicts, y: np.ndarray) -> Verdicted:
+        """From verdicts on the first len(v) examples of labels y."""
+        return cls(name, v.labels == y[: len(v.labels)], v.accepted)
+
+    @property
+    def n(self) -> int:
+        return len(self.correct)
+
+    @property
+    def broken(self) -> np.ndarray:
+        return self.accepted & ~self.correct
+
+
+@dataclass
+class Judged(Verdicted):
+    """Per-example outcome of an attack (ONNX Runtime verdicts)."""
+
     accepted_rho1: np.ndarray  # (n,) bool at rho = 1
     ratio: np.ndarray  # (n,) angle ratio theta / (theta* + theta_sigma)
     msp: np.ndarray  # (n,) maximum softmax probability of the logits
@@ -56,14 +77,6 @@ class Judged:
                       cat(self.accepted_rho1, rest.accepted_rho1), cat(self.ratio, rest.ratio),
                       cat(self.msp, rest.msp))
 
-    @property
-    def n(self) -> int:
-        return len(self.correct)
-
-    @property
-    def broken(self) -> np.ndarray:
-        return self.accepted & ~self.correct
-
 
 @dataclass
 class Outcome:
@@ -73,15 +86,15 @@ class Outcome:
     judged: dict[str, Judged] = field(default_factory=dict)
     clean: Judged | None = None
     sweep: list[tuple[float, Judged]] = field(default_factory=list)
+    ran: dict[str, Any] = field(default_factory=dict)  # attack name -> the attack object that ran
 
 
-def judge(onnx_model: OnnxModel, x: Tensor, y: Tensor, mean: list[float], std: list[float], rho: float,
-          name: str) -> Judged:
+def judge(onnx_model: BatchedRunner, x: Tensor, y: Tensor, rule: Rule, name: str) -> Judged:
+    """x's outcomes as the service would answer (the model's outputs, the served rule)."""
     logits, cosines = onnx_model(x)
-    v: Verdicts = geodesic_verdict(logits, cosines, mean, std, rho)
-    v1 = geodesic_verdict(logits, cosines, mean, std, 1.0)
-    return Judged(name, v.labels == y.cpu().numpy(), v.accepted, v1.accepted, angle_ratio(logits, cosines, mean, std),
-                  max_softmax(logits))
+    v, v1 = rule.verdicts(logits, cosines), rule.verdicts(logits, cosines, rho=1.0)
+    return Judged(name, v.labels == y.cpu().numpy(), v.accepted, v1.accepted,
+                  angle_ratio(logits, cosines, rule.angle_mean_deg, rule.angle_std_deg), max_softmax(logits))
 
 
 def max_softmax(logits: np.ndarray) -> np.ndarray:
@@ -104,8 +117,10 @@ def rate_fields(j: Judged) -> dict[str, Any]:
     )
 
 
-def worst_case(judged: list[Judged], n: int | None = None, note: str = "") -> WorstCase:
-    """Over the first n examples (default: those every attack covered)."""
+def worst_case(judged: Sequence[Verdicted], n: int | None = None, note: str = "") -> WorstCase:
+    """Per example, the worst outcome over every set of inputs that covers it (broken if any made
+    it accepted-and-wrong, not robust if any misclassified it), over the first n examples
+    (default: those every set covered). The one worst case of reports and precision records."""
     m = min(j.n for j in judged) if n is None else n
     broken = np.zeros(m, bool)
     wrong = np.zeros(m, bool)
