@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from timing import per_image_us
 
 from app.manifest import MODEL_FILE, REFERENCE
 from app.model_store import ModelStoreError, find_version, load_version
@@ -33,18 +33,6 @@ from support.ort_graph import optimized_graph_counts
 
 PATHS = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
 Run = Callable[[np.ndarray], object]
-
-
-def per_image_us(run: Run, x: np.ndarray, calls: int) -> list[float]:
-    """`calls` timed calls on x (after 10 warm-up calls): microseconds per image of each."""
-    for _ in range(10):
-        run(x)
-    out = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        run(x)
-        out.append((time.perf_counter() - t0) * 1e6 / len(x))
-    return out
 
 
 def runs_of(store: Path, name: str, version: str, threads: int) -> tuple[str, dict[str, Run], dict[str, str]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from timing import per_image_us
 
 from app.model_store import load_version
 from app.settings import load_settings
@@ -64,12 +65,7 @@ def model_compute(store: Path, name: str, precision: str, batch: int = 16, runs:
     model = load_version(store, name, providers=["CPUExecutionProvider"], backend=settings.runtime_backend,
                          precision=precision)
     x = np.random.default_rng(0).random((batch, *model.manifest.input.shape), dtype=np.float32)
-    for _ in range(5):
-        model.runner(x)
-    t0 = time.perf_counter()
-    for _ in range(runs):
-        model.runner(x)
-    return model.runner.info.path, (time.perf_counter() - t0) / runs / batch * 1e6
+    return model.runner.info.path, float(np.mean(per_image_us(model.runner, x, runs, warmup=5)))
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import argparse
 import collections
 import json
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from timing import per_image_us
 from torch import Tensor
 
 from app.runtimes import RuntimeUnavailable, openvino_runner
@@ -104,12 +104,8 @@ def main() -> None:
             for b in (1, 16):
                 xb = np.ascontiguousarray(x[:b].numpy())
                 for key, run in runs.items():
-                    for _ in range(5):
-                        run(xb)
-                    for _ in range(max(10, args.runs // 5 if b == 1 else args.runs // 20)):
-                        t0 = time.perf_counter()
-                        run(xb)
-                        times[*key, b].append((time.perf_counter() - t0) * 1e6 / b)
+                    calls = max(10, args.runs // 5 if b == 1 else args.runs // 20)
+                    times[*key, b] += per_image_us(run, xb, calls, warmup=5)
     print("\n| form | path | µs batch 1 | µs batch 16 |\n| --- | --- | --- | --- |")
     for name, path in runs:
         print(f"| {name} | {path} | {np.median(times[name, path, 1]):.0f} | {np.median(times[name, path, 16]):.0f} |")

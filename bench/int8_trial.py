@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from bench_models import per_image_us  # bench/ is on sys.path: this script's folder
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from timing import per_image_us
 
 from app.manifest import MODEL_FILE
 from app.model_store import find_version, read_manifest

@@ -45,7 +45,7 @@ def adversarial_input(model: nn.Module, x: Tensor, y: Tensor, mode: str, eps: fl
     raise ValueError(f"unknown training mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
-def training_loss(model: ConvNet, net: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, mode: str,
+def training_loss(model: ConvNet, net: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, mode: str, *,
                   adv_weight: float, trades_beta: float, iteration: int,
                   objective: ObjectiveConfig) -> tuple[Tensor, Tensor]:
     """(loss, logits on the input the accuracy is tracked on) for one batch, in train mode."""

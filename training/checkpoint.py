@@ -11,6 +11,7 @@ else `final/`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from training.angle_stats import AngleStats
 from training.models import ConvNet, ModelConfig, build_model
+
+log = logging.getLogger("dsphere.train")
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -186,3 +189,23 @@ def keep_checkpoint(run: str | os.PathLike[str], dest: str | os.PathLike[str]) -
     if summary.is_file():
         shutil.copyfile(summary, out / "summary.json")
     return out
+
+
+def init_weights(model: ConvNet, init_from: str) -> None:
+    """Start from a checkpoint of the same model, or of the same trunk with another head (its
+    class weights are kept, a bias it had is dropped: e.g. a softmax baseline fine-tuned with a
+    cosine head)."""
+    src, _ = load_checkpoint(init_from)
+    mine, theirs = model.config.to_dict(), src.config.to_dict()
+    mine.pop("head"), theirs.pop("head")
+    if mine != theirs:
+        raise ValueError(f"--init-from {init_from}: its model config differs from the requested one")
+    state = src.state_dict()
+    if src.config.head != model.config.head:
+        wanted = model.state_dict()
+        state = {k: v for k, v in state.items() if k in wanted and wanted[k].shape == v.shape}
+        log.info("--init-from %s: head %s -> %s; %d of %d tensors taken", init_from, src.config.head,
+                 model.config.head, len(state), len(wanted))
+        model.load_state_dict(state, strict=False)
+        return
+    model.load_state_dict(state)

@@ -132,7 +132,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 @app.command()
-def export(
+def export(  # a flat list: one parameter per option, then one call
     checkpoint: Annotated[Path, typer.Argument(
         help="checkpoint directory, or a run directory (takes its best/, else final/)")],
     name: Annotated[str, typer.Option(help="model name in the store")] = "fashion-mnist-dsphere",
@@ -215,4 +215,4 @@ def _register_commands() -> None:
     """The commands of the other command modules (evaluate, figure2, compare, reproduce, precision)."""
     import training.evaluation.cli  # noqa: F401  (registers its commands on training.cli_app.app)
     import training.precision  # noqa: F401
-    import training.reproduce  # noqa: F401
+    import training.reproduce_cli  # noqa: F401

@@ -1,6 +1,6 @@
 """The `python -m training` Typer application and the command line it records, on which every
 command module registers its commands (training/cli.py: train, export, keep;
-training/evaluation/cli.py: evaluate, figure2, compare; training/reproduce.py: reproduce;
+training/evaluation/cli.py: evaluate, figure2, compare; training/reproduce_cli.py: reproduce;
 training/precision.py: precision).
 A module of its own so that the command modules import it, never each other."""
 

@@ -19,7 +19,6 @@ Steps, each checked:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -47,7 +46,7 @@ from app.manifest import (
     OperatingPoint,
     TrainingInfo,
 )
-from app.verdict import angles_deg, geodesic_verdict
+from app.verdict import angles_deg
 from training.angle_stats import angle_histogram
 from training.attacks import PGD, attack_dataset
 from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -55,15 +54,21 @@ from training.data import DEFAULT_EPS, Dataset, load_dataset, sha256_file, train
 from training.evaluation.schema import Report
 from training.judging import PARITY_ATOL, Calibrated, OnnxModel, Rates, calibrate, parity
 from training.models import ConvNet
+from training.report_figures import (
+    ExportError,
+    PgdFigures,
+    check_report_target,
+    pgd_from_report,
+    read_report,
+    report_mismatches,
+    worst_case_from_report,
+)
+from training.rule import Rule
 from training.serving_graph import ServingGraph
 
 log = logging.getLogger("dsphere.export")
 
 OPSET = 17
-
-
-class ExportError(ValueError):
-    """Export refused or failed a check; one line for the user."""
 
 
 def export_onnx(model: ConvNet, path: Path) -> None:
@@ -83,18 +88,6 @@ def default_version() -> str:
     return datetime.now(UTC).strftime("%Y.%m.%d-%H%M")
 
 
-@dataclass(frozen=True)
-class PgdFigures:
-    """The manifest's pgd_* figures at rho and at rho = 1, and the attack behind them."""
-
-    robust_accuracy: float
-    reject_rate: float
-    defended_rate: float
-    rho1_reject_rate: float
-    rho1_defended_rate: float
-    attack: AttackSpec
-
-
 def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[str], name: str,
                    version: str | None = None, *, target_reject_rate: float = 0.05, eps: float | None = None,
                    pgd_steps: int = 20, pgd_restarts: int = 1, n_test: int = 0, n_attack: int = 2000,
@@ -104,8 +97,7 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
     report.json of `evaluate` on a byte-identical export of this checkpoint at the same eps and
     rho, e.g. in a staging store; export is deterministic) the manifest's pgd_* and worst-case
     figures come from that report, and export runs no attack of its own."""
-    version = version or default_version()
-    target = Path(store) / name / version
+    target = Path(store) / name / (version := version or default_version())
     if target.exists():
         raise FileExistsError(f"{target} already exists; model-store versions are never overwritten")
     model, ckpt = exportable(checkpoint)
@@ -127,20 +119,21 @@ def export_version(checkpoint: str | os.PathLike[str], store: str | os.PathLike[
         calibration = calibrate_on_validation(onnx_model, val.images, mean, std, target_reject_rate)
         rho = calibration.rho
         if report is not None:
-            _check_report_target(report, evaluation, sha, rho)
+            check_report_target(report, evaluation, sha, rho)
         t_logits, t_cos = onnx_model(test.images)
         y = test.labels.numpy()
-        clean = Rates.of_verdicts(geodesic_verdict(t_logits, t_cos, mean, std, rho), y)
-        pgd = (pgd_from_report(report) if report is not None else
-               pgd_at_export(model, onnx_model, test.images, y, eps, mean, std, rho, pgd_steps, pgd_restarts, n_attack))
+        rule = Rule.of({"angle_mean_deg": mean, "angle_std_deg": std, "rho": rho})
+        clean = Rates.of_verdicts(rule.verdicts(t_logits, t_cos), y)
+        pgd = pgd_from_report(report) if report is not None else pgd_at_export(
+            model, onnx_model, test.images, y, rule, PGD(eps, steps=pgd_steps, restarts=pgd_restarts), n_attack)
         cfg = model.config
         manifest = Manifest(
             name=name, version=version, created_at=datetime.now(UTC), sha256=sha,
             class_names=list(cfg.class_names) or [str(i) for i in range(cfg.num_classes)],
             input=InputSpec(shape=cfg.input_shape), angle_mean_deg=list(mean), angle_std_deg=list(std), rho=rho,
             calibration=calibration.record,
-            metrics=_metrics(len(test), clean, Rates.of_verdicts(geodesic_verdict(t_logits, t_cos, mean, std, 1.0), y),
-                             pgd, report),
+            metrics=_metrics(len(test), clean, Rates.of_verdicts(rule.verdicts(t_logits, t_cos, rho=1.0), y), pgd,
+                             report),
             training=TrainingInfo(model_config_=cfg.to_dict(), training_config=_jsonable(tc),
                                   command=ckpt.command or command, dataset=dataset, git_commit=ckpt.git_commit),
             angle_histogram=training_histogram(onnx_model, train, cfg.num_classes),
@@ -166,17 +159,6 @@ def _export_checked(model: ConvNet, path: Path, x: Tensor) -> tuple[OnnxModel, s
         raise ExportError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {PARITY_ATOL})")
     log.info("ONNX parity with PyTorch: max abs diff %.2e", diff)
     return onnx_model, sha256_file(path)
-
-
-def _check_report_target(report: Report, evaluation: str | os.PathLike[str] | None, sha: str, rho: float) -> None:
-    """The report must judge this very export: the same model.onnx bytes and the same rho."""
-    if report.model.sha256 != sha:
-        raise ExportError(f"--evaluation {evaluation} was made on a model.onnx with sha256 "
-                          f"{report.model.sha256[:12]}..., this export's is {sha[:12]}...: evaluate an export "
-                          "of this same checkpoint (e.g. into a staging store) and pass that report")
-    if not math.isclose(report.rho, rho, rel_tol=1e-9):
-        raise ExportError(f"--evaluation {evaluation} judged verdicts at rho {report.rho}, this export "
-                          f"calibrates {rho}: export with the options the evaluated version was exported with")
 
 
 def _metrics(n_test: int, clean: Rates, clean1: Rates, pgd: PgdFigures, report: Report | None) -> ManifestMetrics:
@@ -250,82 +232,19 @@ def calibrate_on_validation(onnx_model: OnnxModel, x_val: Tensor, mean: Any, std
                                                 paper_rho1_validation_reject_rate=c.rho1_reject_rate))
 
 
-def pgd_at_export(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: np.ndarray, eps: float, mean: Any, std: Any,
-                  rho: float, steps: int, restarts: int, n_attack: int) -> PgdFigures:
+def pgd_at_export(model: ConvNet, onnx_model: OnnxModel, x: Tensor, y: np.ndarray, rule: Rule, pgd: PGD,
+                  n_attack: int) -> PgdFigures:
     """PGD crafted on the PyTorch model, judged by ONNX Runtime (no evaluation report given)."""
     n_att = min(n_attack or len(x), len(x))
-    step = 2.5 * eps / steps
     t0 = time.time()
-    x_adv = attack_dataset(model, PGD(eps, steps=steps, step_size=step, restarts=restarts), x[:n_att],
-                           torch.from_numpy(y[:n_att]))
-    log.info("PGD-%d x%d on %d test images: %.0fs", steps, restarts, n_att, time.time() - t0)
+    x_adv = attack_dataset(model, pgd, x[:n_att], torch.from_numpy(y[:n_att]))
+    log.info("PGD-%d x%d on %d test images: %.0fs", pgd.steps, pgd.restarts, n_att, time.time() - t0)
     a_logits, a_cos = onnx_model(x_adv)
-    adv = Rates.of_verdicts(geodesic_verdict(a_logits, a_cos, mean, std, rho), y[:n_att])
-    adv1 = Rates.of_verdicts(geodesic_verdict(a_logits, a_cos, mean, std, 1.0), y[:n_att])
+    adv = Rates.of_verdicts(rule.verdicts(a_logits, a_cos), y[:n_att])
+    adv1 = Rates.of_verdicts(rule.verdicts(a_logits, a_cos, rho=1.0), y[:n_att])
     return PgdFigures(adv.accuracy, adv.reject_rate, adv.defended_rate, adv1.reject_rate, adv1.defended_rate,
-                      AttackSpec(eps=eps, steps=steps, step_size=step, restarts=restarts, n_examples=n_att))
-
-
-def read_report(path: str | os.PathLike[str], eps: float) -> Report:
-    try:
-        report = Report.model_validate_json(Path(path).read_text())
-    except OSError as e:
-        raise ExportError(f"--evaluation {path}: cannot read it ({e.strerror})") from None
-    except ValueError as e:
-        raise ExportError(f"--evaluation {path} is not an evaluation report: {str(e).splitlines()[0]}") from None
-    if report.split != "test":
-        raise ExportError(f"--evaluation {path} attacked the {report.split} split; the manifest's metrics come "
-                          "from the test set")
-    if not math.isclose(report.eps, eps):
-        raise ExportError(f"--evaluation {path} attacked at eps {report.eps}, the manifest's threat model is {eps}")
-    if not any(a.name.startswith("pgd-") and a.status == "ok" for a in report.attacks):
-        raise ExportError(f"--evaluation {path} has no PGD result")
-    return report
-
-
-def pgd_from_report(report: Report) -> PgdFigures:
-    a = next(a for a in report.attacks if a.name.startswith("pgd-") and a.status == "ok")
-    assert a.robust_accuracy is not None and a.reject_rate is not None and a.defended_rate is not None
-    assert a.rho1_reject_rate is not None and a.rho1_defended_rate is not None
-    p = a.params
-    return PgdFigures(a.robust_accuracy, a.reject_rate, a.defended_rate, a.rho1_reject_rate, a.rho1_defended_rate,
-                      AttackSpec(eps=report.eps, steps=int(p["steps"]), step_size=float(p["step_size"]),
-                                 restarts=int(p["restarts"]), n_examples=a.n_examples))
-
-
-def worst_case_from_report(report: Report) -> dict[str, Any]:
-    """The manifest's worst-case figures; `adaptive_defended_rate` is the lowest defended rate
-    of the attacks that know the rule (kind "adaptive": the adaptive, rule and orthogonal attacks)."""
-    wc = report.worst_case
-    adaptive = [a.defended_rate for a in report.attacks
-                if a.kind == "adaptive" and a.status == "ok" and a.defended_rate is not None]
-    return {"worst_case_robust_accuracy": wc.robust_accuracy, "worst_case_defended_rate": wc.defended_rate,
-            "adaptive_defended_rate": min(adaptive) if adaptive else None,
-            "worst_case_attacks": [n for n in wc.attacks if n != "clean"], "worst_case_n_examples": wc.n_examples}
-
-
-# A manifest's figures are the report's, copied: equal up to float rounding in JSON.
-REPORT_FIGURES_ATOL = 1e-9
-
-
-def report_mismatches(metrics: ManifestMetrics, report: Report) -> list[str]:
-    """How a manifest's attack figures differ from the evaluation report they must come from
-    (empty when they agree): the PGD figures, the worst case and its attack list."""
-    want = {**worst_case_from_report(report)}
-    pgd = pgd_from_report(report)
-    want.update(pgd_robust_accuracy=pgd.robust_accuracy, pgd_reject_rate=pgd.reject_rate,
-                pgd_defended_rate=pgd.defended_rate)
-    have = metrics.model_dump()
-    out = []
-    for key, value in want.items():
-        got = have.get(key)
-        same = (got == value if not isinstance(value, float) or got is None
-                else math.isclose(got, value, rel_tol=0.0, abs_tol=REPORT_FIGURES_ATOL))
-        if not same:
-            out.append(f"{key}: manifest {got!r}, report {value!r}")
-    if have.get("pgd_attack") and have["pgd_attack"].get("restarts") != pgd.attack.restarts:
-        out.append(f"pgd_attack.restarts: manifest {have['pgd_attack'].get('restarts')}, report {pgd.attack.restarts}")
-    return out
+                      AttackSpec(eps=pgd.eps, steps=pgd.steps, step_size=pgd.step, restarts=pgd.restarts,
+                                 n_examples=n_att))
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class SphereConv2d(nn.Conv2d):
         padding: int | tuple[int, int] = 0,
         dilation: int | tuple[int, int] = 1,
         corr: str = "cosine",
+        *,
         sigmoid_k: float = 0.3,
         quadratic_a: float = 1.0,
     ) -> None:

@@ -183,7 +183,7 @@ def rejection_attack(model: nn.Module, x: Tensor, y: Tensor, outliers: Tensor, e
     return xa.detach(), oa.detach()
 
 
-def rejection_loss(model: ConvNet, net: nn.Module, x: Tensor, y: Tensor, eps: float, iteration: int,
+def rejection_loss(model: ConvNet, net: nn.Module, x: Tensor, y: Tensor, eps: float, *, iteration: int,
                    cfg: RejectionConfig, objective: ObjectiveConfig, cones: ServedCones) -> tuple[Tensor, Tensor]:
     """(loss, logits of the clean rows) for one batch: every image attacked, the first
     clean_fraction of them also trained clean, plus outlier_fraction·len(x) synthetic

@@ -31,23 +31,23 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import typer
 
-from app.verdict import geodesic_verdict
 from training.attacks import FGSM, PGD, attack_dataset, predict
 from training.checkpoint import load_checkpoint
-from training.cli_app import app, command_line
-from training.cli_values import comma_list
+from training.cli_app import command_line
 from training.config import TrainConfig
 from training.data import DATASETS, DEFAULT_EPS, load_dataset, training_splits
 from training.evaluation.attacks import check_ball
+from training.evaluation.settings import settings
+from training.files import write_atomic, write_json
 from training.judging import Rates, calibrate
 from training.models import ModelConfig
+from training.rule import Rule
 from training.train import TrainingDidNotLearn, train
 
 log = logging.getLogger("dsphere.reproduce")
@@ -107,7 +107,7 @@ def make_protocol(name: str, dataset: str) -> Protocol:
     raise ValueError(f"unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
 
 
-def cell_configs(model: str, training: str, dataset: str, data_dir: str | None, protocol: Protocol, eps: float,
+def cell_configs(model: str, training: str, dataset: str, data_dir: str | None, protocol: Protocol, *, eps: float,
                  seed: int, device: str, input_shape: tuple[int, int, int]) -> tuple[ModelConfig, TrainConfig]:
     kw = MODELS[model][1]
     mcfg = ModelConfig.for_input(input_shape, **kw)
@@ -148,24 +148,25 @@ def evaluate_cell(run_final: Path, dataset: str, data_dir: str | None, protocol:
     x, y = test.images[:n].to(dev), test.labels[:n].to(dev)
     yn = y.cpu().numpy()
 
+    rule = Rule.of({"angle_mean_deg": mean, "angle_std_deg": std, "rho": rho})
+
     def rates_on(xs: torch.Tensor) -> dict[str, float]:
-        logits, cos = (t.double().cpu().numpy() for t in predict(model, xs))
-        r = Rates.of_verdicts(geodesic_verdict(logits, cos, mean, std, rho), yn)
+        r = Rates.of_verdicts(rule.verdicts(*predict(model, xs)), yn)
         return {"accuracy": r.accuracy, "reject_rate": r.reject_rate, "defended_rate": r.defended_rate}
 
-    step = protocol.eval_pgd_step_size or 2.5 * eps / protocol.eval_pgd_steps
+    fgsm = FGSM(eps)
+    pgd = PGD(eps, steps=protocol.eval_pgd_steps, step_size=protocol.eval_pgd_step_size or None)
     out: dict[str, Any] = {"rho": rho, "n_eval": n, "eps": eps}
     out["clean"] = rates_on(x)
     torch.manual_seed(seed)
     t0 = time.time()
-    x_f = attack_dataset(model, FGSM(eps), x, y)
+    x_f = attack_dataset(model, fgsm, x, y)
     out["fgsm"] = rates_on(x_f)
-    x_p = attack_dataset(model, PGD(eps, steps=protocol.eval_pgd_steps, step_size=step), x, y)
+    x_p = attack_dataset(model, pgd, x, y)
     for name, xa in (("fgsm", x_f), ("pgd", x_p)):
         check_ball(xa, x, eps, name)
     out["pgd"] = rates_on(x_p)
-    out["attacks"] = {"fgsm": {"eps": eps, "step_size": eps},
-                      "pgd": {"eps": eps, "steps": protocol.eval_pgd_steps, "step_size": step, "restarts": 1}}
+    out["attacks"] = {"fgsm": settings(fgsm), "pgd": settings(pgd)}
     out["eval_seconds"] = round(time.time() - t0, 1)
     out["val_accuracy"] = ckpt.metrics.get("val_accuracy")
     out["train_minutes"] = ckpt.metrics.get("train_minutes")
@@ -187,7 +188,7 @@ def run_cell(cell_dir: Path, model: str, training: str, mcfg: ModelConfig, tcfg:
             raise ValueError(f"{cell_dir} was run with another configuration; pass another --out "
                              "(or delete that cell) to run this one")
     cell_dir.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps({"digest": digest, **spec}, indent=2, default=str))
+    write_json(spec_path, {"digest": digest, **spec})
     if result_path.is_file():
         say(f"{model}/{training}: cached")
         return dict(json.loads(result_path.read_text()))
@@ -201,9 +202,7 @@ def run_cell(cell_dir: Path, model: str, training: str, mcfg: ModelConfig, tcfg:
     say(f"{model}/{training}: evaluating")
     res = evaluate_cell(run_dir / "final", tcfg.dataset, tcfg.data_dir, protocol, eps, tcfg.seed, tcfg.device)
     row = {"model": model, "label": MODELS[model][0], "training": training, **res}
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=2))
-    tmp.replace(result_path)
+    write_json(result_path, row)
     say(f"{model}/{training}: clean {res['clean']['accuracy']:.4f}  FGSM {res['fgsm']['accuracy']:.4f}  "
         f"PGD {res['pgd']['accuracy']:.4f}  PGD defended {res['pgd']['defended_rate']:.4f} (rho {res['rho']:.3f})")
     return row
@@ -256,8 +255,8 @@ def render_reproduction_markdown(rows: list[dict[str, Any]], dataset: str, proto
 
 def reproduce(dataset: str = "fashion-mnist", data_dir: str | None = None, protocol: str | Protocol = "quick",
               out: str | Path | None = None, models: tuple[str, ...] = tuple(MODELS),
-              trainings: tuple[str, ...] = TRAININGS, eps: float | None = None, seed: int = 0, device: str = "auto",
-              progress: Callable[[str], None] | None = None) -> Path:
+              trainings: tuple[str, ...] = TRAININGS, *, eps: float | None = None, seed: int = 0,
+              device: str = "auto", progress: Callable[[str], None] | None = None) -> Path:
     """Run (or resume) the grid; returns the path of reproduction.json."""
     say = progress or (lambda s: log.info("%s", s))
     if dataset not in DATASETS:
@@ -281,7 +280,8 @@ def reproduce(dataset: str = "fashion-mnist", data_dir: str | None = None, proto
         for training in TRAININGS:
             if training not in trainings:
                 continue
-            mcfg, tcfg = cell_configs(model, training, dataset, data_dir, proto, eps, seed, device, shape)
+            mcfg, tcfg = cell_configs(model, training, dataset, data_dir, proto, eps=eps, seed=seed, device=device,
+                                      input_shape=shape)
             run_cell(out_dir / "cells" / f"{model}-{training}", model, training, mcfg, tcfg, proto, eps, say)
             write_tables(out_dir, dataset, proto, eps)
     return write_tables(out_dir, dataset, proto, eps)
@@ -292,62 +292,5 @@ def write_tables(out_dir: Path, dataset: str, proto: Protocol, eps: float) -> Pa
     doc = {"dataset": dataset, "protocol": asdict(proto), "eps": eps, "rows": rows,
            "paper_table1_mnist": {m: {t: dict(zip(("clean", "fgsm", "pgd"), v, strict=True)) for t, v in d.items()}
                                   for m, d in PAPER_TABLE1.items()}}
-    path = out_dir / "reproduction.json"
-    path.write_text(json.dumps(doc, indent=2))
-    (out_dir / "reproduction.md").write_text(render_reproduction_markdown(rows, dataset, proto, eps))
-    return path
-
-
-def _names(text: str, allowed: tuple[str, ...] | list[str], what: str) -> tuple[str, ...]:
-    if text.strip() in ("", "all"):
-        return tuple(allowed)
-    vals = comma_list(text, str, what)
-    bad = [v for v in vals if v not in allowed]
-    if bad:
-        raise ValueError(f"unknown {what} {', '.join(bad)}; expected {', '.join(allowed)}")
-    return vals
-
-
-@app.command(name="reproduce")
-def reproduce_command(
-    dataset: Annotated[str, typer.Option(help="fashion-mnist, mnist or cifar10")] = "fashion-mnist",
-    data_dir: Annotated[str | None, typer.Option(help="dataset directory")] = None,
-    protocol: Annotated[str, typer.Option(help="quick (CPU) or paper (GPU)")] = "quick",
-    out: Annotated[Path | None, typer.Option(help="default reports/reproduce/<dataset>-<protocol>")] = None,
-    models: Annotated[str, typer.Option(help=f"comma-separated subset of {','.join(MODELS)}")] = "all",
-    trainings: Annotated[str, typer.Option(help="comma-separated subset of natural,fgsm,pgd")] = "all",
-    eps: Annotated[float | None, typer.Option(help="default 0.1 Fashion-MNIST, 0.3 MNIST, 8/255 CIFAR-10")] = None,
-    iterations: Annotated[int, typer.Option(help="override the protocol's training iterations")] = 0,
-    epochs: Annotated[float, typer.Option(help="override the protocol's epochs")] = 0.0,
-    limit_train: Annotated[int, typer.Option(help="override the protocol's training subset (-1 = all)")] = 0,
-    n_eval: Annotated[int, typer.Option(help="override the protocol's evaluation subset (-1 = all)")] = 0,
-    eval_pgd_steps: Annotated[int, typer.Option(help="override the evaluation PGD steps")] = 0,
-    natural_epochs: Annotated[float, typer.Option(help="override natural warm-start epochs (-1 = protocol)")] = -1.0,
-    n_val: Annotated[int, typer.Option(help="override validation examples")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option()] = "auto",
-    threads: Annotated[int, typer.Option(help="torch threads (0 = torch default)")] = 0,
-) -> None:
-    """Train and evaluate the paper's Table 1 grid (cached per cell, resumable)."""
-    if threads:
-        torch.set_num_threads(threads)
-    proto = make_protocol(protocol, dataset)
-    over: dict[str, Any] = {}
-    if iterations:
-        over["iterations"] = iterations
-    if epochs:
-        over.update(epochs=epochs, iterations=0)
-    if limit_train:
-        over["limit_train"] = max(0, limit_train)
-    if n_eval:
-        over["n_eval"] = max(0, n_eval)
-    if eval_pgd_steps:
-        over["eval_pgd_steps"] = eval_pgd_steps
-    if natural_epochs >= 0:
-        over["natural_epochs"] = natural_epochs
-    if n_val:
-        over["n_val"] = n_val
-    proto = replace(proto, **over)
-    path = reproduce(dataset, data_dir, proto, out, _names(models, list(MODELS), "model(s)"),
-                     _names(trainings, TRAININGS, "training(s)"), eps, seed, device, progress=typer.echo)
-    typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
+    write_atomic(out_dir / "reproduction.md", render_reproduction_markdown(rows, dataset, proto, eps))
+    return write_json(out_dir / "reproduction.json", doc)

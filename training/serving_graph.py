@@ -54,20 +54,20 @@ def _box_sum(layer: SphereConv2d, s: Tensor) -> Tensor:
     pad = layer.padding
     if layer.dilation == (1, 1) and not isinstance(pad, str) and 2 * pad[0] <= kh and 2 * pad[1] <= kw:
         return F.avg_pool2d(s, layer.kernel_size, layer.stride, pad, count_include_pad=True)  # type: ignore[arg-type]
-    ones = torch.full((1, 1, kh, kw), 1.0 / (kh * kw), dtype=s.dtype)
+    ones = torch.full((1, 1, kh, kw), 1.0 / (kh * kw), dtype=s.dtype, device=s.device)
     return F.conv2d(s, ones, None, layer.stride, pad, layer.dilation).clamp_min(0.0)  # type: ignore[arg-type]
 
 
 def sphere_conv(layer: SphereConv2d, x: Tensor, relu: bool) -> Tensor:
     """layer(x), then relu when asked, in the exported form (module docstring)."""
     kh, kw = layer.kernel_size
-    s = F.conv2d(x * x, torch.full((1, layer.in_channels, 1, 1), float(kh * kw), dtype=x.dtype))
+    s = F.conv2d(x * x, torch.full((1, layer.in_channels, 1, 1), float(kh * kw), dtype=x.dtype, device=x.device))
     sq = _box_sum(layer, s)
     if layer.corr == "truncated":
         factor = 1.0 / torch.clamp(torch.sqrt(sq), min=1.0)
     else:
         factor = 1.0 / torch.sqrt(sq + NORM_EPS**2)
-    factor = F.conv2d(factor, torch.ones(layer.out_channels, 1, 1, 1, dtype=x.dtype))  # broadcast to C_out
+    factor = F.conv2d(factor, torch.ones(layer.out_channels, 1, 1, 1, dtype=x.dtype, device=x.device))  # to C_out
     y = F.conv2d(x, _normalized_kernels(layer), None, layer.stride, layer.padding, layer.dilation)
     if layer.corr in _SCALED_CORRS:
         return (torch.relu(y) if relu else y) * factor

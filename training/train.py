@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from training.adversarial import adversarial_input, training_loss
 from training.attacks import accuracy
-from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import Checkpoint, init_weights, save_checkpoint
 from training.config import TrainConfig, eps_at, lr_at
 from training.data import Dataset
 from training.distributed import DistInfo, check_ranks_agree, init_distributed, resolve_device, weights_digest
@@ -49,6 +48,7 @@ from training.rejection import ServedCones, rejection_loss
 from training.run_folder import (
     Run,
     final_summary,
+    git_commit,
     prepare_data,
     progress_metrics,
     resume_run,
@@ -67,15 +67,6 @@ log = logging.getLogger("dsphere.train")
 
 class TrainingDidNotLearn(Exception):
     """The run ended near chance accuracy; its result must not be exported."""
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, out_dir: str | os.PathLike[str], resume: bool = False,
@@ -105,7 +96,7 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, co
     model = build_model(model_cfg)
     resuming = resume and (out / "last").is_dir()
     if init_from and not resuming:  # a resumed run takes its weights from last/ (init_from may be gone)
-        _init_weights(model, init_from)
+        init_weights(model, init_from)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     iters_per_epoch = max(1, len(train_ds) // info.world_size // cfg.batch_size)
@@ -124,26 +115,6 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, co
     if resuming:
         resume_run(run, out / "last")
     return run
-
-
-def _init_weights(model: ConvNet, init_from: str) -> None:
-    """Start from a checkpoint of the same model, or of the same trunk with another head (its
-    class weights are kept, a bias it had is dropped: e.g. a softmax baseline fine-tuned with a
-    cosine head)."""
-    src, _ = load_checkpoint(init_from)
-    mine, theirs = model.config.to_dict(), src.config.to_dict()
-    mine.pop("head"), theirs.pop("head")
-    if mine != theirs:
-        raise ValueError(f"--init-from {init_from}: its model config differs from the requested one")
-    state = src.state_dict()
-    if src.config.head != model.config.head:
-        wanted = model.state_dict()
-        state = {k: v for k, v in state.items() if k in wanted and wanted[k].shape == v.shape}
-        log.info("--init-from %s: head %s -> %s; %d of %d tensors taken", init_from, src.config.head,
-                 model.config.head, len(state), len(wanted))
-        model.load_state_dict(state, strict=False)
-        return
-    model.load_state_dict(state)
 
 
 def _guard_rule(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, device: torch.device) -> RuleData | None:
@@ -215,11 +186,12 @@ def _step(run: Run, x: Tensor, y: Tensor) -> dict[str, str]:
     if run.cones is not None:
         if eps > 0 and run.cones.due(run.it):
             run.cones.refresh(run.model, run.it)
-        loss, logits = rejection_loss(run.model, run.net, x, y, eps, run.it, cfg.rejection, cfg.objective, run.cones)
+        loss, logits = rejection_loss(run.model, run.net, x, y, eps, iteration=run.it, cfg=cfg.rejection,
+                                      objective=cfg.objective, cones=run.cones)
     else:
         x_adv = adversarial_input(run.model, x, y, cfg.mode, eps, cfg.attack_steps, _step_size(cfg, eps))
-        loss, logits = training_loss(run.model, run.net, x, x_adv, y, cfg.mode, cfg.adv_weight, cfg.trades_beta,
-                                     run.it, cfg.objective)
+        loss, logits = training_loss(run.model, run.net, x, x_adv, y, cfg.mode, adv_weight=cfg.adv_weight,
+                                     trades_beta=cfg.trades_beta, iteration=run.it, objective=cfg.objective)
     loss = loss + regularizer(run.model, cfg.objective).to(run.device)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -100,7 +100,8 @@ def test_adversarial_input_range(mode: str) -> None:
 def test_nfgsm_loss_is_all_on_the_adversarial_input() -> None:
     model, x, y = tiny_dsphere(), torch.rand(6, 1, 8, 8), torch.randint(0, 3, (6,))
     x_adv = torch.rand_like(x)
-    loss, logits = training_loss(model, model, x, x_adv, y, "nfgsm", 1.0, 6.0, 0, ObjectiveConfig())
+    loss, logits = training_loss(model, model, x, x_adv, y, "nfgsm", adv_weight=1.0, trades_beta=6.0, iteration=0,
+                                 objective=ObjectiveConfig())
     model.train()
     expected = F.cross_entropy(model(x_adv)[0], y)
     torch.testing.assert_close(loss, expected)
@@ -110,7 +111,8 @@ def test_nfgsm_loss_is_all_on_the_adversarial_input() -> None:
 def test_trades_loss_is_clean_ce_plus_beta_kl() -> None:
     model, x, y = tiny_dsphere(), torch.rand(6, 1, 8, 8), torch.randint(0, 3, (6,))
     x_adv = (x + 0.05).clamp(0, 1)
-    loss, _ = training_loss(model, model, x, x_adv, y, "trades", 1.0, 6.0, 0, ObjectiveConfig())
+    loss, _ = training_loss(model, model, x, x_adv, y, "trades", adv_weight=1.0, trades_beta=6.0, iteration=0,
+                            objective=ObjectiveConfig())
     model.train()
     clean, adv = model(x)[0], model(x_adv)[0]
     p, q = F.softmax(clean, 1), F.softmax(adv, 1)

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from support.ort_graph import optimized_graph_counts
 from training.export import export_onnx
@@ -63,3 +64,35 @@ def test_serving_graph_keeps_the_blocked_layout(tmp_path: Path) -> None:
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     out = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     assert out[0].shape == out[1].shape == (3, 10)
+
+
+
+class _Made(TorchFunctionMode):
+    """Records the device of every tensor a factory function (torch.full, ones, ...) makes."""
+
+    FACTORIES = (torch.full, torch.ones, torch.zeros, torch.empty, torch.tensor, torch.eye, torch.arange)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: list[torch.device] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if func in self.FACTORIES:
+            self.devices.append(out.device)
+        return out
+
+
+@pytest.mark.parametrize("corr", CORRS)
+def test_serving_form_makes_its_tensors_on_the_inputs_device(corr: str) -> None:
+    """Every tensor the serving form creates is made on the input's device (the `meta` device
+    stands for a GPU here: a tensor made on the CPU would not meet the input there)."""
+    from training.serving_graph import ServingGraph, sphere_conv
+
+    model = build_model(ModelConfig(corr=corr, head="wm", widths=(4, 8, 8), fc_dim=16)).eval().to("meta")
+    dilated = type(sphere_layers(model)[0])(1, 2, 3, padding=2, dilation=2, corr=corr).to("meta")  # box sum by conv
+    with _Made() as made:
+        logits, cosines = ServingGraph(model)(torch.empty(3, 1, 28, 28, device="meta"))
+        out = sphere_conv(dilated, torch.empty(1, 1, 8, 8, device="meta"), relu=True)
+    assert logits.shape == cosines.shape == (3, 10) and out.shape == (1, 2, 8, 8)
+    assert made.devices and all(d.type == "meta" for d in made.devices), made.devices

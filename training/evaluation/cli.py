@@ -111,7 +111,7 @@ def evaluate(  # a flat list: one parameter per option, then one call
 
 
 @app.command()
-def figure2(
+def figure2(  # a flat list: one parameter per option, then one call
     out: Annotated[Path, typer.Option(help="output directory")] = Path("reports/figure2"),
     dataset: Annotated[str, typer.Option()] = "fashion-mnist",
     data_dir: Annotated[str | None, typer.Option()] = None,

@@ -19,6 +19,16 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _saved(plt, fig, path: Path) -> str:  # type: ignore[no-untyped-def]
+    """Lay out, write (whole or not at all) and close a figure; its file name, for the report."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path.name
+
+
 def roc_curve(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false-reject rate of clean, catch rate of adversarial) for 'reject iff ratio > t'
     over all thresholds t, from strict (nothing rejected) to lax (everything rejected)."""
@@ -67,10 +77,7 @@ def angle_histogram(r: Report, clean: Judged, pgd: Judged | None, adaptive: Judg
     ax.set_ylabel("density")
     ax.set_title(f"{r.model.name} {r.model.version}: angles, eps = {r.eps:g}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "angle_hist.png", dpi=110)
-    plt.close(fig)
-    return "angle_hist.png"
+    return _saved(plt, fig, out / "angle_hist.png")
 
 
 def detector_roc(r: Report, clean: Judged, pgd: Judged | None, adaptive: Judged | None, out: Path) -> str | None:
@@ -95,10 +102,7 @@ def detector_roc(r: Report, clean: Judged, pgd: Judged | None, adaptive: Judged 
         ax.set_ylabel("adversarial catch rate (misclassified attacked inputs)")
         ax.set_title("angle ratio as attack detector")
         ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        fig.savefig(out / "roc.png", dpi=110)
-        plt.close(fig)
-        return "roc.png"
+        return _saved(plt, fig, out / "roc.png")
     return None
 
 
@@ -117,10 +121,7 @@ def eps_sweep_figure(r: Report, out: Path) -> str | None:
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"PGD-{sweep.attack['steps']} vs eps (n = {sweep.n_examples})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "eps_sweep.png", dpi=110)
-        plt.close(fig)
-        return "eps_sweep.png"
+        return _saved(plt, fig, out / "eps_sweep.png")
     return None
 
 
@@ -140,8 +141,5 @@ def attack_bars(r: Report, out: Path) -> str | None:
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
         ax.set_title(f"eps = {r.eps:g}, rho = {r.rho:.3f}")
-        fig.tight_layout()
-        fig.savefig(out / "attacks.png", dpi=110)
-        plt.close(fig)
-        return "attacks.png"
+        return _saved(plt, fig, out / "attacks.png")
     return None
