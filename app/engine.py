@@ -13,9 +13,10 @@ Closing (a reload retiring the old version, or shutdown) refuses new requests bu
 finishes the admitted ones: those queued and those holding a `Ticket` taken before
 the close, which may still be reading their upload when it begins.
 
-`ModelRuntime` binds a `LoadedModel` to a Batcher whose `run_batch` is
-ONNX Runtime + `geodesic_verdict`: `classify` answers the `Verdicts` of its rows,
-the very object the rule made (the routes map it to the response and the metrics).
+`ModelRuntime` binds a `LoadedModel` to a Batcher whose `run_batch` is the version's
+inference runtime (ONNX Runtime or OpenVINO, whichever app/runtimes.py chose) + `geodesic_verdict`:
+`classify` answers the `Verdicts` of its rows, the very object the rule made (the routes map it to
+the response and the metrics).
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ class ModelRuntime:
             queue_size=queue_size,
             on_batch=on_batch,
             on_queue_depth=on_queue_depth,
-            name=f"ort-{model.name}-{model.version}",
+            name=f"infer-{model.name}-{model.version}",
         )
         self.warmed = False
 
@@ -300,7 +301,7 @@ class ModelRuntime:
         return self.model.version
 
     def run_model(self, x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        """Raw ONNX Runtime outputs (logits, cosines) for x of shape [N, C, H, W]."""
+        """Raw outputs of the inference runtime (logits, cosines) for x of shape [N, C, H, W]."""
         logits, cosines = self.model.runner(x)
         return np.asarray(logits), np.asarray(cosines)
 

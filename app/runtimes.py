@@ -1,9 +1,10 @@
-"""Where a verified model.onnx runs: ONNX Runtime in fp32 (the reference), or OpenVINO in fp32 or
-bf16 where this CPU and the installed packages support it (docs/SERVING.md, "Paths and how the
-service picks one").
+"""The inference runtime: where a verified model.onnx runs, ONNX Runtime in fp32 (the reference), or
+OpenVINO in fp32 or bf16 where this CPU and the installed packages support it (docs/SERVING.md,
+"Paths and how the service picks one").
 
 `open_runner` takes the requested (backend, precision) and answers a `Runner`: a callable
-x -> (logits, cosines) with the `RuntimeInfo` it actually runs with. Anything other than the
+x -> (logits, cosines) on whichever inference runtime serves, with the `RuntimeInfo` it actually
+runs with. Anything other than the
 reference is served only when the version carries a precision record for it (app/manifest.py,
 `PrecisionRecord`) measured on these very model bytes, meeting the contract's floors, and made
 under the running service's conditions (this CPU's features, the installed runtime's version, the
