@@ -164,7 +164,7 @@ def borderline(judges: Judges, inputs: list[Tensor], n: int) -> Tensor:
 
 
 def measure(version_dir: Path, report_dir: Path, backend: str, precision: str, threads: int,
-            square_queries: int, n_square: int, say: Callable[[str], None] = typer.echo,
+            square_queries: int, n_square: int, *, say: Callable[[str], None] = typer.echo,
             borderline_floor: float = MIN_BORDERLINE_FLOOR) -> PrecisionRecord:
     manifest = read_manifest(version_dir / "manifest.json")
     report = json.loads((report_dir / "report.json").read_text())
