@@ -55,8 +55,7 @@ from training.cli_app import app, command_line
 from training.data import load_dataset
 from training.evaluation.cache import AttackCache
 from training.evaluation.rule_attacks import RuleScores, RuleSquare
-from training.evaluation.scoring import Verdicted
-from training.evaluation.scoring import worst_case as scoring_worst_case
+from training.evaluation.scoring import Verdicted, worst_case
 from training.judging import BatchedRunner, OnnxModel
 from training.rule import Rule
 
@@ -138,7 +137,7 @@ def evaluation_inputs(report_dir: Path, report: dict[str, Any]
     return inputs, not_judged, [t for runs in kept.values() for t in runs]
 
 
-def worst_case(judges: Judges, x: Tensor, y: Tensor, inputs: dict[str, list[Tensor]]) -> tuple[float, ...]:
+def reference_and_path(judges: Judges, x: Tensor, y: Tensor, inputs: dict[str, list[Tensor]]) -> tuple[float, ...]:
     """(reference robust, reference defended, path robust, path defended) over the examples, each
     example's worst outcome over its clean input and every attack input (those covering it): the
     evaluation's worst case (scoring.worst_case), under each path's verdicts."""
@@ -147,7 +146,7 @@ def worst_case(judges: Judges, x: Tensor, y: Tensor, inputs: dict[str, list[Tens
         v_ref, v_path, _ = judges.verdicts(x_adv)
         ref.append(Verdicted.of(name, v_ref, labels))
         path.append(Verdicted.of(name, v_path, labels))
-    r, p = scoring_worst_case(ref, n=len(x)), scoring_worst_case(path, n=len(x))
+    r, p = worst_case(ref, n=len(x)), worst_case(path, n=len(x))
     return r.robust_accuracy, r.defended_rate, p.robust_accuracy, p.defended_rate
 
 
@@ -196,7 +195,7 @@ def measure(version_dir: Path, report_dir: Path, backend: str, precision: str, t
     scores = RuleScores(judges.path, rule, manifest.num_classes)
     on_path = RuleSquare(float(report["eps"]), rule, square_queries)(scores, x[:m], y[:m])
     inputs[f"rule-square on {backend}-{precision}"] = [on_path]
-    ref_robust, ref_defended, robust, defended = worst_case(judges, x, y, inputs)
+    ref_robust, ref_defended, robust, defended = reference_and_path(judges, x, y, inputs)
     say(f"worst case: reference {ref_robust:.4f} / {ref_defended:.4f}, path {robust:.4f} / {defended:.4f}")
 
     border = borderline(judges, [*every, on_path], n).half()
