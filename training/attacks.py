@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 LossFn = Callable[[Tensor, Tensor | None, Tensor], Tensor]  # (logits, cosines or None, y) -> loss (N,)
+# (x, logits, cosines or None, y) -> (N,) how good each row of x is for the attacker (higher is better)
+ScoreFn = Callable[[Tensor, Tensor, Tensor | None, Tensor], Tensor]
 
 
 def logits_of(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -31,6 +33,11 @@ def logits_of(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
 
 def ce_loss(logits: Tensor, cosines: Tensor | None, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
+
+
+def misclassified_first(x: Tensor, logits: Tensor, cosines: Tensor | None, y: Tensor) -> Tensor:
+    """A ScoreFn: misclassified rows first, then the higher cross-entropy."""
+    return F.cross_entropy(logits, y, reduction="none") + 1e6 * (logits.argmax(1) != y).to(logits.dtype)
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -49,12 +56,17 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
+def _grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
+          score_fn: ScoreFn | None = None) -> tuple[Tensor, Tensor | None]:
+    """(the loss's gradient at x, score_fn of x from the same forward pass, or None)."""
     x = x.detach().requires_grad_(True)
     logits, cos = logits_of(model, x)
     loss = loss_fn(logits, cos, y)  # (N,)
     (g,) = torch.autograd.grad(loss.sum(), x)
-    return g, loss.detach()
+    if score_fn is None:
+        return g, None
+    with torch.no_grad():
+        return g, score_fn(x.detach(), logits.detach(), None if cos is None else cos.detach(), y)
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,8 @@ class PGD:
     """Projected gradient descent, L∞ (Madry et al.). `steps` signed-gradient steps of
     `step_size` (default 2.5ε/steps) from a uniform random start in the ε-ball; with
     `restarts` > 1 each example keeps the run of highest loss (misclassified runs first).
+    With `score_fn`, each example keeps instead its best iterate (the start and every step) over
+    all runs by that score.
     Shapes: x (N, C, H, W) in [0, 1], y (N,) -> x_adv (N, C, H, W)."""
 
     eps: float
@@ -94,6 +108,7 @@ class PGD:
     restarts: int = 1
     random_start: bool = True
     loss_fn: LossFn = ce_loss
+    score_fn: ScoreFn | None = field(default=None, repr=False)  # keep each example's best iterate by it
 
     @property
     def step(self) -> float:
@@ -104,21 +119,29 @@ class PGD:
         with eval_mode(model):
             best = x.clone()
             best_score = torch.full((len(x),), -float("inf"), device=x.device)
+
+            def keep(x_it: Tensor, score: Tensor) -> None:
+                better = score > best_score
+                best[better] = x_it[better]
+                best_score.copy_(torch.where(better, score, best_score))
+
             for _ in range(max(1, self.restarts)):
                 x_adv = x.clone()
                 if self.random_start:
                     x_adv = project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x, self.eps)
                 for _ in range(self.steps):
-                    g, _ = _grad(model, x_adv, y, self.loss_fn)
+                    g, score = _grad(model, x_adv, y, self.loss_fn, self.score_fn)
+                    if score is not None:
+                        keep(x_adv, score)
                     x_adv = project(x_adv + step * g.sign(), x, self.eps).detach()
                 with torch.no_grad():
                     logits, cos = logits_of(model, x_adv)
+                    if self.score_fn is not None:
+                        keep(x_adv, self.score_fn(x_adv, logits, cos, y))
+                        continue
                     loss = self.loss_fn(logits, cos, y)
                     # a misclassifying run beats any correct one; then the higher loss wins
-                    score = loss + 1e6 * (logits.argmax(1) != y).float()
-                better = score > best_score
-                best[better] = x_adv[better]
-                best_score = torch.where(better, score, best_score)
+                    keep(x_adv, loss + 1e6 * (logits.argmax(1) != y).float())
             return best.detach()
 
 

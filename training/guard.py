@@ -15,7 +15,9 @@ accuracy under the same attack; `best/` is chosen on the defended rate. The rule
 export will ship: θ*, θσ on (a prefix of) the training split, ρ calibrated to
 `target_reject_rate` on the validation images outside the guard's subset.
 
-Every check starts its PGD from the same seeded random state inside `fork_rng`, so the
+Each example keeps its best PGD iterate (the start and every step): misclassified first, then the
+highest loss; in rejection training accepted-and-wrong by the served rule first, then the rule
+objective. Every check starts its PGD from the same seeded random state inside `fork_rng`, so the
 guard neither depends on nor disturbs the training run's random stream (a resumed run
 equals an uninterrupted one).
 """
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from training.attacks import PGD, attack_dataset, label_accuracy, predict
+from training.attacks import PGD, attack_dataset, label_accuracy, misclassified_first, predict
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class OverfittingGuard:
         if self.rule is not None:
             point = self._measure_rule(model, iteration, epoch, self.rule)
         else:
-            attack = PGD(self.eps, steps=self.cfg.steps)
+            attack = PGD(self.eps, steps=self.cfg.steps, score_fn=misclassified_first)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed)
                 x_adv = attack_dataset(model, attack, self.x, self.y)
@@ -118,7 +120,13 @@ class OverfittingGuard:
             assert cs is not None
             return rule_objective(lg, cs, y, cos_thr, kappa)
 
-        attack = PGD(self.eps, steps=self.cfg.steps, loss_fn=loss)
+        def broken_first(x: Tensor, lg: Tensor, cs: Tensor | None, y: Tensor) -> Tensor:
+            """Accepted-and-wrong by the served rule (exactly) first, then the rule objective."""
+            assert cs is not None
+            broken = torch.from_numpy(served.broken(lg, cs, y)).to(lg.device)
+            return loss(lg, cs, y) + 1e6 * broken.to(lg.dtype)
+
+        attack = PGD(self.eps, steps=self.cfg.steps, loss_fn=loss, score_fn=broken_first)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             x_adv = attack_dataset(model, attack, self.x, self.y)

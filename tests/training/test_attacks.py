@@ -68,3 +68,38 @@ def test_pgd_agrees_with_art(model_and_data) -> None:
     x_art = torch.from_numpy(art_pgd.generate(x.numpy(), y=y.numpy()))
     theirs = robust_accuracy(model, x_art, y)
     assert abs(ours - theirs) <= 0.02, (ours, theirs)
+
+
+def test_pgd_with_a_score_keeps_each_examples_best_iterate() -> None:
+    """The same trajectory (same seed), but each example keeps its best iterate by the score: every
+    example the last iterate misclassifies stays misclassified, and the score is never lower."""
+    from training.attacks import misclassified_first
+    from training.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(corr="truncated", widths=(4, 8, 8), fc_dim=16)).eval()
+    x = torch.rand(32, 1, 28, 28)
+    with torch.no_grad():
+        y = net(x)[0].argmax(1)
+    torch.manual_seed(1)
+    last = PGD(0.05, steps=5)(net, x, y)
+    torch.manual_seed(1)
+    best = PGD(0.05, steps=5, score_fn=misclassified_first)(net, x, y)
+    with torch.no_grad():
+        (z_last, c_last), (z_best, c_best) = net(last), net(best)
+    assert float((best - x).abs().max()) <= 0.05 + 1e-6
+    assert bool(((z_best.argmax(1) != y) | (z_last.argmax(1) == y)).all())
+    assert bool((misclassified_first(best, z_best, c_best, y) >= misclassified_first(last, z_last, c_last, y)
+                 - 1e-4).all())
+
+
+def test_the_served_score_orders_accepted_and_wrong_then_wrong_then_correct() -> None:
+    from training.evaluation.served import ServedScore
+    from training.rule import Rule
+
+    cos = torch.tensor([[0.9, 0.1], [0.2, 0.3], [0.95, 0.0]], dtype=torch.float64)  # row 0: class 0 at 25.8 deg
+    logits = 10 * cos
+    rule = Rule((20.0, 20.0), (10.0, 10.0), 1.0)  # threshold 30 deg: row 0 accepted, row 1 (73 deg) rejected
+    y = torch.tensor([1, 0, 0])  # row 0 accepted and wrong, row 1 wrong (rejected), row 2 correct
+    score = ServedScore(lambda x: (logits, cos), rule)(torch.zeros(3, 1, 2, 2), logits, cos, y)
+    assert score[0] > score[1] > score[2]

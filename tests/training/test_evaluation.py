@@ -121,6 +121,25 @@ def test_every_reported_budget_is_that_of_the_attack_object_that_ran(full) -> No
     assert all(d.params["steps"] == cfg.distal_steps and d.params["eps"] == d.eps for d in r.distal)
 
 
+def test_every_run_at_the_threat_models_eps_counts_in_the_worst_case(full) -> None:  # type: ignore[no-untyped-def]
+    """The sweep's runs at eps, both budget checks' runs and the attacks on the other scores are in
+    the worst case per example, each on the examples it ran on (so the common prefix is the attacks')."""
+    r: Report = full.report
+    names = set(r.worst_case.attacks)
+    assert {"clean", "eps=0.1", "rule eps=0.1", "pgd (budget check)", "pgd-20 x4 (budget check)", "adaptive-msp",
+            "adaptive-mahalanobis"} <= names, names
+    assert any(n.startswith("rule x") and n.endswith("(budget check)") for n in names), names
+    assert r.worst_case.n_examples == min([a.n_examples for a in r.attacks] + [r.n_examples])
+    checks, rule = r.sanity.rule, r.attack("rule")
+    assert checks is not None and checks.doubled is not None and checks.n_doubled == 24
+    assert checks.doubled["steps"] == 2 * rule.params["steps"]
+    assert checks.doubled["restarts"] == 2 * rule.params["restarts"]
+    assert checks.doubled_ok == (checks.doubled_defended_rate >= checks.base_defended_rate - checks.doubled_tolerance)
+    for name in ("pgd-10", "rule", "orthogonal", "adaptive"):  # white-box iterates kept by model.onnx's verdicts
+        assert r.attack(name).params["iterates_judged_by"].startswith("model.onnx"), name
+    assert all(d.params["iterates_judged_by"].startswith("model.onnx") for d in r.distal)
+
+
 def params_of(r: Report, name: str) -> dict[str, object]:
     return r.attack(name).params
 

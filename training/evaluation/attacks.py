@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from training.attacks import eval_mode, logits_of, project
+from training.evaluation.served import Outputs, served_outputs
 from training.rule import Rule, cosine_hinge
 
 log = logging.getLogger("dsphere.evaluation")
@@ -130,11 +131,12 @@ class AdaptiveAttack:
         loss_t = -cos(x, W_t) + c * relu(max_{j != t} logit_j - logit_t + margin)
 
     i.e. it pushes the feature into class t's cone while keeping t the predicted label.
-    Every iterate is judged by the verdict rule (app.verdict.geodesic_verdict on the
-    PyTorch outputs); an example keeps the iterate that is accepted with a wrong label
-    (largest angle slack first), over all targets and restarts. Success is re-judged by
-    the caller on ONNX Runtime outputs of the final input. Examples never accepted-and-wrong
-keep a misclassified (rejected) iterate if there was one, else the clean input.
+    Every iterate is judged by the verdict rule (app.verdict.geodesic_verdict) on `judge`'s
+    outputs (model.onnx in the evaluation) or the PyTorch ones; an example keeps the iterate
+    that is accepted with a wrong label (largest angle slack first), over all targets and
+    restarts. Success is re-judged by the caller on ONNX Runtime outputs of the final input.
+    Examples never accepted-and-wrong keep a misclassified (rejected) iterate if there was one,
+    else the clean input.
     """
 
     eps: float
@@ -145,6 +147,7 @@ keep a misclassified (rejected) iterate if there was one, else the clean input.
     step_size: float | None = None  # default 2.5 eps / steps
     c: float = 10.0
     margin: float = 0.5
+    judge: Outputs | None = field(default=None, repr=False)  # the served outputs iterates are judged by
     about: ClassVar[dict[str, str]] = {"loss": "-cos(x, W_t) + c relu(max_{j!=t} z_j - z_t + margin), best over k "
                                                "targets"}
 
@@ -152,10 +155,10 @@ keep a misclassified (rejected) iterate if there was one, else the clean input.
     def step(self) -> float:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
-    def _score(self, logits: Tensor, cosines: Tensor, y: Tensor) -> np.ndarray:
+    def _score(self, x: Tensor, logits: Tensor, cosines: Tensor, y: Tensor) -> np.ndarray:
         """Accepted-and-wrong: 1e6 + angle slack; wrong but rejected: slack (< 0);
-        correct: -inf. Higher is better for the attacker."""
-        v = self.rule.verdicts(logits, cosines)
+        correct: -inf, on `judge`'s outputs for x (or the model's own). Higher is better for the attacker."""
+        v = self.rule.verdicts(*served_outputs(self.judge, x, logits, cosines))
         wrong = v.labels != y.cpu().numpy()
         slack = v.thresholds_deg - v.angles_deg
         return np.where(wrong & v.accepted, 1e6 + slack, np.where(wrong, slack, -np.inf))
@@ -179,7 +182,7 @@ keep a misclassified (rejected) iterate if there was one, else the clean input.
                         x_adv = x_adv.detach().requires_grad_(True)
                         logits, cosines = logits_of(model, x_adv)
                         assert cosines is not None, "the adaptive attack needs a (logits, cosines) model"
-                        score = self._score(logits, cosines, y)
+                        score = self._score(x_adv, logits, cosines, y)
                         better = score > best_score
                         if better.any():
                             idx = torch.from_numpy(np.nonzero(better)[0]).to(x.device)

@@ -38,7 +38,14 @@ from training.evaluation.foreign import distal_table, ood_table
 from training.evaluation.loading import WhiteBox, white_box_model
 from training.evaluation.report import build_report, write_outputs
 from training.evaluation.runner import AttackRunner, Target, load_target
-from training.evaluation.sanity import eps_sweep, gradient_free_check, noise_check, pgd_budget_check, rule_checks
+from training.evaluation.sanity import (
+    eps_sweep,
+    gradient_free_check,
+    noise_check,
+    pgd_budget_check,
+    rule_budget_check,
+    rule_checks,
+)
 from training.evaluation.schema import DistalResult, OodResult, Sanity
 from training.evaluation.scoring import Judged, Outcome
 
@@ -65,14 +72,15 @@ def evaluate(version_dir: str | Path, checkpoint: str | Path | None, cfg: EvalCo
                     *plan.on_the_verdict(cfg, target, wb)]:
         runner.execute(planned)
 
-    done = [clean, *runner.judged.values()]
-    sanity, sweep, doubled = _sanity(runner, wb)
-    if doubled is not None:  # the budget check's doubled PGD counts in the worst case per example
-        done.append(doubled.padded(len(target.x), clean))
+    sanity, sweep = _sanity(runner, wb)
     ood, distal, distal_skipped = _not_clothing(runner, wb)
     warnings += [c.verdict for c in (sanity.noise, sanity.pgd_budget, sanity.eps_sweep, sanity.gradient_free,
                                      sanity.rule) if c is not None and not c.ok]
     detectors = detector_table(runner, clean, wb.model) if cfg.detectors else []
+    # every input judged at the threat model's eps counts in the worst case per example: the attacks,
+    # the budget checks' doubled runs, the sweep's runs at eps and the attacks on the other scores
+    # (each on the examples it ran on, the clean outcome elsewhere)
+    done = [clean, *runner.judged.values(), *(j.padded(len(target.x), clean) for j in runner.also_judged)]
     report = build_report(runner, wb, clean, done, command=command, checkpoint=checkpoint, detectors=detectors,
                           sanity=sanity, warnings=warnings)
     report.ood, report.distal, report.distal_skipped = ood, distal, distal_skipped
@@ -95,21 +103,30 @@ def _white_box(target: Target, cfg: EvalConfig, checkpoint: str | Path | None, s
     return wb
 
 
-def _sanity(runner: AttackRunner, wb: WhiteBox) -> tuple[Sanity, list[tuple[float, Judged]], Judged | None]:
+def _sanity(runner: AttackRunner, wb: WhiteBox) -> tuple[Sanity, list[tuple[float, Judged]]]:
     """The noise check, the PGD budget check and the ε sweep (white-box), Square against the
-    white-box attacks, and the two checks of the attacks on the verdict."""
+    white-box attacks, and the two checks of the attacks on the verdict. What they judged at the
+    threat model's ε goes to `runner.also_judged` (the worst case)."""
     cfg, t, model = runner.cfg, runner.t, wb.model
-    sanity, sweep, doubled = Sanity(), list[tuple[float, Judged]](), None
+    sanity, sweep = Sanity(), list[tuple[float, Judged]]()
     sanity.noise = noise_check(t.onnx_model, tuple(t.manifest.input.shape), t.rule, seed=cfg.seed)
     runner.say(f"noise check: {sanity.noise.verdict}")
     if cfg.sanity and model is not None:
-        sanity.pgd_budget, doubled = pgd_budget_check(t, model, cfg, runner.say)
-        sanity.eps_sweep, sweep = eps_sweep(t, model, cfg, runner.say)
+        sanity.pgd_budget, budget_runs = pgd_budget_check(t, model, cfg, runner.say)
+        sanity.eps_sweep, sweep, at_eps = eps_sweep(t, model, cfg, runner.say)
+        runner.also_judged += [*budget_runs, *at_eps]
     if "square" in runner.judged:
         sanity.gradient_free = gradient_free_check(runner.judged)
     if "rule" in runner.judged:
-        sanity.rule = rule_checks(runner.judged, runner.schedules.get("rule", []), cfg.rule_restart_tolerance)
-    return sanity, sweep, doubled
+        schedule, doubled = runner.schedules.get("rule", []), None
+        if cfg.sanity and model is not None and schedule:
+            doubled, j = rule_budget_check(t, model, runner.ran["rule"], schedule[-1]["restarts"],
+                                           runner.judged["rule"], cfg)
+            runner.say(f"rule budget check: doubled steps and restarts, defended {doubled.base_defended_rate:.3f} "
+                       f"-> {doubled.defended_rate:.3f} on {doubled.n}")
+            runner.also_judged.append(j)
+        sanity.rule = rule_checks(runner.judged, schedule, cfg.rule_restart_tolerance, doubled)
+    return sanity, sweep
 
 
 def _not_clothing(runner: AttackRunner, wb: WhiteBox) -> tuple[list[OodResult], list[DistalResult], str | None]:

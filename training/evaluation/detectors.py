@@ -224,6 +224,7 @@ def detector_table(runner: AttackRunner, clean: Judged, model: ConvNet | None) -
         slug = "adaptive-msp" if name.startswith("max") else "adaptive-mahalanobis"
         x_adv = runner.craft(slug, attack, model, runner.n(cfg.n_rule), settings(attack), cfg.seed)
         j = t.judge(x_adv, slug)
+        runner.also_judged.append(j)
         adv_scores = scores(x_adv, j)
         d = detector(f"adaptive on {name}", clean_scores, clean, adv_scores, j, val_scores, rho, false_reject)
         broken = ~j.correct & (adv_scores.named()[name] <= threshold)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -21,7 +21,8 @@ from training.attacks import eval_mode, logits_of, project
 from training.evaluation.attacks import check_ball
 from training.evaluation.config import EvalConfig
 from training.evaluation.schema import DistalResult, OodResult
-from training.evaluation.settings import settings
+from training.evaluation.served import Outputs, ServedOutputs, served_outputs
+from training.evaluation.settings import JUDGED, settings
 from training.judging import OnnxModel
 from training.outliers import KINDS, TRAINED, make_outliers
 from training.rule import Rule, rule_margins
@@ -30,13 +31,15 @@ from training.rule import Rule, rule_margins
 @dataclass(frozen=True)
 class DistalAttack:
     """From starting images that are not clothing (noise, constant images), PGD at radius ε
-    to get ANY class accepted: it ascends max_k min(logit margin of k, κ·cosine slack of k).
-    No true label: `y` is ignored."""
+    to get ANY class accepted: it ascends max_k min(logit margin of k, κ·cosine slack of k), and
+    keeps per example the best iterate (the start included) on `judge`'s outputs (model.onnx in the
+    evaluation) or the model's own: accepted first, then that objective. No true label: `y` is ignored."""
 
     eps: float
     rule: Rule
     steps: int = 50
     kappa: float = 10.0
+    judge: Outputs | None = field(default=None, repr=False)  # the served outputs iterates are judged by
     about: ClassVar[dict[str, str]] = {"step_size": "2.5 eps / steps",
                                        "loss": "max_k min(logit margin of k, kappa cosine slack of k)"}
 
@@ -47,17 +50,19 @@ class DistalAttack:
         with eval_mode(model):
             x_cur = x.clone()
             best = x.clone()
-            accepted = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            best_score = torch.full((len(x),), -float("inf"), dtype=torch.float64, device=x.device)
             for it in range(self.steps + 1):
                 x_cur = x_cur.detach().requires_grad_(True)
                 logits, cosines = logits_of(model, x_cur)
                 assert cosines is not None
                 obj = rule_margins(logits, cosines, cos_thr, self.kappa).amax(1)
                 with torch.no_grad():
-                    ok = torch.from_numpy(rule.verdicts(logits, cosines).accepted).to(x.device) & ~accepted
-                    best[ok] = x_cur.detach()[ok]
-                    accepted |= ok
-                if it == self.steps or bool(accepted.all()):
+                    lg, cs = served_outputs(self.judge, x_cur, logits, cosines)
+                    accepted = torch.from_numpy(rule.verdicts(lg, cs).accepted).to(x.device)
+                    score = rule_margins(lg, cs, cos_thr, self.kappa).amax(1).double() + 1e6 * accepted
+                    keep = score > best_score
+                    best[keep], best_score[keep] = x_cur.detach()[keep], score[keep]
+                if it == self.steps:
                     break
                 (g,) = torch.autograd.grad(obj.sum(), x_cur)
                 x_cur = project(x_cur.detach() + step * g.sign(), x, eps)
@@ -98,12 +103,12 @@ def distal_table(model: nn.Module, onnx_model: OnnxModel, shape: tuple[int, ...]
         before = float(_accepted(onnx_model, x, rule).mean())
         for eps in cfg.distal_eps:
             torch.manual_seed(cfg.seed)
-            attack = DistalAttack(eps, rule, cfg.distal_steps, cfg.rule_kappa)
+            attack = DistalAttack(eps, rule, cfg.distal_steps, cfg.rule_kappa, judge=ServedOutputs(onnx_model))
             parts = [attack(model, x[i: i + cfg.batch_size].to(dev)).cpu() for i in range(0, len(x), cfg.batch_size)]
             x_adv = torch.cat(parts)
             check_ball(x_adv, x, eps, f"distal {start}")
             rate = float(_accepted(onnx_model, x_adv, rule).mean())
             say(f"distal from {start} at eps {eps}: {100 * rate:.1f} % accepted (before: {100 * before:.1f} %)")
             rows.append(DistalResult(start=start, eps=eps, n_examples=len(x), accepted_rate=rate,
-                                     start_accepted_rate=before, params=settings(attack)))
+                                     start_accepted_rate=before, params={**settings(attack), **JUDGED}))
     return rows

@@ -19,9 +19,15 @@ from training.checkpoint import load_checkpoint
 from training.evaluation.attacks import AdaptiveAttack, ArtAPGD, ArtSquare, TransferAttack
 from training.evaluation.config import EvalConfig, EvaluationError
 from training.evaluation.loading import OnnxLogits, WhiteBox
-from training.evaluation.rule_attacks import OrthogonalPGD, RuleAttack, RuleScores, RuleSquare
+from training.evaluation.rule_attacks import (
+    OrthogonalPGD,
+    RuleAttack,
+    RuleScores,
+    RuleSquare,
+)
 from training.evaluation.runner import Target
-from training.evaluation.settings import Planned, Restarts
+from training.evaluation.served import ServedOutputs, ServedScore
+from training.evaluation.settings import JUDGED, Planned, Restarts
 
 ONNX_QUERIES = {"queries": "model.onnx (ONNX Runtime)"}
 
@@ -30,10 +36,11 @@ def white_box(cfg: EvalConfig, t: Target, wb: WhiteBox) -> list[Planned]:
     want, eps, on = set(cfg.attacks), t.eps, wb.model
     out = [Planned("fgsm", "white-box", FGSM(eps), on, 0, unavailable=wb.unavailable)] if "fgsm" in want else []
     if "pgd" in want:
-        pgd = PGD(eps, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, restarts=1)
+        pgd = PGD(eps, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size, restarts=1,
+                  score_fn=ServedScore(ServedOutputs(t.onnx_model), t.rule))
         out.append(Planned(f"pgd-{cfg.pgd_steps}", "white-box", pgd, on, cfg.n_pgd, Restarts(
-            cfg.pgd_restarts, cfg.pgd_max_restarts, cfg.pgd_restart_tolerance, "robust_accuracy"),
-            unavailable=wb.unavailable))
+            cfg.pgd_restarts, cfg.pgd_max_restarts, cfg.pgd_restart_tolerance, "robust_accuracy"), JUDGED,
+            wb.unavailable))
     for loss, short in (("cross_entropy", "apgd-ce"), ("difference_logits_ratio", "apgd-dlr")):
         if short in want:
             apgd = ArtAPGD(eps, loss, cfg.apgd_iter, cfg.apgd_restarts, cfg.batch_size)
@@ -57,22 +64,25 @@ def black_box(cfg: EvalConfig, t: Target, wb: WhiteBox, warnings: list[str]) -> 
             out.append(_transfer(cfg, t, wb, sub_path, [p.name for p in out], warnings))
     if "adaptive" in want:
         adaptive = AdaptiveAttack(t.eps, t.rule, cfg.adaptive_k, cfg.adaptive_steps, cfg.adaptive_restarts, None,
-                                  cfg.adaptive_c, cfg.adaptive_margin)
-        out.append(Planned("adaptive", "adaptive", adaptive, wb.model, cfg.n_adaptive, unavailable=wb.unavailable))
+                                  cfg.adaptive_c, cfg.adaptive_margin, judge=ServedOutputs(t.onnx_model))
+        out.append(Planned("adaptive", "adaptive", adaptive, wb.model, cfg.n_adaptive, notes=JUDGED,
+                           unavailable=wb.unavailable))
     return out
 
 
 def on_the_verdict(cfg: EvalConfig, t: Target, wb: WhiteBox) -> list[Planned]:
     """The attacks aimed at the verdict (rule_attacks.py): they know the angle statistics and ρ."""
     want, rule, out = set(cfg.attacks), t.rule, list[Planned]()
+    served = ServedOutputs(t.onnx_model)
     if "rule" in want:
-        attack = RuleAttack(t.eps, rule, cfg.rule_steps, 1, cfg.rule_kappa, cosine_targets=cfg.rule_cosine_targets)
+        attack = RuleAttack(t.eps, rule, cfg.rule_steps, 1, cfg.rule_kappa, cosine_targets=cfg.rule_cosine_targets,
+                            judge=served)
         out.append(Planned("rule", "adaptive", attack, wb.model, cfg.n_rule, Restarts(
-            cfg.rule_restarts, cfg.rule_max_restarts, cfg.rule_restart_tolerance, "defended_rate"),
-            unavailable=wb.unavailable))
+            cfg.rule_restarts, cfg.rule_max_restarts, cfg.rule_restart_tolerance, "defended_rate"), JUDGED,
+            wb.unavailable))
     if "orthogonal" in want:
-        out.append(Planned("orthogonal", "adaptive", OrthogonalPGD(t.eps, rule, cfg.orthogonal_steps), wb.model,
-                           cfg.n_orthogonal, unavailable=wb.unavailable))
+        out.append(Planned("orthogonal", "adaptive", OrthogonalPGD(t.eps, rule, cfg.orthogonal_steps, judge=served),
+                           wb.model, cfg.n_orthogonal, notes=JUDGED, unavailable=wb.unavailable))
     if "rule-square" in want:
         square = RuleSquare(t.eps, rule, cfg.rule_square_queries, kappa=cfg.rule_kappa)
         scores = RuleScores(t.onnx_model, rule, t.manifest.num_classes, cfg.rule_kappa)

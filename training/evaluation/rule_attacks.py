@@ -19,7 +19,7 @@ All are callables (model, x, y) -> x_adv inside the ε-ball and [0, 1], like tra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,14 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.attacks import eval_mode, logits_of, project
+from training.evaluation.served import Outputs, served_outputs
 from training.judging import BatchedRunner
 from training.rule import Rule, cosine_hinge, rule_margins, rule_objective
 
 
 @dataclass(frozen=True)
 class RuleAttack:
-    """Targeted PGD on every wrong class and both losses; per example the first input that
-    the exact rule accepts with a wrong label, else the one of highest rule margin.
+    """Targeted PGD on every wrong class and both losses; per example the iterate that the exact
+    rule accepts with a wrong label with the highest rule margin, else the one of highest rule
+    margin, judged on `judge`'s outputs (model.onnx in the evaluation) or the model's own.
     Budget: (K−1) targets x len(losses) x restarts x steps gradient steps per example
     (targets skipped for examples already won)."""
 
@@ -48,6 +50,7 @@ class RuleAttack:
     cosine_targets: int = 9  # the cosine loss on the likeliest wrong classes only (all of them by default)
     hinge_c: float = 10.0  # the cosine loss's hinge (rule.cosine_hinge)
     hinge_margin: float = 0.5
+    judge: Outputs | None = field(default=None, repr=False)  # the served outputs iterates are judged by
     about: ClassVar[dict[str, str]] = {
         "targets": "every wrong class", "step_size": "2 eps / sqrt(steps), decaying, backtracking",
         "loss_margin": "min(logit margin of target, kappa (cos theta_t - cos tau_t))",
@@ -98,19 +101,23 @@ class RuleAttack:
         g_best = torch.zeros_like(x)
         out_best = x.clone()
         obj_best = torch.full((n,), -float("inf"), device=x.device)
+        score_best = torch.full((n,), -float("inf"), dtype=torch.float64, device=x.device)
         won = torch.zeros(n, dtype=torch.bool, device=x.device)
         for it in range(self.steps + 1):
             x_cur = x_cur.detach().requires_grad_(True)
             logits, cosines = logits_of(model, x_cur)
             assert cosines is not None, "rule attacks need a (logits, cosines) model"
             f = self._objective(logits, cosines, y, t, loss, cos_thr)
-            with torch.no_grad():
-                margin = rule_objective(logits, cosines, y, cos_thr, self.kappa, target=t)
-                ok = torch.from_numpy(self.rule.broken(logits, cosines, y)).to(x.device) & ~won
-                keep = ok | (~won & (margin > obj_best))
-                out_best[keep], obj_best[keep] = x_cur.detach()[keep], margin[keep]
+            with torch.no_grad():  # the best iterate by the served outputs: won first, then the margin
+                lg, cs = served_outputs(self.judge, x_cur, logits, cosines)
+                margin = rule_objective(lg, cs, y, cos_thr, self.kappa, target=t)
+                ok = torch.from_numpy(self.rule.broken(lg, cs, y)).to(x.device)
+                score = margin.double() + 1e6 * ok
+                keep = score > score_best
+                out_best[keep], obj_best[keep] = x_cur.detach()[keep], margin[keep].float()
+                score_best[keep] = score[keep]
                 won |= ok
-            if it == self.steps or bool(won.all()):
+            if it == self.steps:
                 break
             (g,) = torch.autograd.grad(f.sum(), x_cur)
             with torch.no_grad():
@@ -132,12 +139,15 @@ class OrthogonalPGD:
       gradient of the rule loss (so the step does not push the input out of the cone);
     - classified wrongly: ascend the rule slack cos θ_ŷ − cos τ_ŷ of the current (wrong)
       label, minus its component along the classifier loss's gradient (so it stays wrong).
-    Every iterate judged by the exact rule; the first accepted-and-wrong kept."""
+    Every iterate judged by the exact rule on `judge`'s outputs (model.onnx in the evaluation) or
+    the model's own; per example the best misclassified iterate is kept: accepted-and-wrong first,
+    then the highest slack."""
 
     eps: float
     rule: Rule
     steps: int = 100
     step_size: float | None = None  # default 2.5 eps / steps
+    judge: Outputs | None = field(default=None, repr=False)  # the served outputs iterates are judged by
     about: ClassVar[dict[str, Any]] = {"selective": True}
 
     @property
@@ -150,22 +160,22 @@ class OrthogonalPGD:
         n = len(x)
         with eval_mode(model):
             x_cur = project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x, self.eps)
-            best = x.clone()
-            won = torch.zeros(n, dtype=torch.bool, device=x.device)
-            wrong_seen = torch.zeros(n, dtype=torch.bool, device=x.device)
+            best = x.clone()  # never misclassified: the clean input
+            best_score = torch.full((n,), -float("inf"), dtype=torch.float64, device=x.device)
             for it in range(self.steps + 1):
                 x_cur = x_cur.detach().requires_grad_(True)
                 logits, cosines = logits_of(model, x_cur)
                 assert cosines is not None
-                with torch.no_grad():
-                    ok = torch.from_numpy(self.rule.broken(logits, cosines, y)).to(x.device) & ~won
-                    best[ok] = x_cur.detach()[ok]
-                    won |= ok
+                with torch.no_grad():  # the best misclassified iterate by the served outputs
+                    lg, cs = served_outputs(self.judge, x_cur, logits, cosines)
+                    label_s = lg.argmax(1)
+                    broken = torch.from_numpy(self.rule.broken(lg, cs, y)).to(x.device)
+                    slack_s = (cs.gather(1, label_s.view(-1, 1)).squeeze(1) - cos_thr.to(cs.dtype)[label_s]).double()
+                    score = torch.where(label_s != y, slack_s + 1e6 * broken, -float("inf"))
+                    keep = score > best_score
+                    best[keep], best_score[keep] = x_cur.detach()[keep], score[keep]
                     wrong = logits.argmax(1) != y
-                    first_wrong = wrong & ~wrong_seen & ~won
-                    best[first_wrong] = x_cur.detach()[first_wrong]  # a wrong (rejected) input beats the clean one
-                    wrong_seen |= wrong
-                if it == self.steps or bool(won.all()):
+                if it == self.steps:
                     break
                 label = logits.argmax(1)
                 ce = F.cross_entropy(logits, y, reduction="none")
@@ -174,7 +184,6 @@ class OrthogonalPGD:
                 (g_rule,) = torch.autograd.grad(slack.sum(), x_cur)
                 with torch.no_grad():
                     a = torch.where(wrong.view(-1, 1, 1, 1), _orthogonal(g_rule, g_cls), _orthogonal(g_cls, g_rule))
-                    a[won] = 0
                     x_cur = project(x_cur + step * a.sign(), x, self.eps)
         return best.detach()
 

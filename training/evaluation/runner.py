@@ -93,6 +93,7 @@ class AttackRunner:
         self.schedules: dict[str, list[dict[str, Any]]] = {}
         self.ran: dict[str, Any] = {}  # name -> the attack object that made its inputs
         self.cached: dict[str, list[str]] = {}  # attack -> its files in the cache (the report's `cached_inputs`)
+        self.also_judged: list[Judged] = []  # other runs at the threat model's eps: in the worst case too
 
     def n(self, cap: int) -> int:
         return min(cap or len(self.t.x), len(self.t.x))

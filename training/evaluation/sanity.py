@@ -10,9 +10,10 @@ al. 2019, "On Evaluating Adversarial Robustness"), and one of the verdict itself
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,32 +22,36 @@ from torch import Tensor, nn
 from training.attacks import PGD, attack_dataset
 from training.evaluation.attacks import check_ball
 from training.evaluation.config import EvalConfig
+from training.evaluation.rule_attacks import RuleAttack
 from training.evaluation.runner import AttackRunner, Target
 from training.evaluation.schema import EpsPoint, EpsSweep, GradientFreeCheck, NoiseCheck, PgdBudgetCheck, RuleChecks
 from training.evaluation.scoring import Judged, judge, rate_fields
+from training.evaluation.served import ServedOutputs
 from training.evaluation.settings import settings
 from training.judging import OnnxModel
 from training.models import ConvNet
 from training.rule import Rule
 
+Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
-def attack_on(model: nn.Module, attack: Callable[[nn.Module, Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
+
+def attack_on(model: nn.Module, attack: Attack, x: Tensor, y: Tensor,
                batch_size: int) -> Tensor:
     """attack_dataset on the model's device; the result back on the CPU."""
     dev = next(model.parameters()).device
     return attack_dataset(model, attack, x.to(dev), y.to(dev), batch_size).cpu()
 
 
-def _pgd_restarts(t: Target, model: ConvNet, pgd: PGD, m: int, restarts: int, seed: int, batch_size: int,
-                  name: str) -> Judged:
-    """PGD with `restarts` restarts on the first m examples, each its own run; per example the
-    restart best for the attacker under the served rule (as the evaluation's PGD keeps them)."""
+def _restarts(t: Target, model: ConvNet, attack: Attack, m: int, restarts: int, seed: int, batch_size: int,
+              name: str) -> Judged:
+    """An attack with `restarts` restarts on the first m examples, each its own run; per example the
+    restart best for the attacker under the served rule (as the evaluation's runner keeps them)."""
     x, y = t.x[:m], t.y[:m]
     x_adv: Tensor | None = None
     worst: Judged | None = None
     for r in range(restarts):
         torch.manual_seed(seed + r)
-        xa = attack_on(model, pgd, x, y, batch_size)
+        xa = attack_on(model, attack, x, y, batch_size)
         check_ball(xa, x, t.eps, name)
         x_adv, worst = AttackRunner.keep_worst(x_adv, worst, xa, t.judge(xa, name))
     assert worst is not None
@@ -54,19 +59,19 @@ def _pgd_restarts(t: Target, model: ConvNet, pgd: PGD, m: int, restarts: int, se
 
 
 def pgd_budget_check(t: Target, model: ConvNet, cfg: EvalConfig,
-                     say: Callable[[str], None]) -> tuple[PgdBudgetCheck, Judged]:
+                     say: Callable[[str], None]) -> tuple[PgdBudgetCheck, list[Judged]]:
     """Doubling PGD's steps AND restarts must not lower robust accuracy much (else the base
     attack had not converged and its numbers overstate robustness). Both runs are made here,
     on the same examples, each keeping restarts by the served rule; the doubled run's
-    outcomes are returned for the worst case per example."""
+    outcomes are returned (both runs) for the worst case per example."""
     m = min(cfg.n_budget_check, len(t.x))
     base_pgd = PGD(t.eps, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size)
     dbl_pgd = replace(base_pgd, steps=2 * base_pgd.steps)
     base_n, dbl_n = cfg.pgd_restarts, 2 * cfg.pgd_restarts
     t0 = time.time()
-    base = _pgd_restarts(t, model, base_pgd, m, base_n, cfg.seed, cfg.batch_size, "pgd (budget check)")
-    dbl = _pgd_restarts(t, model, dbl_pgd, m, dbl_n, cfg.seed + 1000, cfg.batch_size,
-                        f"pgd-{dbl_pgd.steps} x{dbl_n} (budget check)")
+    base = _restarts(t, model, base_pgd, m, base_n, cfg.seed, cfg.batch_size, "pgd (budget check)")
+    dbl = _restarts(t, model, dbl_pgd, m, dbl_n, cfg.seed + 1000, cfg.batch_size,
+                    f"pgd-{dbl_pgd.steps} x{dbl_n} (budget check)")
     b_acc, d_acc = float(base.correct.mean()), float(dbl.correct.mean())
     b_def, d_def = float((~base.broken).mean()), float((~dbl.broken).mean())
     tol = max(0.02, 2.0 / m)
@@ -79,18 +84,19 @@ def pgd_budget_check(t: Target, model: ConvNet, cfg: EvalConfig,
     return PgdBudgetCheck(n_examples=m, base={**settings(base_pgd), "restarts": base_n},
                           doubled={**settings(dbl_pgd), "restarts": dbl_n}, base_robust_accuracy=b_acc,
                           doubled_robust_accuracy=d_acc, base_defended_rate=b_def, doubled_defended_rate=d_def,
-                          ok=ok, verdict=verdict), dbl
+                          ok=ok, verdict=verdict), [base, dbl]
 
 
 def eps_sweep(t: Target, model: ConvNet, cfg: EvalConfig,
-              say: Callable[[str], None]) -> tuple[EpsSweep, list[tuple[float, Judged]]]:
+              say: Callable[[str], None]) -> tuple[EpsSweep, list[tuple[float, Judged]], list[Judged]]:
     """Accuracy under PGD must fall to ~0 as eps grows (at eps = 0.5 any image can be
     turned into uniform gray); if it does not, gradients are masked. With the rule attack in
     the evaluation, each point also has the defended rate under it (margin loss, every wrong
-    class, one restart of `sweep_steps`)."""
+    class, one restart of `sweep_steps`). Returns the sweep, its PGD outcomes by ε, and the
+    outcomes at the threat model's ε (PGD and the rule attack), which count in the worst case."""
     m = min(cfg.n_sweep, len(t.x))
     x, y = t.x[:m], t.y[:m]
-    points, judged, ran = [], [], []
+    points, judged, ran, at_eps = [], [], [], list[Judged]()
     t0 = time.time()
     for e in sorted(set(cfg.sweep_eps)):
         if e == 0:
@@ -104,14 +110,17 @@ def eps_sweep(t: Target, model: ConvNet, cfg: EvalConfig,
         j = t.judge(xa, f"eps={e}")
         judged.append((e, j))
         r = rate_fields(j)
-        rule_def = None
+        rule_def, rule_j = None, None
         if "rule" in cfg.attacks:
-            rule_def = r["defended_rate"] if e == 0 else _rule_defended(t, model, m, e, cfg)
+            rule_j = None if e == 0 else _rule_attacked(t, model, m, e, cfg)
+            rule_def = r["defended_rate"] if rule_j is None else float((~rule_j.broken).mean())
+        if math.isclose(e, t.eps):
+            at_eps += [j] if rule_j is None else [j, rule_j]
         points.append(EpsPoint(eps=e, robust_accuracy=r["robust_accuracy"], reject_rate=r["reject_rate"],
                                defended_rate=r["defended_rate"], rule_defended_rate=rule_def))
     ok, verdict = _sweep_verdict(points, m)
     say(f"eps sweep: {verdict} ({time.time() - t0:.0f}s)")
-    return EpsSweep(attack=_sweep_attack(ran), n_examples=m, points=points, ok=ok, verdict=verdict), judged
+    return EpsSweep(attack=_sweep_attack(ran), n_examples=m, points=points, ok=ok, verdict=verdict), judged, at_eps
 
 
 def _sweep_attack(ran: list[PGD]) -> dict[str, Any]:
@@ -136,20 +145,49 @@ def _sweep_verdict(points: list[EpsPoint], m: int) -> tuple[bool, str]:
                 "(an honest attack reaches ~0)")
 
 
-def _rule_defended(t: Target, model: ConvNet, m: int, eps: float, cfg: EvalConfig) -> float:
-    from training.evaluation.rule_attacks import RuleAttack
-
+def _rule_attacked(t: Target, model: ConvNet, m: int, eps: float, cfg: EvalConfig) -> Judged:
     torch.manual_seed(cfg.seed)
-    attack = RuleAttack(eps, t.rule, cfg.sweep_steps, 1, cfg.rule_kappa, ("margin",))
+    attack = RuleAttack(eps, t.rule, cfg.sweep_steps, 1, cfg.rule_kappa, ("margin",),
+                        judge=ServedOutputs(t.onnx_model))
     xa = attack_on(model, attack, t.x[:m], t.y[:m], cfg.batch_size)
     check_ball(xa, t.x[:m], eps, f"rule sweep eps={eps}")
-    return float((~t.judge(xa, f"rule eps={eps}").broken).mean())
+    return t.judge(xa, f"rule eps={eps}")
 
 
-def rule_checks(judged: dict[str, Judged], schedule: list[dict[str, object]], tolerance: float) -> RuleChecks:
+@dataclass(frozen=True)
+class Doubled:
+    """The rule attack with its steps and restarts doubled, beside the rule attack on the same examples."""
+
+    settings: dict[str, Any]
+    n: int
+    base_defended_rate: float
+    defended_rate: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.defended_rate >= self.base_defended_rate - self.tolerance
+
+
+def rule_budget_check(t: Target, model: ConvNet, attack: RuleAttack, restarts: int, base: Judged,
+                      cfg: EvalConfig) -> tuple[Doubled, Judged]:
+    """The rule attack (`attack`, which ran `restarts` restarts with outcomes `base`) again with
+    twice its steps and twice its restarts on the first n_budget_check examples, restarts kept by
+    the served rule; its outcomes count in the worst case."""
+    m = min(cfg.n_budget_check, base.n)
+    doubled = replace(attack, steps=2 * attack.steps)
+    j = _restarts(t, model, doubled, m, 2 * restarts, cfg.seed + 1000, cfg.batch_size,
+                  f"rule x{2 * restarts}, {doubled.steps} steps (budget check)")
+    return Doubled({**settings(doubled), "restarts": 2 * restarts}, m, float((~base.broken[:m]).mean()),
+                   float((~j.broken).mean()), max(cfg.rule_restart_tolerance, 2.0 / m)), j
+
+
+def rule_checks(judged: dict[str, Judged], schedule: list[dict[str, object]], tolerance: float,
+                doubled: Doubled | None = None) -> RuleChecks:
     """Doubling the rule attack's restarts moved the defended rate by at most `tolerance`
-    (the last doubling of its schedule); Square on the rule's margin (no gradients) is not
-    stronger than the white-box rule attack."""
+    (the last doubling of its schedule); doubling its steps and restarts (`doubled`) did not lower
+    it by more than its tolerance; Square on the rule's margin (no gradients) is not stronger
+    than the white-box rule attack."""
     rule = judged["rule"]
     budget_ok = None
     if len(schedule) > 1:
@@ -168,9 +206,18 @@ def rule_checks(judged: dict[str, Judged], schedule: list[dict[str, object]], to
     if gf_ok is not None:
         parts.append(f"gradient-free Square on the rule {sq_def:.3f} vs white-box rule attack {wb_def:.3f} "
                      f"defended ({'not stronger' if gf_ok else 'STRONGER: the white-box rule attack is weak'})")
-    ok = budget_ok is not False and gf_ok is not False
+    if doubled is not None:
+        parts.append(f"doubling the rule attack's steps and restarts moved the defended rate "
+                     f"{doubled.base_defended_rate:.3f} -> {doubled.defended_rate:.3f} on {doubled.n} examples "
+                     f"({'within' if doubled.ok else 'MORE than'} {doubled.tolerance:.3f})")
+    ok = budget_ok is not False and gf_ok is not False and (doubled is None or doubled.ok)
+    d = doubled
     return RuleChecks(budget_schedule=[dict(s) for s in schedule], budget_ok=budget_ok, square_defended_rate=sq_def,
                       white_box_defended_rate=wb_def, gradient_free_ok=gf_ok, tolerance=tolerance, ok=ok,
+                      doubled=d.settings if d else None, n_doubled=d.n if d else None,
+                      base_defended_rate=d.base_defended_rate if d else None,
+                      doubled_defended_rate=d.defended_rate if d else None,
+                      doubled_tolerance=d.tolerance if d else None, doubled_ok=d.ok if d else None,
                       verdict=("ok: " if ok else "FAILED: ") + ("; ".join(parts) or "no check possible"))
 
 

@@ -117,11 +117,18 @@ class NoiseCheck(_Model):
 
 class RuleChecks(_Model):
     """Checks of the attacks aimed at the verdict: doubling the rule attack's restarts moves
-    the defended rate by at most `tolerance`; the gradient-free rule attack (Square on the
-    rule's margin, model.onnx) is not stronger than the white-box one."""
+    the defended rate by at most `tolerance`; doubling its steps AND restarts (`doubled`, on the
+    first `n_doubled` examples) lowers it by at most `doubled_tolerance`; the gradient-free rule
+    attack (Square on the rule's margin, model.onnx) is not stronger than the white-box one."""
 
     budget_schedule: list[dict[str, Any]] = Field(default_factory=list)
     budget_ok: bool | None = None
+    doubled: dict[str, Any] | None = Field(None, description="the doubled rule attack's settings as it ran")
+    n_doubled: int | None = None
+    base_defended_rate: float | None = Field(None, description="the rule attack's, on the doubled run's examples")
+    doubled_defended_rate: float | None = None
+    doubled_tolerance: float | None = None
+    doubled_ok: bool | None = None
     square_defended_rate: float | None = None
     white_box_defended_rate: float | None = None
     gradient_free_ok: bool | None = None

@@ -24,6 +24,10 @@ class Restarts:
     measure: str
 
 
+# What a white-box attack judges its iterates by (its `judge`, not a setting) in the evaluation
+JUDGED = {"iterates_judged_by": "model.onnx (ONNX Runtime), the exact rule; the best kept"}
+
+
 def settings(attack: Any) -> dict[str, Any]:
     """An attack's settings as they ran: its dataclass fields (a step size left to its default
     resolved to the step it took; a Rule as what the attack knows; a nested attack flattened;
