@@ -10,6 +10,15 @@ Names and labels are a contract (dashboards, alerts):
   dsphere_model_info{model,version,sha256,provider}                 gauge (1 for the served version)
   dsphere_inference_runtime_info{model,version,backend,precision,requested_backend,requested_precision,
                                  cpu_features,fallback}             gauge (1 for what runs the served version)
+  the query-history detector (app/query_history.py):
+  dsphere_query_history_checked_total                               counter (inputs judged against the history)
+  dsphere_query_history_attack_queries_total{action}                counter (action: reject or flag)
+  dsphere_query_history_repeats_total                               counter (exact repeats: no evidence)
+  dsphere_query_history_lookup_seconds                              histogram (one request's judgement)
+  dsphere_query_history_store_errors_total                          counter (the shared store failed)
+  dsphere_query_history_store_up{store}                             gauge (1: judged; 0: per-input verdict only)
+  dsphere_query_history_store_entries{store}                        gauge (occupied slots of the table)
+  dsphere_query_history_store_bytes{store}                          gauge (the table's memory)
 
 `endpoint` is the route template (e.g. "/v2/models/{name}/infer"), "<mount>/{path}" for the
 static files (e.g. "/assets/page/{path}"), "unmatched" otherwise.
@@ -36,6 +45,7 @@ from app.verdict import Verdicts
 
 ANGLE_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 70, 80, 90, 105, 120, 135, 150, 165, 180)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LOOKUP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -104,6 +114,7 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._runtime_info = _InfoGauge(self.runtime_info, self.multiprocess)
+        self.history = HistoryMetrics(registry)
 
     def set_model(self, model: str, version: str, sha256: str, provider: str) -> None:
         self._model_info.set(model, version, sha256, provider)
@@ -136,6 +147,45 @@ class Metrics:
                 out[family.name] += [(dict(s.labels), s.value) for s in family.samples
                                      if s.name == f"{family.name}_total"]
         return out
+
+
+class HistoryMetrics:
+    """The query-history detector's metrics (app/query_history.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.checked = Counter(
+            "dsphere_query_history_checked_total", "Inputs judged against the query history.", registry=registry)
+        self.attacks = Counter(
+            "dsphere_query_history_attack_queries_total",
+            "Inputs the query history judged attack queries, by the action taken (reject or flag).",
+            ["action"], registry=registry)
+        self.repeats = Counter(
+            "dsphere_query_history_repeats_total", "Exact repeats of earlier inputs (no evidence).", registry=registry)
+        self.lookup = Histogram(
+            "dsphere_query_history_lookup_seconds", "Time to judge one request's inputs against the query history.",
+            buckets=LOOKUP_BUCKETS, registry=registry)
+        self.errors = Counter(
+            "dsphere_query_history_store_errors_total", "Query-history store operations that failed.",
+            registry=registry)
+        self.up = Gauge(
+            "dsphere_query_history_store_up",
+            "1 while the query history judges inputs; 0 while its store is unreachable (per-input verdict only).",
+            ["store"], registry=registry, multiprocess_mode="livemin")
+        self.entries = Gauge(
+            "dsphere_query_history_store_entries", "Occupied slots of the query-history table.", ["store"],
+            registry=registry, multiprocess_mode="livemax")
+        self.bytes = Gauge(
+            "dsphere_query_history_store_bytes", "Memory of the query-history table, bytes.", ["store"],
+            registry=registry, multiprocess_mode="livemax")
+
+    def observe(self, checked: int, attacks: int, repeats: int, action: str, seconds: float) -> None:
+        if checked:
+            self.checked.inc(checked)
+            self.lookup.observe(seconds)
+        if attacks:
+            self.attacks.labels(action).inc(attacks)
+        if repeats:
+            self.repeats.inc(repeats)
 
 
 class _InfoGauge:

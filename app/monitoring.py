@@ -18,12 +18,12 @@ router = APIRouter()
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers; what it serves, on what")
 async def healthz(svc: ServiceDep) -> Health:
-    rt = svc.runtime
+    rt, history = svc.runtime, svc.history_health()
     if rt is None:
-        return Health(status="ok")
+        return Health(status="ok", query_history=history)
     info = rt.model.runner.info
     return Health(status="ok", model=ModelRef(name=rt.name, version=rt.version),
-                  runtime=InferenceRuntime(**asdict(info)))
+                  runtime=InferenceRuntime(**asdict(info)), query_history=history)
 
 
 @router.get("/readyz", response_model=Ready, responses=error_responses(503), summary="Model loaded and warmed")
@@ -33,4 +33,5 @@ async def readyz(rt: ServedRuntime) -> Ready:
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)")
 async def metrics(svc: ServiceDep) -> Response:
+    await svc.update_history_gauges()
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.manifest import AngleHistogram, Calibration, ManifestMetrics
-from app.verdict import VerdictName
+from app.verdict import ReasonName, VerdictName
 
 
 class ErrorResponse(BaseModel):
@@ -30,7 +30,12 @@ class Classification(BaseModel):
     probability: float = Field(description="softmax probability of the label")
     angle_deg: float = Field(description="geodesic angle to the predicted class weight, degrees")
     threshold_deg: float = Field(description="rho * (angle_mean_deg + angle_std_deg) of the label")
-    verdict: VerdictName = Field(description="reject iff angle_deg > threshold_deg")
+    verdict: VerdictName = Field(
+        description="reject iff angle_deg > threshold_deg, or the query-history detector judged the input part of "
+        "a query attack")
+    reason: ReasonName | None = Field(
+        None, description="why it is rejected: angle (angle_deg > threshold_deg) or query_history (the input is "
+        "close to many recent queries: an attack in progress, docs/QUERY_HISTORY.md); null when accepted")
     model: ModelRef = Field(description="the version that produced this result")
     request_id: str
 
@@ -105,10 +110,21 @@ class InferenceRuntime(BaseModel):
     fallback: str | None = Field(description="why the requested path is not the one running; null when it is")
 
 
+class QueryHistoryHealth(BaseModel):
+    """The query-history detector: whether it judges inputs now."""
+
+    action: Literal["reject", "flag", "off"]
+    store: Literal["memory", "redis"]
+    status: Literal["ok", "unavailable", "off"] = Field(
+        description="unavailable: its store cannot be reached, inputs are judged by the per-input verdict alone")
+    error: str | None = Field(None, description="why the store is unavailable")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     model: ModelRef | None = Field(None, description="the served version; null until it is loaded")
     runtime: InferenceRuntime | None = Field(None, description="what runs it; null until it is loaded")
+    query_history: QueryHistoryHealth | None = Field(None, description="the query-history detector")
 
 
 class Ready(BaseModel):

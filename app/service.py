@@ -2,7 +2,9 @@
 the one way it classifies.
 
 `classify` is what every route that classifies awaits (/classify, /classify/batch, /explain, /v2
-infer): the runtime's verdicts, counted in the metrics, each rejected input kept in the
+infer): each input judged against the query history (app/query_history.py: an attack query is
+rejected, reason "query_history", or only flagged), the runtime's verdicts (an exact repeat
+answered from the result cache), counted in the metrics, each rejected input kept in the
 quarantine; no route calls `ModelRuntime.classify` itself. `classifications` maps verdicts to
 the response model.
 
@@ -15,7 +17,9 @@ with the store's other models (app/other_models.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -27,8 +31,10 @@ from app.metrics import Metrics
 from app.model_store import ModelInvalidError, ModelStoreError, load_version
 from app.other_models import OtherModels
 from app.quarantine import Quarantine
+from app.query_history import HistoryConfig, Judgement, QueryHistory
 from app.recent import RecentCounters
-from app.schemas import Classification, ModelRef
+from app.result_cache import ResultCache
+from app.schemas import Classification, ModelRef, QueryHistoryHealth
 from app.settings import Settings
 from app.verdict import Verdicts
 
@@ -52,6 +58,9 @@ class Service:
         self._retiring: set[asyncio.Task[None]] = set()
         self.other_models = OtherModels(self._build, settings.model_store, settings.other_models)
         self.recent = RecentCounters(metrics)  # GET /stats; sampled while the app runs (app/main.py)
+        self.history = QueryHistory(history_config(settings), on_error=metrics.history.errors.inc)
+        self.results = ResultCache(settings.query_history_result_cache)
+        self._attack_log = _EveryMinute()
 
     def current(self) -> ModelRuntime:
         rt = self.runtime
@@ -72,7 +81,16 @@ class Service:
         """`rt`'s verdicts on x ([N, C, H, W] or one [C, H, W]), counted in the metrics; each rejected row
         kept in the quarantine: `originals(i)` is row i's input as received and its file extension,
         stored with its classification (and `index` i when `batch`)."""
-        v = await rt.classify(x, ticket)
+        rows = x.reshape(-1, *x.shape[-3:])
+        t0 = time.perf_counter()
+        judged = await self.history.judge(rows)
+        self._count_history(judged, time.perf_counter() - t0, request_id)
+        v = self.results.get(rt.model.sha256, judged)
+        if v is None:
+            v = await rt.classify(x, ticket)
+            self.results.put(rt.model.sha256, judged, v)
+        if self.history.rejects and judged.attack.any():
+            v = dataclasses.replace(v, accepted=v.accepted & ~judged.attack)
         self.metrics.observe_verdicts(rt.name, rt.version, rt.model.manifest.class_names, v)
         q = self.quarantine
         if q is not None:
@@ -82,6 +100,34 @@ class Service:
                 record = {**result.model_dump(), "index": i if batch else None}
                 await asyncio.to_thread(q.add, data, ext, record)
         return v
+
+    def _count_history(self, judged: Judgement, seconds: float, request_id: str) -> None:
+        m, store = self.metrics.history, self.history.store_kind
+        m.up.labels(store).set(1 if judged.checked or not self.history.enabled else 0)
+        if not judged.checked:
+            return
+        attacks = int(judged.attack.sum())
+        m.observe(len(judged.attack), attacks, int(judged.repeat.sum()), self.settings.query_history_action,
+                          seconds)
+        count = self._attack_log.add(attacks) if attacks else None
+        if count:
+            log.warning("query history: %d attack queries (action %s) in the last minute or less, e.g. request %s",
+                        count, self.settings.query_history_action, request_id)
+
+    def history_health(self) -> QueryHistoryHealth:
+        h = self.history
+        status = "off" if not h.enabled else ("unavailable" if h.error else "ok")
+        return QueryHistoryHealth(action=self.settings.query_history_action, store=h.store_kind,  # type: ignore[arg-type]
+                                  status=status, error=h.error)  # type: ignore[arg-type]
+
+    async def update_history_gauges(self) -> None:
+        """The store's size and memory (GET /metrics reads them when it is scraped)."""
+        size = await self.history.size()
+        store = self.history.store_kind
+        self.metrics.history.up.labels(store).set(1 if self.history.available or not self.history.enabled else 0)
+        if size is not None:
+            self.metrics.history.entries.labels(store).set(size[0])
+            self.metrics.history.bytes.labels(store).set(size[1])
 
     def _build(self, name: str, version: str) -> ModelRuntime:
         s = self.settings
@@ -105,6 +151,11 @@ class Service:
     async def load(self) -> None:
         """Startup load of the configured model; failure is logged and reported by /readyz."""
         s = self.settings
+        await self.history.start()
+        if self.history.enabled:
+            log.info("query history: %s, store %s%s, threshold %d of %d hashes, ttl %.0f s",
+                     s.query_history_action, self.history.store_kind, f" ({self.history.error})" if self.history.error
+                     else "", s.query_history_threshold, self.history.cfg.params.hashes, s.query_history_ttl_s)
         try:
             rt = await asyncio.to_thread(self._build, s.model_name, s.model_version)
         except ModelStoreError as exc:
@@ -146,6 +197,30 @@ class Service:
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.other_models.close()
+        await self.history.close()
+
+
+def history_config(s: Settings) -> HistoryConfig:
+    salt = s.query_history_salt.get_secret_value().encode() if s.query_history_salt else None
+    return HistoryConfig(action=s.query_history_action, threshold=s.query_history_threshold, salt=salt,
+                         redis_url=s.query_history_redis_url, slots_log2=s.query_history_slots_log2,
+                         ttl_s=s.query_history_ttl_s)
+
+
+class _EveryMinute:
+    """At most one log line a minute, with how many events it stands for."""
+
+    def __init__(self) -> None:
+        self.last, self.since = -60.0, 0
+
+    def add(self, n: int) -> int | None:
+        """Count n events; the count since the last line when a line is due, else None."""
+        self.since += n
+        now = time.monotonic()
+        if now - self.last < 60:
+            return None
+        self.last, count, self.since = now, self.since, 0
+        return count
 
 
 def classifications(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Classification]:
@@ -160,11 +235,12 @@ def classifications(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Clas
             angle_deg=angle,
             threshold_deg=threshold,
             verdict=verdict,
+            reason=reason,
             model=ref,
             request_id=request_id,
         )
-        for label, probability, angle, threshold, verdict in zip(
+        for label, probability, angle, threshold, verdict, reason in zip(
             v.labels.tolist(), v.probabilities.tolist(), v.angles_deg.tolist(), v.thresholds_deg.tolist(),
-            v.names(), strict=True,
+            v.names(), v.reasons(), strict=True,
         )
     ]

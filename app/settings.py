@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ValidationErrorDetails, validation_message
+from app.history_store import MAX_TTL_S
 
 KNOWN_PROVIDERS = (
     "CUDAExecutionProvider",
@@ -74,6 +75,23 @@ class Settings(BaseSettings):
     # admin
     admin_token: str | None = Field(None, description="bearer token of POST /admin/reload; unset: disabled")
 
+    # the query-history detector (app/query_history.py, docs/QUERY_HISTORY.md)
+    query_history_action: Literal["reject", "flag", "off"] = Field(
+        "reject", description="what an attack query gets: reject (verdict reject, reason query_history), flag "
+        "(counted and logged only) or off (no detector)")
+    query_history_redis_url: str | None = Field(
+        None, description="redis://host:port/db shared by every worker and replica; unset: this process's memory")
+    query_history_salt: SecretStr | None = Field(
+        None, description="secret key of the fingerprints (>= 16 characters); unset: a random one, shared "
+        "through Redis when Redis is the store")
+    query_history_ttl_s: float = Field(24 * 3600.0, gt=0, le=MAX_TTL_S, description="how long a query is remembered")
+    query_history_slots_log2: int = Field(
+        22, ge=10, le=28, description="the history table has 2^this 8-byte slots (22: 32 MiB)")
+    query_history_threshold: int = Field(
+        15, ge=1, le=256, description="fingerprint hashes shared with one recent query that make an attack query")
+    query_history_result_cache: int = Field(
+        10_000, ge=0, description="exact repeats answered from memory: answers kept (0: none)")
+
     # quarantine of rejected inputs (opt-in)
     quarantine_dir: Path | None = None
     quarantine_max_bytes: int = Field(100 * 1024 * 1024, ge=1)
@@ -94,6 +112,20 @@ class Settings(BaseSettings):
     def _check_token(cls, v: str | None) -> str | None:
         if v is not None and v != "" and len(v) < 16:
             raise ValueError("must be at least 16 characters (or unset to disable the admin endpoint)")
+        return v or None
+
+    @field_validator("query_history_salt")
+    @classmethod
+    def _check_salt(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value() != "" and len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (or unset for a random one)")
+        return v if v is not None and v.get_secret_value() else None
+
+    @field_validator("query_history_redis_url")
+    @classmethod
+    def _check_redis_url(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return v or None
 
     @model_validator(mode="after")

@@ -2,8 +2,9 @@
 
 Input: one FP32 tensor [N, C, H, W] (any name; flat row-major or nested `data`),
 values in the manifest's value_range. Outputs (all [N]): `label` INT64,
-`angle_deg` FP64, `accepted` BOOL; on request (`outputs` field) also
-`threshold_deg` FP64 and `probability` FP64.
+`angle_deg` FP64, `accepted` BOOL, `reason` BYTES (why a row is rejected: "angle" or
+"query_history"; "" when accepted); on request (`outputs` field) also `threshold_deg` FP64
+and `probability` FP64.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from app.uploads import read_body
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
-DEFAULT_OUTPUTS = ("label", "angle_deg", "accepted")
+DEFAULT_OUTPUTS = ("label", "angle_deg", "accepted", "reason")
 ALL_OUTPUTS = {
     "label": "INT64",
     "angle_deg": "FP64",
     "accepted": "BOOL",
+    "reason": "BYTES",
     "threshold_deg": "FP64",
     "probability": "FP64",
 }
@@ -147,6 +149,7 @@ async def infer(request: Request, svc: ServiceDep, name: str) -> V2InferResponse
         "label": v.labels.tolist(),
         "angle_deg": v.angles_deg.tolist(),
         "accepted": v.accepted.tolist(),
+        "reason": [r or "" for r in v.reasons()],
         "threshold_deg": v.thresholds_deg.tolist(),
         "probability": v.probabilities.tolist(),
     }

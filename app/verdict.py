@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 VerdictName = Literal["accept", "reject"]
+ReasonName = Literal["angle", "query_history"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ class Verdicts:
     def names(self) -> list[VerdictName]:
         """Each verdict as the API answers it and the metrics label it: "accept" or "reject"."""
         return ["accept" if ok else "reject" for ok in self.accepted.tolist()]
+
+    def reasons(self) -> list[ReasonName | None]:
+        """Why each input is rejected: "angle" (the rule above), "query_history" (the service's
+        query-history detector rejected an input the rule accepts); None when accepted."""
+        angle = (self.angles_deg > self.thresholds_deg).tolist()
+        return [None if ok else ("angle" if a else "query_history") for ok, a in zip(self.accepted.tolist(), angle)]
 
 
 def softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:

@@ -26,7 +26,8 @@ def _img_bytes(arr: np.ndarray, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-CLASSIFY_KEYS = {"label", "class_name", "probability", "angle_deg", "threshold_deg", "verdict", "model", "request_id"}
+CLASSIFY_KEYS = {"label", "class_name", "probability", "angle_deg", "threshold_deg", "verdict", "reason", "model",
+                 "request_id"}
 
 
 async def test_classify_multipart_accepts_prototype(make_client) -> None:

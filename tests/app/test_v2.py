@@ -57,7 +57,8 @@ async def test_infer(make_client) -> None:
     body = r.json()
     assert body["model_name"] == NAME and body["model_version"] == "1" and body["id"] == "req-7"
     out = {o["name"]: o for o in body["outputs"]}
-    assert list(out) == ["label", "angle_deg", "accepted"]
+    assert list(out) == ["label", "angle_deg", "accepted", "reason"]
+    assert out["reason"]["datatype"] == "BYTES" and out["reason"]["data"] == ["", "", "angle"]
     assert out["label"] == {"name": "label", "datatype": "INT64", "shape": [3], "data": [2, 8, out["label"]["data"][2]]}
     assert out["accepted"]["data"] == [True, True, False] and out["accepted"]["datatype"] == "BOOL"
     assert out["angle_deg"]["datatype"] == "FP64" and out["angle_deg"]["data"][2] > 15

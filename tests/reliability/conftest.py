@@ -20,12 +20,16 @@ from support.server import CLEAN_EXIT, ServerHandle, start_server
 
 BUNDLED_VERSION = bundled_version()
 ADMIN_TOKEN = "reliability-admin-token-0123456789"
+# These tests send one image in many encodings and the same few images thousands of times: a
+# query attack's traffic, to the query-history detector. It runs and counts here ("flag"); the
+# verdicts they check are the per-input rule's. The detector's own tests: tests/app/test_query_history.py.
+FLAG_ONLY = {"DSPHERE_QUERY_HISTORY_ACTION": "flag"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with start_server({"DSPHERE_ADMIN_TOKEN": ADMIN_TOKEN}, log_path=log) as srv:
+    with start_server({"DSPHERE_ADMIN_TOKEN": ADMIN_TOKEN, **FLAG_ONLY}, log_path=log) as srv:
         yield srv
 
 
@@ -35,7 +39,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerHandle]]:
 
     def _start(env: dict[str, str] | None = None, workers: int = 1, **kw: Any) -> ServerHandle:
         kw.setdefault("log_path", tmp_path / f"server-{len(started)}.log")
-        srv = start_server(env, workers, **kw)
+        srv = start_server({**FLAG_ONLY, **(env or {})}, workers, **kw)
         started.append(srv)
         return srv
 

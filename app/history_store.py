@@ -1,0 +1,197 @@
+"""Where the query history lives: fingerprints only (never an image), bounded, with expiry.
+
+The history is one table of 2^slots_log2 64-bit slots, direct-mapped: a window hash h of a
+query goes to slot h mod 2^slots_log2 and is stored there as (the hash's high bits, the
+query's random id, the second it was stored). Looking a fingerprint up and storing it are one
+step: each of its hashes is written to its slot, and the values the slots held say which
+earlier query had how many of the same hashes within `ttl_s` (`best_match`). A new
+hash overwrites whatever was in its slot, so the table never grows: memory is 8 bytes a slot,
+whatever the traffic, and an old entry lives until its slot is taken or it expires.
+
+Exact repeats (the same model input again: retries, caches) are remembered by a keyed digest,
+with the decision the first one got, for `ttl_s`, at most `exact_capacity` of them.
+
+- LocalStore: one process's NumPy table and an LRU of digests (`make serve`, one worker).
+- RedisStore: the same table as one Redis string, read and written by a single BITFIELD
+  command per query (SET returns each slot's old value: lookup and insert in one atomic round
+  trip), digests as keys with an expiry; every worker and replica pointed at the same Redis
+  shares one history, so an attack spread over them is seen as one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+# A slot: the hash's high 20 bits (its tag), the query's random 24-bit id, the second it was
+# stored (20 bits: the clock wraps every 12 days, so ttl_s is at most 6 days).
+TAG_BITS, ID_BITS, TIME_BITS = 20, 24, 20
+MAX_TTL_S = 1 << (TIME_BITS - 1)
+_TIME_MASK = np.uint64((1 << TIME_BITS) - 1)
+_ID_MASK = np.uint64((1 << ID_BITS) - 1)
+_TAG_SHIFT = np.uint64(ID_BITS + TIME_BITS)
+
+
+class StoreUnavailable(Exception):
+    """The shared store cannot be reached; the service goes on without the history."""
+
+
+def pack(hashes: NDArray[np.uint64], query_id: int, now_s: int) -> NDArray[np.uint64]:
+    """Each hash's slot value: its tag, the query's id, the second it was stored."""
+    return ((hashes >> _TAG_SHIFT) << _TAG_SHIFT) | np.uint64((query_id << TIME_BITS) | (now_s & ((1 << TIME_BITS) - 1)))
+
+
+def best_match(hashes: NDArray[np.uint64], old: NDArray[np.uint64], now_s: int, ttl_s: float) -> int:
+    """The most hashes of this fingerprint that one earlier query (within ttl_s) also had, from
+    the old values of their slots: the fingerprints' overlap with their nearest stored one."""
+    same = (old >> _TAG_SHIFT) == (hashes >> _TAG_SHIFT)
+    age = (np.int64(now_s) - (old & _TIME_MASK).astype(np.int64)) % (1 << TIME_BITS)
+    ids = ((old >> np.uint64(TIME_BITS)) & _ID_MASK)[same & (old != 0) & (age <= ttl_s)]
+    return int(np.unique(ids, return_counts=True)[1].max()) if len(ids) else 0
+
+
+class HistoryStore(Protocol):
+    kind: str
+
+    async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
+        """Store one fingerprint; the most of its hashes one earlier (fresh) query had."""
+        ...
+
+    async def repeated(self, digests: list[bytes]) -> list[bool | None]:
+        """For each digest, the decision (attack?) its first query got, or None if it is new."""
+        ...
+
+    async def remember(self, digests: list[bytes], attacks: list[bool]) -> None: ...
+
+    async def size(self) -> tuple[int, int]:
+        """(occupied slots, bytes) of the table."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalStore:
+    kind = "memory"
+
+    def __init__(self, slots_log2: int, ttl_s: float, exact_capacity: int) -> None:
+        self.table = np.zeros(1 << slots_log2, np.uint64)
+        self.mask = np.uint64((1 << slots_log2) - 1)
+        self.ttl_s = ttl_s
+        self.exact_capacity = exact_capacity
+        self._exact: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
+        self._occupied = 0
+
+    async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
+        now = int(time.time())
+        h = fingerprint[fingerprint != 0]
+        slots = (h & self.mask).astype(np.intp)
+        old = self.table[slots]
+        self._occupied += int(np.count_nonzero(old == 0))
+        self.table[slots] = pack(h, query_id, now)
+        return best_match(h, old, now, self.ttl_s)
+
+    async def repeated(self, digests: list[bytes]) -> list[bool | None]:
+        now, out = time.monotonic(), []
+        for d in digests:
+            hit = self._exact.get(d)
+            if hit is not None and now - hit[1] > self.ttl_s:
+                del self._exact[d]
+                hit = None
+            out.append(None if hit is None else hit[0])
+        return out
+
+    async def remember(self, digests: list[bytes], attacks: list[bool]) -> None:
+        now = time.monotonic()
+        for d, a in zip(digests, attacks, strict=True):
+            self._exact[d] = (a, now)
+            self._exact.move_to_end(d)
+        while len(self._exact) > self.exact_capacity:
+            self._exact.popitem(last=False)
+
+    async def size(self) -> tuple[int, int]:
+        return self._occupied, int(self.table.nbytes)
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisStore:
+    kind = "redis"
+    TABLE = "dsphere:qh:table"
+    EXACT = "dsphere:qh:x:"
+    SALT = "dsphere:qh:salt"
+
+    def __init__(self, url: str, slots_log2: int, ttl_s: float, timeout_s: float = 0.25) -> None:
+        import redis.asyncio as redis  # only where Redis is configured
+
+        self._errors = (redis.RedisError, OSError)
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.slots_log2 = slots_log2
+        self.mask = np.uint64((1 << slots_log2) - 1)
+        self.ttl_s = ttl_s
+        self._new_slots = 0  # slots this process filled since it last told Redis
+
+    async def shared_salt(self, candidate: bytes) -> bytes:
+        """The salt every worker and replica uses: the first one's `candidate`, kept in Redis."""
+        async with self._guard():
+            await self.client.set(self.SALT, candidate, nx=True)
+            salt: bytes = await self.client.get(self.SALT)
+            return salt
+
+    async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
+        now = int(time.time())
+        h = fingerprint[fingerprint != 0]
+        if not len(h):
+            return 0
+        field = self.client.bitfield(self.TABLE)
+        for slot, value in zip((h & self.mask).tolist(), pack(h, query_id, now).tolist(), strict=True):
+            field.set("u64", f"#{slot}", value)  # BITFIELD ... SET returns the old value
+        async with self._guard():
+            old = await field.execute()
+        old_a = np.asarray(old, np.uint64)
+        self._new_slots += int(np.count_nonzero(old_a == 0))
+        return best_match(h, old_a, now, self.ttl_s)
+
+    async def repeated(self, digests: list[bytes]) -> list[bool | None]:
+        async with self._guard():
+            values = await self.client.mget([self.EXACT + d.hex() for d in digests])
+        return [None if v is None else v == b"1" for v in values]
+
+    async def remember(self, digests: list[bytes], attacks: list[bool]) -> None:
+        async with self._guard():
+            pipe = self.client.pipeline(transaction=False)
+            for d, a in zip(digests, attacks, strict=True):
+                pipe.set(self.EXACT + d.hex(), b"1" if a else b"0", ex=max(1, int(self.ttl_s)))
+            await pipe.execute()
+
+    async def size(self) -> tuple[int, int]:
+        async with self._guard():
+            new, self._new_slots = self._new_slots, 0
+            used = int(await self.client.incrby(self.TABLE + ":occupied", new))
+            nbytes = int(await self.client.strlen(self.TABLE))
+        return used, nbytes
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def _guard(self) -> _Guard:
+        return _Guard(self._errors)
+
+
+class _Guard:
+    """Turns the client's errors into StoreUnavailable (one type for the detector to catch)."""
+
+    def __init__(self, errors: tuple[type[BaseException], ...]) -> None:
+        self.errors = errors
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is not None and isinstance(exc, self.errors):
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
+        return False

@@ -1,0 +1,160 @@
+"""The query-history detector: sees a query attack while it runs (docs/QUERY_HISTORY.md).
+
+Every input the service classifies, as the model sees it, is judged against the history of
+recent queries (app/history_store.py) by its salted fingerprint
+(app/fingerprint.py): an input whose fingerprint shares at least `threshold` of
+its hashes with one recent query is an attack query (Blacklight's rule). What happens then is the action: "reject"
+(the verdict becomes reject, reason "query_history") or "flag" (counted and logged only).
+
+An exact repeat of an earlier input (a retry, a cache) is no evidence: it is answered with the
+decision its first query got and its fingerprint is not stored again. When the shared store
+cannot be reached the detector stands aside for `retry_s` (every input is judged by the
+per-input verdict alone), says so in /healthz and `dsphere_query_history_store_up`, and tries
+again; no request fails because of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.fingerprint import Fingerprinter, FingerprintParams
+from app.history_store import HistoryStore, LocalStore, RedisStore, StoreUnavailable
+
+log = logging.getLogger("dsphere.query_history")
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    action: str = "reject"  # "reject", "flag" or "off"
+    threshold: int = 15  # shared hashes (of `params.hashes`) that make a query an attack query
+    params: FingerprintParams = FingerprintParams()
+    salt: bytes | None = None  # None: a random one (shared through Redis when Redis is the store)
+    redis_url: str | None = None
+    slots_log2: int = 22
+    ttl_s: float = 24 * 3600.0
+    exact_capacity: int = 100_000
+    retry_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Judgement:
+    attack: NDArray[np.bool_]  # (N,) attack queries (whatever the action)
+    repeat: NDArray[np.bool_]  # (N,) exact repeats of earlier inputs
+    checked: bool  # False: the detector was off or its store unreachable
+    digests: list[bytes] | None = None  # each input's keyed digest (when checked)
+
+
+class QueryHistory:
+    def __init__(self, cfg: HistoryConfig, on_error: Callable[[], None] = lambda: None) -> None:
+        self.cfg = cfg
+        self.on_error = on_error
+        self.store: HistoryStore | None = None
+        self.fingerprinter: Fingerprinter | None = None
+        self.error: str | None = None
+        self._down_until = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.action != "off"
+
+    @property
+    def rejects(self) -> bool:
+        return self.cfg.action == "reject"
+
+    async def start(self) -> None:
+        if not self.enabled:
+            return
+        salt = self.cfg.salt or secrets.token_bytes(32)
+        if self.cfg.redis_url:
+            store = RedisStore(self.cfg.redis_url, self.cfg.slots_log2, self.cfg.ttl_s)
+            self.store = store
+            if self.cfg.salt is None:
+                try:
+                    salt = await store.shared_salt(salt)
+                except StoreUnavailable as exc:
+                    self._unavailable(exc)
+                    self.fingerprinter = None  # no shared salt yet: judged again once Redis answers
+                    return
+        else:
+            self.store = LocalStore(self.cfg.slots_log2, self.cfg.ttl_s, self.cfg.exact_capacity)
+        self.fingerprinter = Fingerprinter(salt, self.cfg.params)
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+
+    @property
+    def available(self) -> bool:
+        return self.enabled and self.error is None
+
+    async def judge(self, x: NDArray[np.float32]) -> Judgement:
+        """x: (N, C, H, W) model inputs. Each row against the history and the rows before it."""
+        n = len(x)
+        none = Judgement(np.zeros(n, bool), np.zeros(n, bool), checked=False)
+        if not self.enabled or self.store is None or time.monotonic() < self._down_until:
+            return none
+        try:
+            if self.fingerprinter is None:  # Redis was down at start: the shared salt first
+                await self.start()
+                if self.fingerprinter is None:
+                    return none
+            result = await self._judge(x, self.store, self.fingerprinter)
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            return none
+        if self.error is not None:
+            log.warning("query history: store %s reachable again", self.store.kind)
+            self.error = None
+        return result
+
+    async def _judge(self, x: NDArray[np.float32], store: HistoryStore, fp: Fingerprinter) -> Judgement:
+        digests = fp.digests(x)
+        known = await store.repeated(digests)
+        attack, repeat = np.zeros(len(x), bool), np.zeros(len(x), bool)
+        first: dict[bytes, int] = {}
+        new_rows: list[int] = []
+        for i, (d, k) in enumerate(zip(digests, known, strict=True)):
+            if k is not None:
+                attack[i], repeat[i] = k, True
+            elif d in first:  # the same input twice in one batch
+                repeat[i] = True
+            else:
+                first[d] = i
+                new_rows.append(i)
+        if new_rows:
+            prints = fp.fingerprints(x[new_rows])
+            for i, row in zip(new_rows, prints, strict=True):
+                attack[i] = await store.record(row, secrets.randbits(24)) >= self.cfg.threshold
+            await store.remember([digests[i] for i in new_rows], [bool(attack[i]) for i in new_rows])
+        for i, d in enumerate(digests):
+            if repeat[i] and known[i] is None:
+                attack[i] = attack[first[d]]
+        return Judgement(attack, repeat, checked=True, digests=digests)
+
+    @property
+    def store_kind(self) -> str:
+        return "redis" if self.cfg.redis_url else "memory"
+
+    def _unavailable(self, exc: StoreUnavailable) -> None:
+        self.on_error()
+        if self.error is None:
+            log.error("query history: store %s unreachable (%s); classifying with the per-input verdict only, "
+                      "retrying every %.0f s", self.store_kind, exc, self.cfg.retry_s)
+        self.error = str(exc)
+        self._down_until = time.monotonic() + self.cfg.retry_s
+
+    async def size(self) -> tuple[int, int] | None:
+        if self.store is None or not self.available:
+            return None
+        try:
+            return await self.store.size()
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            return None
