@@ -247,7 +247,9 @@ def run_overload(connections: int = 200, queue_size: int = 8, burst_s: float = 3
     sequential requests (baseline), a burst of `connections` raw keep-alive clients for `burst_s`
     s recording every answer, then 60 sequential requests at once."""
     body = multipart("file", fashion_pngs(1))
-    srv = start_server({"DSPHERE_QUEUE_SIZE": str(queue_size)}, log_path=log_path)
+    # wrk repeats one image: without the result cache every request reaches the model's queue
+    srv = start_server({"DSPHERE_QUEUE_SIZE": str(queue_size), "DSPHERE_QUERY_HISTORY_RESULT_CACHE": "0"},
+                       log_path=log_path)
     try:
         steady_connections = sustainable or queue_size
         steady = run_wrk(srv.url + "/classify", body, steady_connections, 2)
