@@ -178,6 +178,7 @@ bench: install
 	$(PY) bench/bench_models.py
 	$(PY) bench/bench_sphere_conv.py
 	$(PY) bench/bench_service.py
+	$(PY) bench/bench_query_history.py
 
 soak: install
 	# Long reliability runs (2.5-4 min on 2 cores): 100k requests, overload burst, 50 hot reloads, SIGTERM.

@@ -1,0 +1,188 @@
+"""The query history in a real Redis (support/redis_server.py: Debian's redis-server on a free
+loopback port, nothing persisted): two app instances pointed at one Redis share one history and
+one salt, and the service goes on answering when Redis goes away and comes back (#26).
+
+The two instances are two apps in this process (tests/app/conftest.py's make_client, the
+fixture model), each with its own Redis connection: what two workers or two replicas are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from support.fake_store import prototype
+from support.redis_server import RedisHandle, redis_available, start_redis
+
+pytestmark = pytest.mark.skipif(not redis_available(),
+                                reason="redis-server not installed (apt-get install redis-server)")
+
+SALT_KEY = "dsphere:qh:salt"
+RETRY_S = 5.0  # HistoryConfig.retry_s: how long the detector stands aside after a store error
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def redis_server() -> Any:
+    with start_redis() as r:
+        yield r
+
+
+def _png(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.round(x[0] * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def square_queries(x: np.ndarray, n: int, eps: float = 0.05, seed: int = 0) -> list[bytes]:
+    """A Square-like stream on x ([1, 28, 28] in [0, 1]): random squares of ±eps, as PNGs."""
+    rng = np.random.default_rng(seed)
+    adv, out = x.copy(), []
+    for _ in range(n):
+        s = int(rng.integers(2, 8))
+        r, c = rng.integers(0, 28 - s, 2)
+        cand = adv.copy()
+        cand[:, r:r + s, c:c + s] = np.clip(x[:, r:r + s, c:c + s] + eps * rng.choice([-1, 1]), 0, 1)
+        out.append(_png(cand))
+        adv = cand if rng.random() < 0.5 else adv
+    return out
+
+
+async def classify(c: httpx.AsyncClient, png: bytes) -> dict[str, Any]:
+    r = await c.post("/classify", files={"file": ("q.png", png, "image/png")})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of the samples of `name` (a full sample name with labels, or every label set of a name)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == name or ("{" not in name and key.split("{")[0] == name):
+            total += float(value)
+    return total
+
+
+def _redis_client(r: RedisHandle) -> Any:
+    import redis
+
+    return redis.Redis.from_url(r.url)
+
+
+@pytest.mark.anyio
+async def test_two_instances_on_one_redis_see_one_history(make_client, redis_server: RedisHandle) -> None:
+    """A near-duplicate stream sent alternately to two instances: the second one flags queries
+    it never saw before, from the history the first one wrote; two instances without Redis
+    (each its own memory) do not."""
+    base = prototype(3).astype(np.float32)[None] / 255
+    stream = square_queries(base, 24)
+    async with make_client(query_history_redis_url=redis_server.url) as a, \
+            make_client(query_history_redis_url=redis_server.url) as b:
+        answers = [await classify((a, b)[i % 2], q) for i, q in enumerate(stream)]
+        health = [(await c.get("/healthz")).json()["query_history"] for c in (a, b)]
+        texts = [(await c.get("/metrics")).text for c in (a, b)]
+    assert health == [{"action": "reject", "store": "redis", "status": "ok", "error": None}] * 2
+    reasons = [x["reason"] for x in answers]
+    on_b = reasons[1::2]
+    assert reasons[0] is None  # the first query: nothing to match yet
+    assert reasons[1] == "query_history", reasons  # B's first query matches A's: one history
+    assert on_b.count("query_history") >= 10 and reasons.count("query_history") >= 20, reasons
+    assert all(x["label"] == 3 and x["verdict"] == "reject" for x in answers if x["reason"] == "query_history")
+    for text in texts:  # each instance judged its half, against the shared table
+        assert metric(text, "dsphere_query_history_checked_total") == 12
+        assert metric(text, 'dsphere_query_history_store_up{store="redis"}') == 1
+        assert metric(text, "dsphere_query_history_store_errors_total") == 0
+    assert metric(texts[1], "dsphere_query_history_attack_queries_total") >= 10
+    assert metric(texts[1], 'dsphere_query_history_store_bytes{store="redis"}') > 0
+
+    # the contrast: the same two first queries, each instance with its own memory
+    async with make_client() as a, make_client() as b:
+        first, second = await classify(a, stream[0]), await classify(b, stream[1])
+    assert first["reason"] is None and second["reason"] is None
+
+
+@pytest.mark.anyio
+async def test_the_salt_is_shared_through_redis_when_unset(make_client, redis_server: RedisHandle) -> None:
+    """With no salt set, the first instance's random salt is kept in Redis and every other one
+    uses it: an exact repeat sent to another instance is known there (its keyed digest is the
+    same); a salt set in the settings is used as it is and does not replace the shared one."""
+    png = _png(prototype(5).astype(np.float32)[None] / 255)
+    async with make_client(query_history_redis_url=redis_server.url) as a:
+        stored = _redis_client(redis_server).get(SALT_KEY)
+        assert stored is not None and len(stored) >= 16
+        async with make_client(query_history_redis_url=redis_server.url) as b:
+            first, again = await classify(a, png), await classify(b, png)
+            text_b = (await b.get("/metrics")).text
+        async with make_client(query_history_redis_url=redis_server.url,
+                               query_history_salt="an-explicit-salt-0123456789") as own:
+            mine = await classify(own, png)
+            text_own = (await own.get("/metrics")).text
+    assert {k: v for k, v in first.items() if k != "request_id"} == \
+        {k: v for k, v in again.items() if k != "request_id"}
+    assert first["verdict"] == "accept" and first["reason"] is None
+    assert metric(text_b, "dsphere_query_history_repeats_total") == 1  # B knew A's input: the same digest
+    assert metric(text_own, "dsphere_query_history_repeats_total") == 0  # another salt: another digest
+    assert mine["reason"] is None
+    assert _redis_client(redis_server).get(SALT_KEY) == stored  # set once, never replaced
+
+
+@pytest.mark.anyio
+async def test_redis_stopped_mid_run_then_back(make_client, redis_server: RedisHandle) -> None:
+    """Redis goes away: every request is still answered 200 with the per-input verdict, /healthz
+    says query_history "unavailable", dsphere_query_history_store_up is 0 and the store errors
+    are counted; Redis back (same port, empty): after retry_s the detector judges again (ok)."""
+    imgs = [_png(prototype(k % 10).astype(np.float32)[None] / 255) for k in range(10)]
+    noise = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    noisy = [_png(n[None].astype(np.float32) / 255) for n in noise]
+    async with make_client(query_history_redis_url=redis_server.url) as c:
+        before = [await classify(c, p) for p in imgs[:3]]
+        assert (await c.get("/healthz")).json()["query_history"]["status"] == "ok"
+
+        redis_server.stop()
+        t0 = time.monotonic()
+        down = [await classify(c, p) for p in imgs[3:]] + [await classify(c, p) for p in noisy]
+        elapsed = time.monotonic() - t0
+        health = (await c.get("/healthz")).json()
+        text = (await c.get("/metrics")).text
+        assert health["status"] != "down" and health["query_history"]["status"] == "unavailable", health
+        assert health["query_history"]["store"] == "redis" and health["query_history"]["error"]
+        assert metric(text, 'dsphere_query_history_store_up{store="redis"}') == 0
+        assert metric(text, "dsphere_query_history_store_errors_total") > 0
+        # the per-input verdict alone: prototypes accepted, noise rejected by its angle
+        assert [(x["label"], x["verdict"], x["reason"]) for x in down[:7]] == \
+            [(k, "accept", None) for k in range(3, 10)]
+        assert all(x["verdict"] == "reject" and x["reason"] == "angle" for x in down[7:])
+        assert elapsed < 10, f"{len(down)} requests took {elapsed:.1f} s with Redis down"
+
+        redis_server.start()
+        await asyncio.sleep(RETRY_S + 0.2)
+        deadline, status = time.monotonic() + 20, None
+        k = 0
+        while time.monotonic() < deadline:
+            answer = await classify(c, _png(np.clip(prototype(k % 10).astype(np.float32)[None] / 255
+                                                    + 0.001 * k, 0, 1)))
+            k += 1
+            status = (await c.get("/healthz")).json()["query_history"]["status"]
+            if status == "ok":
+                break
+            await asyncio.sleep(0.5)
+        text = (await c.get("/metrics")).text
+    assert status == "ok", "the detector did not judge again once Redis was back"
+    assert answer["verdict"] in ("accept", "reject")
+    assert metric(text, 'dsphere_query_history_store_up{store="redis"}') == 1
+    assert [x["verdict"] for x in before] == ["accept"] * 3
