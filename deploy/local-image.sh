@@ -2,9 +2,9 @@
 # Build dsphere's serving images with podman on a machine that can pull no registry image
 # (docs/DEPLOYMENT.md, "Building and running without Docker"). Run as root from anywhere:
 #
-#   deploy/local-image.sh                  # base (cached), cpu, gpu and the Prometheus stand-in
-#   deploy/local-image.sh cpu              # only the steps named: base | cpu | gpu | prometheus
-#                                          # (cpu, gpu and prometheus make the base when it is missing)
+#   deploy/local-image.sh                  # base (cached), cpu, gpu, the Prometheus and Redis stand-ins
+#   deploy/local-image.sh cpu              # only the steps named: base | cpu | gpu | prometheus | redis
+#                                          # (cpu, gpu, prometheus and redis make the base when it is missing)
 #
 # base        Debian 12 made with debootstrap from this machine's Debian mirror (python3,
 #             python3-venv, python-is-python3, ca-certificates), with this machine's CA bundle
@@ -20,6 +20,9 @@
 # prometheus  docker-compose.yml's Prometheus image when it is here or can be pulled, else a
 #             stand-in from Debian's prometheus package (deploy/prometheus-standin.Containerfile)
 #             tagged under the same name, so that docker-compose.yml itself runs.
+# redis       docker-compose.yml's Redis image (the query history's shared store) when it is here
+#             or can be pulled, else a stand-in from Debian's redis-server
+#             (deploy/kubernetes/podman/redis-standin.Containerfile) tagged under the same name.
 #
 # Builds use --network=host (pip and apt inside reach the network as the host does) and
 # --format docker (the OCI format drops HEALTHCHECK). Podman settings: CONTAINERS_CONF,
@@ -137,15 +140,32 @@ build_prometheus() {
   say "prometheus: stand-in $image built in $((SECONDS - t0)) s, $(size_of "$image")"
 }
 
+build_redis() {
+  local image t0=$SECONDS
+  image=$(compose_image redis)
+  [[ -n "$image" ]] || die "docker-compose.yml: no image for the redis service"
+  if have_or_pull "$image"; then
+    say "redis: $image is here"
+    return
+  fi
+  make_base
+  say "redis: $image cannot be pulled here: stand-in from Debian's redis-server package"
+  podman build --format docker --network host -t "$image" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+    --label "dsphere.standin-for=$image" -f deploy/kubernetes/podman/redis-standin.Containerfile \
+    deploy/kubernetes/podman || die "redis: podman build of the stand-in failed"
+  say "redis: stand-in $image built in $((SECONDS - t0)) s, $(size_of "$image")"
+}
+
 command -v podman >/dev/null || die "podman not installed (apt-get install -y podman runc)"
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(base cpu gpu prometheus)
+[[ ${#steps[@]} -gt 0 ]] || steps=(base cpu gpu prometheus redis)
 for step in "${steps[@]}"; do
   case "$step" in
     base) make_base ;;
     cpu) build_cpu ;;
     gpu) build_gpu ;;
     prometheus) build_prometheus ;;
-    *) die "unknown step '$step' (base, cpu, gpu, prometheus)" ;;
+    redis) build_redis ;;
+    *) die "unknown step '$step' (base, cpu, gpu, prometheus, redis)" ;;
   esac
 done

@@ -14,7 +14,7 @@ def local_images() -> BuiltImages:
     reason = podman_unusable()
     if reason:
         skip_or_fail(reason)
-    images = build_images(("cpu", "gpu", "prometheus"))
+    images = build_images(("cpu", "gpu", "prometheus", "redis"))
     REPORT["deploy/local-image.sh cpu gpu prometheus"] = f"{images.seconds:.0f} s"
     r = podman("run", "--rm", "--network", "none", "--entrypoint", "true", images.cpu, check=False, timeout=120)
     if r.returncode != 0:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -132,7 +133,8 @@ def stack(local_images: BuiltImages) -> Iterator[Stack]:
         skip_or_fail("podman-compose not installed (pip install 'podman-compose>=1.6', part of the dev extra)")
     project = Project(exe, f"dsphere-test-{os.getpid()}", free_port())
     t0 = time.monotonic()
-    up = project.run("up", "-d", "--no-build", "--pull", "never", "--scale", f"api={REPLICAS}", "api", "prometheus")
+    up = project.run("up", "-d", "--no-build", "--pull", "never", "--scale", f"api={REPLICAS}", "redis", "api",
+                     "prometheus")
     client = httpx.Client(timeout=30, trust_env=False)
     try:
         assert up.returncode == 0, f"podman-compose up exited {up.returncode}:\n{up.stdout[-3000:]}{up.stderr[-3000:]}"
@@ -211,3 +213,42 @@ def test_rejected_burst_moves_the_rejection_ratio(stack: Stack) -> None:
                              lambda v: v > before + 0.3)  # fmt: skip
     REPORT[f"{RATIO_RULE}, clean then a burst of noise"] = f"{before:.3f} -> {after:.3f} (clients: {expected:.3f})"
     assert abs(after - expected) < 0.1, (after, expected)
+
+
+def _square_queries(img: np.ndarray, n: int, seed: int) -> list[bytes]:
+    """A Square-like attack's queries on one uint8 image: random squares moved by 25 levels."""
+    rng = np.random.default_rng(seed)
+    adv, out = img.astype(np.int16), []
+    for _ in range(n):
+        size = int(rng.integers(2, 8))
+        r, c = rng.integers(0, 28 - size, 2)
+        cand = adv.copy()
+        cand[r:r + size, c:c + size] = np.clip(img[r:r + size, c:c + size] + 25 * rng.choice([-1, 1]), 0, 255)
+        out.append(png_bytes(cand.astype(np.uint8)))
+        adv = cand if rng.random() < 0.5 else adv
+    return out
+
+
+def _first_detection(stack: Stack, pngs: list[bytes], urls: list[str]) -> int:
+    """1-based index of the first answer rejected for query_history, the queries sent round-robin."""
+    for i, png in enumerate(pngs):
+        r = stack.client.post(f"{urls[i % len(urls)]}/classify", files={"file": ("q.png", png, "image/png")})
+        assert r.status_code == 200, r.text
+        if r.json()["reason"] == "query_history":
+            return i + 1
+    return len(pngs) + 1
+
+
+def test_an_attack_spread_over_both_replicas_is_seen_as_one(stack: Stack) -> None:
+    """The replicas share one query history in compose's Redis: a query attack sent round-robin
+    over them is detected within the queries it takes against one replica (+-20 %)."""
+    urls = list(stack.replicas.values())
+    for url in urls:
+        health = stack.client.get(f"{url}/healthz").json()["query_history"]
+        assert health == {"action": "reject", "store": "redis", "status": "ok", "error": None}, health
+    images = fashion_mnist_test(30)[0][24:30]
+    one = [_first_detection(stack, _square_queries(img, 40, seed), urls[:1]) for seed, img in enumerate(images[:3])]
+    spread = [_first_detection(stack, _square_queries(img, 40, seed), urls) for seed, img in enumerate(images[3:])]
+    REPORT["query attack: queries to detection, one replica vs round-robin over two"] = f"{one} vs {spread}"
+    assert max(one + spread) <= 10
+    assert abs(np.median(spread) - np.median(one)) <= max(1.0, 0.2 * np.median(one))
