@@ -2,7 +2,8 @@
 live panel).
 
 Every `step_s` seconds `run` reads the counters that GET /metrics exports
-(dsphere_requests_total and dsphere_classifications_total; every worker's in multiprocess mode)
+(dsphere_requests_total, dsphere_classifications_total and
+dsphere_query_history_attack_queries_total; every worker's in multiprocess mode)
 into a ring of readings that covers `window_s`. An answer subtracts the oldest reading of the
 window from one taken now (and each reading from the next, for the intervals). Counters only
 grow, so an interval counts exactly what happened in it, whoever polls and how often.
@@ -33,6 +34,7 @@ class Reading:
     requests: float  # to CLASSIFYING_ENDPOINTS
     errors: float  # of those, answered 4xx or 5xx
     by_class: dict[tuple[str, str], float]  # (class_name, verdict) -> inputs
+    attack_queries: float = 0.0  # the query-history detector's attack queries (rejected or flagged)
 
     def since(self, earlier: Reading) -> Reading:
         """What happened between `earlier` and this reading (its `t`: the duration)."""
@@ -42,6 +44,7 @@ class Reading:
             self.requests - earlier.requests,
             self.errors - earlier.errors,
             {k: self.by_class.get(k, 0.0) - earlier.by_class.get(k, 0.0) for k in keys},
+            self.attack_queries - earlier.attack_queries,
         )
 
     def count(self, verdict: str | None = None) -> int:
@@ -49,7 +52,8 @@ class Reading:
 
 
 def read_counters(metrics: Metrics, t: float) -> Reading:
-    values = metrics.counter_values("dsphere_requests", "dsphere_classifications")
+    values = metrics.counter_values("dsphere_requests", "dsphere_classifications",
+                                    "dsphere_query_history_attack_queries")
     requests = errors = 0.0
     for labels, n in values["dsphere_requests"]:
         if labels.get("endpoint") in CLASSIFYING_ENDPOINTS:
@@ -58,7 +62,8 @@ def read_counters(metrics: Metrics, t: float) -> Reading:
     by_class: dict[tuple[str, str], float] = collections.defaultdict(float)
     for labels, n in values["dsphere_classifications"]:
         by_class[(labels.get("class_name", ""), labels.get("verdict", ""))] += n
-    return Reading(t, requests, errors, dict(by_class))
+    attacks = sum(n for _, n in values["dsphere_query_history_attack_queries"])
+    return Reading(t, requests, errors, dict(by_class), attacks)
 
 
 class RecentCounters:
@@ -95,7 +100,8 @@ class RecentCounters:
                 d = b.since(a)
                 intervals.append(RecentInterval(seconds_ago=now.t - b.t, duration_s=d.t, requests=round(d.requests),
                                                 errors=round(d.errors), classified=d.count(),
-                                                rejected=d.count("reject")))
+                                                rejected=d.count("reject"),
+                                                attack_queries=round(d.attack_queries)))
         classified, rejected = total.count(), total.count("reject")
         return RecentStats(
             window_s=self.window_s,
@@ -105,6 +111,7 @@ class RecentCounters:
             classified=classified,
             rejected=rejected,
             rejection_ratio=rejected / classified if classified else None,
+            attack_queries=round(total.attack_queries),
             per_class=_per_class(total, class_names),
             intervals=intervals,
         )

@@ -82,6 +82,7 @@ class RecentInterval(BaseModel):
     errors: int = Field(description="those answered 4xx or 5xx")
     classified: int = Field(description="inputs classified (a batch counts each image)")
     rejected: int
+    attack_queries: int = Field(0, description="inputs the query-history detector judged attack queries")
 
 
 class RecentStats(BaseModel):
@@ -94,6 +95,8 @@ class RecentStats(BaseModel):
     classified: int
     rejected: int
     rejection_ratio: float | None = Field(description="rejected / classified; null when nothing was classified")
+    attack_queries: int = Field(0, description="inputs the query-history detector judged attack queries "
+                                "(rejected or flagged), near-copies of recent queries")
     per_class: list[ClassCounts] = Field(description="by predicted class, over every model served")
     intervals: list[RecentInterval] = Field(description="the window in equal intervals, oldest first")
 
@@ -185,7 +188,9 @@ class V2Tensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = Field(
+        None, description="row-major values (flat or nested); absent when parameters.binary_data_size says the "
+        "tensor's bytes follow the JSON (binary tensor data extension)")
     parameters: dict[str, Any] | None = None
 
 
@@ -220,6 +225,12 @@ class V2ModelMetadata(BaseModel):
     platform: str
     inputs: list[V2TensorMeta]
     outputs: list[V2TensorMeta]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
 
 
 class V2Live(BaseModel):

@@ -204,6 +204,9 @@ function render(r, detail, blob, name) {
   $("verdict-text").textContent = accepted
     ? guess + ". The image lies as close to the " + r.class_name + " class as the model's own training " +
       "images of it do, so the service trusts this label."
+    : r.reason === "query_history"
+    ? "The model's best guess is " + guess + ", but the image is a near-copy of recent queries, the way a " +
+      "query attack probes a model: the service does not trust this answer."
     : "The model's best guess is " + guess + ", but the image lies farther from the " + r.class_name +
       " class than its training images do: the service does not trust this label. It may not be clothing " +
       "at all, or not the kind of picture the model was trained on.";
@@ -385,7 +388,8 @@ function renderLive(s) {
   const ratio = s.rejection_ratio === null ? "" : " (" + pct(s.rejection_ratio) + ")";
   $("live-summary").textContent = span + ": " + count(s.requests) + " request" + (s.requests === 1 ? "" : "s") +
     ", " + count(s.errors) + " refused; " + count(s.classified) + " input" + (s.classified === 1 ? "" : "s") +
-    " classified, " + count(s.rejected) + " rejected" + ratio + ".";
+    " classified, " + count(s.rejected) + " rejected" + ratio + "; " + count(s.attack_queries) +
+    " attack quer" + (s.attack_queries === 1 ? "y" : "ies") + " (near-copies of recent queries).";
 
   // one bar per interval on a fixed time axis: the window, "now" at the right
   const svg = $("live-chart");

@@ -308,6 +308,8 @@ def test_live_panel_shows_the_services_own_counters(visit: Visit, server: Server
                f"{stats['rejected']} rejected"
     visit.page.wait_for_function("t => document.getElementById('live-summary').textContent.includes(t)",
                                  arg=expected)
+    visit.page.wait_for_function("t => document.getElementById('live-summary').textContent.includes(t)",
+                                 arg=f"{stats['attack_queries']} attack quer")
     rows = visit.page.eval_on_selector_all("#live-classes tbody tr th", "ths => ths.map(t => t.textContent)")
     assert "Bag" in rows
     visit.assert_only_own_origin()

@@ -149,11 +149,13 @@ async def test_the_service_rejects_or_flags_attack_queries(make_client, action: 
         answers = [(await c.post("/classify", files={"file": ("q.png", p, "image/png")})).json() for p in pngs]
         metrics = (await c.get("/metrics")).text
         health = (await c.get("/healthz")).json()
+        recent = (await c.get("/stats")).json()  # the page's live panel
     reasons = [a["reason"] for a in answers]
     assert health["query_history"] == {"action": action, "store": "memory", "status": "ok", "error": None}
     assert all(a["label"] == 3 for a in answers)
     flagged = _metric(metrics, f'dsphere_query_history_attack_queries_total{{action="{action}"}}')
     assert flagged >= 20 and _metric(metrics, "dsphere_query_history_checked_total") == 25
+    assert recent["attack_queries"] == flagged
     if action == "reject":
         assert reasons[0] is None and reasons.count("query_history") == flagged
         assert all(a["verdict"] == "reject" for a in answers if a["reason"] == "query_history")
