@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from app import admin, catalogue, classify, explain, monitoring, stats, v2
+from app import admin, catalogue, classify, explain, grpc_server, monitoring, stats, v2
 from app.docs import install_docs
 from app.error_handlers import install_error_handlers
 from app.metrics import Metrics
@@ -36,6 +36,8 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.load()
+        # the Open Inference Protocol over gRPC on its own port (DSPHERE_GRPC_PORT), same loop and service
+        grpc = await grpc_server.start(service) if settings.grpc_port else None
         # Move everything alive after start-up (FastAPI, pydantic, numpy, ONNX Runtime, the
         # model: hundreds of thousands of objects) out of the cyclic GC's reach. Without it
         # every full collection walks them all and stalls the event loop for tens of ms:
@@ -49,6 +51,8 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
+            if grpc is not None:
+                await grpc_server.stop(grpc)  # refuses new calls, those in flight get a grace period
             await service.close()  # uvicorn has already waited for in-flight requests
 
     app = FastAPI(

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         4, ge=0, le=64, description="other models of the store POST /explain may load (latest version each); 0: none"
     )
 
+    # the Open Inference Protocol's gRPC endpoint (app/grpc_server.py): off unless a port is set
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="port of the gRPC server (inference.GRPCInferenceService); unset: off")
+    grpc_host: str = Field("127.0.0.1", description="address the gRPC server binds (0.0.0.0: every interface)")
+
     # admin
     admin_token: str | None = Field(None, description="bearer token of POST /admin/reload; unset: disabled")
 
@@ -106,6 +111,11 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown provider(s) {unknown}; known: {list(KNOWN_PROVIDERS)}")
         return ",".join(names)
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _empty_port(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("admin_token")
     @classmethod

@@ -37,6 +37,7 @@ async def test_health_and_metadata(make_client) -> None:
             {"name": "label", "datatype": "INT64", "shape": [-1]},
             {"name": "angle_deg", "datatype": "FP64", "shape": [-1]},
             {"name": "accepted", "datatype": "BOOL", "shape": [-1]},
+            {"name": "reason", "datatype": "BYTES", "shape": [-1]},
         ],
     }
     assert missing.status_code == 404 and missing.json() == {"error": "model 'other' not found"}
@@ -83,7 +84,8 @@ async def test_infer(make_client) -> None:
          "input 'input': data must be numbers (flat or nested)"),
         ({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0] * 784}],
           "outputs": [{"name": "logits"}]},
-         "unknown output(s) ['logits']; available: ['accepted', 'angle_deg', 'label', 'probability', 'threshold_deg']"),
+         "unknown output(s) ['logits']; available: "
+         "['accepted', 'angle_deg', 'label', 'probability', 'reason', 'threshold_deg']"),
         ({"inputz": []}, "invalid inference request: inputs: Field required"),
         ([], "invalid inference request: (root): Input should be a valid dictionary or instance of V2InferRequest"),
     ],
