@@ -139,8 +139,10 @@ class RedisStore:
         """The salt every worker and replica uses: the first one's `candidate`, kept in Redis."""
         async with self._guard():
             await self.client.set(self.SALT, candidate, nx=True)
-            salt: bytes = await self.client.get(self.SALT)
-            return salt
+            salt = await self.client.get(self.SALT)
+        if not isinstance(salt, bytes):
+            raise StoreUnavailable("redis holds no query-history salt")
+        return salt
 
     async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
         now = int(time.time())
@@ -148,11 +150,13 @@ class RedisStore:
         if not len(h):
             return 0
         field = self.client.bitfield(self.TABLE)
-        for slot, value in zip((h & self.mask).tolist(), pack(h, query_id, now).tolist(), strict=True):
-            field.set("u64", f"#{slot}", value)  # BITFIELD ... SET returns the old value
+        # Redis's BITFIELD has no u64 (unsigned types end at u63): the same 64 bits as i64.
+        values = pack(h, query_id, now).view(np.int64).tolist()
+        for slot, value in zip((h & self.mask).tolist(), values, strict=True):
+            field.set("i64", f"#{slot}", value)  # BITFIELD ... SET returns the old value
         async with self._guard():
             old = await field.execute()
-        old_a = np.asarray(old, np.uint64)
+        old_a = np.asarray(old, np.int64).view(np.uint64)
         self._new_slots += int(np.count_nonzero(old_a == 0))
         return best_match(h, old_a, now, self.ttl_s)
 
