@@ -57,13 +57,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DSPHERE_MODEL_STORE=/srv/dsphere/model_store \
     DSPHERE_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider \
+    DSPHERE_GRPC_PORT=8001 \
+    DSPHERE_GRPC_HOST=0.0.0.0 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /srv/dsphere
 COPY --chown=root:root app/ ./app/
 COPY --chown=root:root model_store/ ./model_store/
 USER dsphere
-EXPOSE 8000
+# 8001: the Open Inference Protocol over gRPC (DSPHERE_GRPC_PORT; empty: off)
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"]
 # One process per container: scale with replicas (docker compose --scale api=N),
@@ -100,6 +103,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DSPHERE_MODEL_STORE=/srv/dsphere/model_store \
     DSPHERE_PROVIDERS=CPUExecutionProvider \
+    DSPHERE_GRPC_PORT=8001 \
+    DSPHERE_GRPC_HOST=0.0.0.0 \
     DSPHERE_PRECISION=bf16
 # bf16 on OpenVINO where the host CPU has AVX512-BF16 or AMX and the served version carries a passing
 # precision record (verdicts agree with fp32 on >= 99.9 % of clean inputs); the fp32 ONNX Runtime
@@ -108,7 +113,8 @@ WORKDIR /srv/dsphere
 COPY --chown=root:root app/ ./app/
 COPY --chown=root:root model_store/ ./model_store/
 USER dsphere
-EXPOSE 8000
+# 8001: the Open Inference Protocol over gRPC (DSPHERE_GRPC_PORT; empty: off)
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"]
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-server-header", "--timeout-graceful-shutdown", "20"]

@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 HOST ?= 0.0.0.0
 PORT ?= 8000
+# the Open Inference Protocol's gRPC port of `make serve` (app/grpc_server.py); GRPC_PORT= turns it off
+GRPC_PORT ?= 8001
 
 .PHONY: install test serve images train train-rejection train-served evaluate evaluate-rejection evaluate-serving \
 	precision-records publish choose-variant reproduce \
@@ -29,8 +31,8 @@ serve: install
 	# The latest version of MODEL in model_store/: by default the model whose worst-case defended rate is highest
 	# (docs/results/model-comparison-3.0.0.md: the baseline CNN 2.0.0); make serve MODEL=fashion-mnist-dsphere for
 	# the D-SphereNet. make serve PRECISION=bf16: OpenVINO's bf16 path where the CPU has it (docs/SERVING.md).
-	DSPHERE_MODEL_NAME=$(MODEL) DSPHERE_PRECISION=$(PRECISION) $(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) \
-		--timeout-graceful-shutdown 20
+	DSPHERE_MODEL_NAME=$(MODEL) DSPHERE_PRECISION=$(PRECISION) DSPHERE_GRPC_PORT=$(GRPC_PORT) DSPHERE_GRPC_HOST=$(HOST) \
+		$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --timeout-graceful-shutdown 20
 
 images:
 	# Serving images with podman, no registry needed: a debootstrap Debian 12 base (made once, as root),
@@ -179,6 +181,7 @@ bench: install
 	$(PY) bench/bench_sphere_conv.py
 	$(PY) bench/bench_service.py
 	$(PY) bench/bench_query_history.py
+	$(PY) bench/bench_v2.py
 
 soak: install
 	# Long reliability runs (2.5-4 min on 2 cores): 100k requests, overload burst, 50 hot reloads, SIGTERM.
