@@ -332,3 +332,17 @@ def _grpc_malformed(served: Served, x: np.ndarray) -> int:
         ok = stub.ModelInfer(req([2, 1, 28, 28]), timeout=30)  # the server keeps serving
         assert len(ok.raw_output_contents) == 4
     return len(cases)
+
+
+def test_grpc_under_gunicorn_workers_share_the_port(tmp_path: Path) -> None:
+    """Each worker's gRPC server binds the one port (SO_REUSEPORT); calls are answered, shutdown is clean."""
+    port = free_port()
+    with start_server({"DSPHERE_GRPC_PORT": str(port)}, workers=2, server="gunicorn",
+                      log_path=tmp_path / "server.log") as srv:
+        for _ in range(4):
+            c = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+            assert c.is_server_ready() and c.is_model_ready(MODEL_NAME)
+            c.close()
+    log = srv.log_text()
+    assert log.count(f"listening on 127.0.0.1:{port}") == 2 and log.count("gRPC server stopped") == 2, log[-3000:]
+    assert "Traceback" not in log
