@@ -26,6 +26,7 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -76,29 +77,39 @@ class Fingerprinter:
         """x: (N, C, H, W) in [0, 1]."""
         p = self.params
         x = np.asarray(x, np.float32)
-        if p.pool > 1:  # block means: noise averaged down (a ±a uniform noise's std / pool)
-            n, c, height, width = x.shape
-            hp, wp = height // p.pool, width // p.pool
-            x = x[:, :, : hp * p.pool, : wp * p.pool].reshape(n, c, hp, p.pool, wp, p.pool).mean(axis=(3, 5))
         n, c, height, width = x.shape
-        q = np.floor(np.clip(x, 0.0, 1.0) * (255.0 / p.step)).astype(np.uint64)
+        hp, wp = height // p.pool, width // p.pool
+        # block sums (means times pool²), quantized: floor(mean · 255 / step), no clip needed past [0, 1]
+        blocks = x[:, :, : hp * p.pool, : wp * p.pool].reshape(n, c, hp, p.pool, wp, p.pool).sum(axis=(3, 5))
+        q = np.floor(np.clip(blocks, 0.0, p.pool * p.pool) * (255.0 / (p.step * p.pool * p.pool)))
         out = np.zeros((n, p.hashes), np.uint64)
-        rows, cols = height - p.patch + 1, width - p.patch + 1
+        rows, cols = hp - p.patch + 1, wp - p.patch + 1
         if rows < 1 or cols < 1:
             return out
-        coef = self._coefficients(c * p.patch * p.patch)
-        h = np.zeros((n, rows, cols), np.uint64)
-        varied = np.zeros((n, rows, cols), bool)
-        corner = q[:, 0, :rows, :cols]
+        windows = sliding_window_view(q, (p.patch, p.patch), axis=(2, 3))  # (n, c, rows, cols, p, p), a view
+        patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n, rows * cols, -1)  # (n, patches, c·p·p)
+        code, constant = self._code(patches)
         with np.errstate(over="ignore"):
-            for j, (ch, dy, dx) in enumerate(np.ndindex(c, p.patch, p.patch)):  # Σ_j (v_j + 1)·c_j mod 2^64
-                part = q[:, ch, dy: dy + rows, dx: dx + cols]
-                h += (part + np.uint64(1)) * coef[j]
-                varied |= part != corner
-            h = _mix(h ^ self._key)
+            h = _mix(code ^ self._key)  # keyed: without the salt's key the ranking below is unknown
         for i in range(n):
-            out[i] = _top_distinct(h[i][varied[i]], p.hashes)
+            out[i] = _top_distinct(h[i][~constant[i]], p.hashes)
         return out
+
+    def _code(self, patches: NDArray[np.float64]) -> tuple[NDArray[np.uint64], NDArray[np.bool_]]:
+        """Each patch's values as one integer, and whether the patch is constant. Digits in base
+        `levels` (exact in float64 while levels^size < 2^53: one BLAS product), else a sum with
+        random odd multipliers mod 2^64."""
+        levels = int(255 // self.params.step) + 1
+        size = patches.shape[2]
+        if levels**size < 2**53:
+            weights = float(levels) ** np.arange(size)
+            code = patches @ weights
+            ones = float(weights.sum())  # a constant patch of value v codes to v · Σ levels^j
+            return code.astype(np.uint64), np.fmod(code, ones) == 0
+        coef = self._coefficients(size)
+        with np.errstate(over="ignore"):
+            code_u = (patches.astype(np.uint64) + np.uint64(1)) @ coef
+        return code_u, (patches == patches[:, :, :1]).all(axis=2)
 
     def _coefficients(self, size: int) -> NDArray[np.uint64]:
         """Random odd multipliers, one per patch position; drawn once per input shape."""
