@@ -12,6 +12,9 @@ Exact repeats (the same model input again: retries, caches) are remembered by a 
 with the decision the first one got, for `ttl_s`, at most `exact_capacity` of them.
 
 - LocalStore: one process's NumPy table and an LRU of digests (`make serve`, one worker).
+- SharedStore: the same table as a file every worker of one host maps (a directory on tmpfs,
+  like Prometheus's multiprocess one), the digests in a second direct-mapped table beside it,
+  the salt in a file the first worker writes: the workers of one host share one history.
 - RedisStore: the same table as one Redis string, read and written by a single BITFIELD
   command per query (SET returns each slot's old value: lookup and insert in one atomic round
   trip), digests as keys with an expiry; every worker and replica pointed at the same Redis
@@ -20,8 +23,10 @@ with the decision the first one got, for `ttl_s`, at most `exact_capacity` of th
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -117,6 +122,78 @@ class LocalStore:
 
     async def close(self) -> None:
         return None
+
+
+class SharedStore(LocalStore):
+    """LocalStore's table in a file of `directory` that every process maps (np.memmap); exact
+    repeats in a direct-mapped table of 2^exact_log2 slots (a digest's top 40 bits, its decision,
+    the second it was stored). Concurrent writers may lose a slot's update to each other, as a
+    direct-mapped table loses old entries anyway: a query still matches on its other hashes."""
+
+    kind = "shared"
+    TABLE, EXACT, SALT = "query-history-table-{}.u64", "query-history-exact-{}.u64", "query-history-salt"
+
+    def __init__(self, directory: Path, slots_log2: int, ttl_s: float, exact_log2: int = 20) -> None:
+        super().__init__(0, ttl_s, 0)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.table = _mapped(directory / self.TABLE.format(slots_log2), 1 << slots_log2)
+        self.mask = np.uint64((1 << slots_log2) - 1)
+        self.exact = _mapped(directory / self.EXACT.format(exact_log2), 1 << exact_log2)
+        self.exact_mask = (1 << exact_log2) - 1
+
+    def shared_salt(self, candidate: bytes) -> bytes:
+        """The first process's `candidate`, written once (O_EXCL) and read by the others."""
+        path = self.directory / self.SALT
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            for _ in range(50):  # the first process may still be writing it
+                salt = path.read_bytes()
+                if len(salt) == len(candidate):
+                    return salt
+                time.sleep(0.01)
+            raise StoreUnavailable(f"{path}: no complete salt") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(candidate)
+        return candidate
+
+    async def repeated(self, digests: list[bytes]) -> list[bool | None]:
+        now, out = int(time.time()), []
+        for d in digests:
+            slot, tag = self._slot(d)
+            v = int(self.exact[slot])
+            fresh = v and (now - (v & _EXACT_TIME)) % (1 << 22) <= self.ttl_s
+            out.append(bool(v & _EXACT_DECISION) if fresh and v >> 24 == tag else None)
+        return out
+
+    async def remember(self, digests: list[bytes], attacks: list[bool]) -> None:
+        now = int(time.time())
+        for d, a in zip(digests, attacks, strict=True):
+            slot, tag = self._slot(d)
+            self.exact[slot] = np.uint64((tag << 24) | (_EXACT_DECISION if a else 0) | (now & _EXACT_TIME))
+
+    def _slot(self, digest: bytes) -> tuple[int, int]:
+        v = int.from_bytes(digest[:8], "little")
+        return v & self.exact_mask, v >> 24
+
+    async def size(self) -> tuple[int, int]:
+        return int(np.count_nonzero(self.table)), int(self.table.nbytes)
+
+
+_EXACT_DECISION = 1 << 23
+_EXACT_TIME = (1 << 22) - 1
+
+
+def _mapped(path: Path, slots: int) -> NDArray[np.uint64]:
+    """A file of `slots` zero-initialized uint64 slots, mapped; made (or grown) by whoever is first."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < slots * 8:
+            os.ftruncate(fd, slots * 8)
+    finally:
+        os.close(fd)
+    return np.memmap(path, np.uint64, mode="r+", shape=(slots,))
 
 
 class RedisStore:

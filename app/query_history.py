@@ -20,12 +20,13 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
 from app.fingerprint import Fingerprinter, FingerprintParams
-from app.history_store import HistoryStore, LocalStore, RedisStore, StoreUnavailable
+from app.history_store import HistoryStore, LocalStore, RedisStore, SharedStore, StoreUnavailable
 
 log = logging.getLogger("dsphere.query_history")
 
@@ -37,6 +38,7 @@ class HistoryConfig:
     params: FingerprintParams = FingerprintParams()
     salt: bytes | None = None  # None: a random one (shared through Redis when Redis is the store)
     redis_url: str | None = None
+    shared_dir: Path | None = None  # a directory every worker of this host maps one table in
     slots_log2: int = 22
     ttl_s: float = 24 * 3600.0
     exact_capacity: int = 100_000
@@ -82,6 +84,11 @@ class QueryHistory:
                     self._unavailable(exc)
                     self.fingerprinter = None  # no shared salt yet: judged again once Redis answers
                     return
+        elif self.cfg.shared_dir is not None:
+            shared = SharedStore(self.cfg.shared_dir, self.cfg.slots_log2, self.cfg.ttl_s)
+            self.store = shared
+            if self.cfg.salt is None:
+                salt = shared.shared_salt(salt)
         else:
             self.store = LocalStore(self.cfg.slots_log2, self.cfg.ttl_s, self.cfg.exact_capacity)
         self.fingerprinter = Fingerprinter(salt, self.cfg.params)
@@ -140,7 +147,7 @@ class QueryHistory:
 
     @property
     def store_kind(self) -> str:
-        return "redis" if self.cfg.redis_url else "memory"
+        return "redis" if self.cfg.redis_url else "shared" if self.cfg.shared_dir is not None else "memory"
 
     def _unavailable(self, exc: StoreUnavailable) -> None:
         self.on_error()

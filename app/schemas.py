@@ -117,7 +117,8 @@ class QueryHistoryHealth(BaseModel):
     """The query-history detector: whether it judges inputs now."""
 
     action: Literal["reject", "flag", "off"]
-    store: Literal["memory", "redis"]
+    store: Literal["memory", "shared", "redis"] = Field(
+        description="memory: this process's; shared: one table every worker of this host maps; redis")
     status: Literal["ok", "unavailable", "off"] = Field(
         description="unavailable: its store cannot be reached, inputs are judged by the per-input verdict alone")
     error: str | None = Field(None, description="why the store is unavailable")

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
         "(counted and logged only) or off (no detector)")
     query_history_redis_url: str | None = Field(
         None, description="redis://host:port/db shared by every worker and replica; unset: this process's memory")
+    query_history_shared_dir: Path | None = Field(
+        None, description="a directory (tmpfs) where every worker of this host maps one history table; unset and "
+        "no Redis: each process its own")
     query_history_salt: SecretStr | None = Field(
         None, description="secret key of the fingerprints (>= 16 characters); unset: a random one, shared "
         "through Redis when Redis is the store")

@@ -214,3 +214,27 @@ def _metric(text: str, name: str) -> float:
         if key == name or (("{" not in name) and key.split("{")[0] == name):
             total += float(value)
     return total
+
+
+def test_the_workers_of_a_host_share_one_history_through_a_directory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SharedStore: two detectors (two workers) mapping one directory share the salt, the table
+    and the exact repeats; a third started later finds them."""
+    async def run() -> None:
+        a, b = (QueryHistory(HistoryConfig(shared_dir=tmp_path)) for _ in range(2))
+        await a.start()
+        await b.start()
+        assert a.fingerprinter is not None and b.fingerprinter is not None
+        x = fashion(3)
+        assert a.fingerprinter.digests(x) == b.fingerprinter.digests(x)  # one salt, from the directory
+        stream = square_queries(x[0], 20)
+        flags = [bool((await (a if i % 2 else b).judge(q[None])).attack[0]) for i, q in enumerate(stream)]
+        assert flags.index(True) < 10 and sum(flags) >= 15  # round-robin over the two: one history
+        first = await a.judge(x[1:2])
+        again = await b.judge(x[1:2])  # a retry through the other worker: an exact repeat
+        assert not first.repeat[0] and again.repeat[0] and not again.attack[0]
+        late = QueryHistory(HistoryConfig(shared_dir=tmp_path))
+        await late.start()
+        assert (await late.judge(stream[-1][None])).repeat[0]
+        assert b.store_kind == "shared" and (await b.size())[1] == 8 << 22  # type: ignore[index]
+
+    asyncio.run(run())
