@@ -186,3 +186,28 @@ async def test_redis_stopped_mid_run_then_back(make_client, redis_server: RedisH
     assert answer["verdict"] in ("accept", "reject")
     assert metric(text, 'dsphere_query_history_store_up{store="redis"}') == 1
     assert [x["verdict"] for x in before] == ["accept"] * 3
+
+
+def test_two_server_processes_on_one_redis_see_one_history(tmp_path: Any, redis_server: RedisHandle) -> None:
+    """The same with two real service processes (support/server.py, the bundled model), as two
+    replicas behind a load balancer: a Square-like stream on a test image, its first 10 queries
+    sent to the first one, then alternately to both: the second one flags its very first query
+    (it matches the first one's history), and both say store redis, status ok."""
+    from support.fashion_mnist import load_fashion_mnist_test
+    from support.server import start_server
+
+    base = load_fashion_mnist_test(1).astype(np.float32)[:1] / 255
+    stream = square_queries(base, 30, eps=0.1, seed=1)
+    env = {"DSPHERE_QUERY_HISTORY_REDIS_URL": redis_server.url}
+    with start_server(env, log_path=tmp_path / "a.log") as a, start_server(env, log_path=tmp_path / "b.log") as b, \
+            a.client() as ca, b.client() as cb:
+        reasons = []
+        for i, q in enumerate(stream):
+            r = (ca if i < 10 else (ca, cb)[i % 2]).post("/classify", files={"file": ("q.png", q, "image/png")})
+            assert r.status_code == 200, r.text
+            reasons.append(r.json()["reason"])
+        health = [c.get("/healthz").json()["query_history"] for c in (ca, cb)]
+    assert [(h["store"], h["status"]) for h in health] == [("redis", "ok")] * 2
+    assert "query_history" in reasons[:10], reasons  # the first one alone sees the attack
+    assert reasons[11] == "query_history", reasons  # the second one's first query: one history
+    assert reasons[11::2].count("query_history") >= 7, reasons
