@@ -9,7 +9,7 @@ GRPC_PORT ?= 8001
 
 .PHONY: install test serve images train train-rejection train-served evaluate evaluate-rejection evaluate-serving \
 	precision-records publish choose-variant reproduce \
-	bench soak lint clean
+	bench soak attack-service lint clean
 
 install: $(VENV)/.installed
 
@@ -187,3 +187,13 @@ soak: install
 	# Long reliability runs (2.5-4 min on 2 cores): 100k requests, overload burst, 50 hot reloads, SIGTERM.
 	# Writes docs/results/soak/soak.json and the generated block of docs/RELIABILITY.md.
 	$(PY) bench/soak.py
+
+# Query attacks through the API only against a live server, the query-history detector off and on (#26): ART's
+# Square (the rule in its loss), SimBA, HopSkipJump, Boundary and Sign-OPT, then Square at 10,000 queries on 20 images,
+# then the adaptive attacks (blinding, OARS-style steps, spread over addresses and two workers on Redis, restarts,
+# slowed past the store's expiry). Resumes from docs/results/query-history/runs/*.json; hours on 2 cores.
+ATTACK := PYTHONPATH=. $(PY) bench/attack_service.py
+attack-service: install
+	$(ATTACK) --images 50 --queries 2000 --attacks square,simba,hsj,boundary,signopt
+	$(ATTACK) --images 20 --queries 10000 --attacks square
+	$(ATTACK) --images 50 --queries 2000 --attacks square-blind,square-oars,square-spread,square-restart,square-slow
