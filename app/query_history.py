@@ -75,7 +75,8 @@ class QueryHistory:
             return
         salt = self.cfg.salt or secrets.token_bytes(32)
         if self.cfg.redis_url:
-            store = RedisStore(self.cfg.redis_url, self.cfg.slots_log2, self.cfg.ttl_s)
+            store = self.store if isinstance(self.store, RedisStore) else RedisStore(  # a retry keeps its client
+                self.cfg.redis_url, self.cfg.slots_log2, self.cfg.ttl_s)
             self.store = store
             if self.cfg.salt is None:
                 try:

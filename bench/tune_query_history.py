@@ -143,7 +143,7 @@ def main() -> None:
     streams["blinded_square"] = [blinded(s, rng) for s in streams["square"]]
     rows = []
     t0 = time.time()
-    for step, patch, pool, hashes in itertools.product((24, 32, 48), (3, 4), (1, 2), (50,)):
+    for step, patch, pool, hashes in itertools.product((24, 32, 48), (3, 4), (2,), (50,)):
         params = FingerprintParams(step=step, patch=patch, hashes=hashes, pool=pool)
         for frac in (0.3, 0.4):
             row = asyncio.run(score(params, max(1, int(round(frac * hashes))), val, streams, np.random.default_rng(1)))
