@@ -111,8 +111,15 @@ class Batcher(Generic[R]):
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         name: str = "batcher",
+        inline_max_s: float = 0.0,
     ) -> None:
         self._run_batch = run_batch
+        # A request alone (nothing queued, no other ticket open, no batch running) batches with nothing:
+        # it runs at once in its own task, on the event loop, when a batch costs at most inline_max_s
+        # (the moving average of the batches run so far, seeded by `seed_cost`); else in the thread.
+        self.inline_max_s = inline_max_s
+        self._cost_s = float("inf")
+        self._running = False
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
@@ -157,6 +164,11 @@ class Batcher(Generic[R]):
         While closing, only a request admitted by an open ticket taken before the close is queued.
         """
         admitted = ticket is not None and ticket.open and ticket.admitted
+        if (len(xs) == 1 and not self._pending and not self._running and not self._closing and not self._stopped
+                and self._arriving == (1 if admitted else 0) and self._cost_s <= self.inline_max_s):
+            if ticket is not None:
+                ticket.close()
+            return [self._execute(xs[0])]
         try:
             if self._stopped or (self._closing and not admitted):
                 raise EngineClosedError()
@@ -221,22 +233,50 @@ class Batcher(Generic[R]):
             rows += len(item.x)
         return batch
 
+    def seed_cost(self, seconds: float) -> None:
+        """What one batch costs before any was served (the warm-up's measurement)."""
+        self._cost_s = seconds
+
+    def _timed(self, x: NDArray[np.float32]) -> R:
+        t0 = time.perf_counter()
+        result = self._run_batch(x)
+        dt = time.perf_counter() - t0
+        self._cost_s = dt if self._cost_s == float("inf") else 0.9 * self._cost_s + 0.1 * dt
+        return result
+
+    def _checked(self, result: R, n: int) -> R:
+        counts = _row_counts(result)
+        if not counts or any(c != n for c in counts):
+            raise EngineError(f"model returned {counts} rows for {n} inputs")
+        return result
+
+    def _execute(self, x: NDArray[np.float32]) -> R:
+        """One request's rows run at once on the calling thread (the event loop): see `inline_max_s`."""
+        n = len(x)
+        if self._on_batch is not None:
+            self._on_batch(n)
+        try:
+            return self._checked(self._timed(x), n)
+        except Exception:
+            log.exception("batch of %d rows failed", n)
+            raise
+
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[R]]) -> None:
         x = batch[0].x if len(batch) == 1 else np.concatenate([it.x for it in batch], axis=0)
         n = len(x)
         if self._on_batch is not None:
             self._on_batch(n)
+        self._running = True
         try:
-            result = await loop.run_in_executor(self._executor, self._run_batch, x)
-            counts = _row_counts(result)
-            if not counts or any(c != n for c in counts):
-                raise EngineError(f"model returned {counts} rows for {n} inputs")
+            result = self._checked(await loop.run_in_executor(self._executor, self._timed, x), n)
         except Exception as exc:  # set the batch's exception on every future
             log.exception("batch of %d rows failed", n)
             for it in batch:
                 if not it.future.done():
                     it.future.set_exception(exc)
             return
+        finally:
+            self._running = False
         start = 0
         for it in batch:
             end = start + len(it.x)
@@ -274,6 +314,7 @@ class ModelRuntime:
         queue_size: int,
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
+        inline_max_s: float = 0.0,
     ) -> None:
         self.model = model
         m = model.manifest
@@ -289,6 +330,7 @@ class ModelRuntime:
             on_batch=on_batch,
             on_queue_depth=on_queue_depth,
             name=f"infer-{model.name}-{model.version}",
+            inline_max_s=inline_max_s,
         )
         self.warmed = False
 
@@ -314,6 +356,13 @@ class ModelRuntime:
         t0 = time.perf_counter()
         for n in sorted({1, self.batcher.max_batch}):
             self._run_batch(np.zeros((n, *self.input_shape), np.float32))
+        one = np.zeros((1, *self.input_shape), np.float32)
+        costs = []
+        for _ in range(5):  # what a lone request's batch costs, warm (Batcher.inline_max_s)
+            t1 = time.perf_counter()
+            self._run_batch(one)
+            costs.append(time.perf_counter() - t1)
+        self.batcher.seed_cost(float(np.median(costs)))
         self.warmed = True
         log.info("warmed %s/%s in %.1f ms", self.name, self.version, (time.perf_counter() - t0) * 1e3)
 

@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         # measured p99 at 16 concurrent clients 55-60 ms -> 23 ms (docs/API.md, Benchmarks).
         gc.collect()
         gc.freeze()
+        service.recent.sample()  # the window's first reading, before any request (then every step: run())
         sampler = asyncio.get_running_loop().create_task(service.recent.run(), name="recent-counters")
         try:
             yield

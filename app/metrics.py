@@ -29,6 +29,7 @@ and `render` aggregates every process with a MultiProcessCollector.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -115,6 +116,19 @@ class Metrics:
         )
         self._runtime_info = _InfoGauge(self.runtime_info, self.multiprocess)
         self.history = HistoryMetrics(registry)
+        self._bound: dict[Any, Any] = {}  # children bound once per label set: labels() costs more than an update
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """One HTTP request: dsphere_request_duration_seconds and dsphere_requests_total."""
+        bound = self._bound.get(endpoint)
+        if bound is None:
+            bound = self._bound[endpoint] = (self.request_duration.labels(endpoint), dict[int, Any]())
+        duration, by_status = bound  # the histogram child, and the counter child of each status seen
+        duration.observe(seconds)
+        counter = by_status.get(status)
+        if counter is None:
+            counter = by_status[status] = self.requests.labels(endpoint, str(status))
+        counter.inc()
 
     def set_model(self, model: str, version: str, sha256: str, provider: str) -> None:
         self._model_info.set(model, version, sha256, provider)
@@ -124,9 +138,15 @@ class Metrics:
                                info.requested_precision, ",".join(info.cpu_features), info.fallback or "")
 
     def observe_verdicts(self, model: str, version: str, class_names: list[str], v: Verdicts) -> None:
+        per_verdict = self._bound
         for label, angle, verdict in zip(v.labels.tolist(), v.angles_deg.tolist(), v.names(), strict=True):
-            self.classifications.labels(model, version, class_names[label], verdict).inc()
-            self.angle.labels(model, version, verdict).observe(angle)
+            key = (model, version, class_names[label], verdict)
+            bound = per_verdict.get(key)
+            if bound is None:
+                bound = per_verdict[key] = (self.classifications.labels(*key),
+                                            self.angle.labels(model, version, verdict))
+            bound[0].inc()
+            bound[1].observe(angle)
 
     def _collected(self) -> CollectorRegistry:
         """What /metrics exports: this registry, or every worker's values in multiprocess mode."""
@@ -178,14 +198,29 @@ class HistoryMetrics:
             "dsphere_query_history_store_bytes", "Memory of the query-history table, bytes.", ["store"],
             registry=registry, multiprocess_mode="livemax")
 
+        self._attacks: dict[str, Any] = {}
+        self._up: dict[str, Any] = {}
+
     def observe(self, checked: int, attacks: int, repeats: int, action: str, seconds: float) -> None:
         if checked:
             self.checked.inc(checked)
             self.lookup.observe(seconds)
         if attacks:
-            self.attacks.labels(action).inc(attacks)
+            child = self._attacks.get(action)
+            if child is None:
+                child = self._attacks[action] = self.attacks.labels(action)
+            child.inc(attacks)
         if repeats:
             self.repeats.inc(repeats)
+
+    def set_up(self, store: str, up: bool) -> None:
+        """dsphere_query_history_store_up{store}, its child bound once."""
+        child = self._up.get(store)
+        if child is None:
+            child = self._up[store] = [self.up.labels(store), None]
+        if child[1] is not up:  # written when it changes (this process is the only writer of its value)
+            child[0].set(1 if up else 0)
+            child[1] = up
 
 
 class _InfoGauge:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,6 +28,10 @@ def endpoint_label(scope: Scope) -> str:
 
 
 class RequestMetricsMiddleware:
+    """The one middleware of the app: the request id (the client's X-Request-ID if well-formed, else a
+    new one; in scope["state"] and on the response) and the request's metrics (one duration
+    observation and one count, by route template and status), in one wrapper around the app."""
+
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
@@ -36,15 +40,21 @@ class RequestMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = ""
-        for k, v in scope.get("headers", ()):
+        rid = None
+        for k, v in scope["headers"]:
             if k == b"x-request-id":
                 cand = v.decode("latin-1")
                 if _RID.match(cand):
                     rid = cand
                 break
-        rid = rid or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        if rid is None:
+            rid = os.urandom(16).hex()  # what uuid4().hex looks like (32 hex digits), without the UUID object
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = {"request_id": rid}
+        else:
+            state["request_id"] = rid
+        rid_header = (b"x-request-id", rid.encode())
         status = 500
         t0 = time.perf_counter()
 
@@ -52,12 +62,11 @@ class RequestMetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                headers = message.get("headers")
+                message["headers"] = [*headers, rid_header] if headers else [rid_header]
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            endpoint = endpoint_label(scope)
-            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - t0)
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.observe_request(endpoint_label(scope), status, time.perf_counter() - t0)

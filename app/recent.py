@@ -83,10 +83,12 @@ class RecentCounters:
             self._readings.popleft()
 
     async def run(self) -> None:
-        """Sample every step_s until cancelled (started and cancelled by the app's lifespan)."""
+        """Sample every step_s until cancelled (started and cancelled by the app's lifespan, which takes
+        the first reading itself: a task runs only once the loop gets to it, and requests that never
+        suspend, e.g. with an inline inference, would otherwise all come before it)."""
         while True:
-            self.sample()
             await asyncio.sleep(self.step_s)
+            self.sample()
 
     def stats(self, class_names: Sequence[str] = ()) -> RecentStats:
         """The window up to now; `class_names` (the served model's) are listed first, even at zero."""

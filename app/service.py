@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,7 +35,7 @@ from app.quarantine import Quarantine
 from app.query_history import HistoryConfig, Judgement, QueryHistory
 from app.recent import RecentCounters
 from app.result_cache import ResultCache
-from app.schemas import Classification, ModelRef, QueryHistoryHealth
+from app.schemas import Classification, QueryHistoryHealth
 from app.settings import Settings
 from app.verdict import Verdicts
 
@@ -96,14 +97,14 @@ class Service:
         if q is not None:
             for i in np.flatnonzero(~v.accepted).tolist():
                 data, ext = originals(i)
-                (result,) = classifications(rt, v[i : i + 1], request_id)
-                record = {**result.model_dump(), "index": i if batch else None}
+                (result,) = classification_dicts(rt, v[i : i + 1], request_id)
+                record = {**result, "index": i if batch else None}
                 await asyncio.to_thread(q.add, data, ext, record)
         return v
 
     def _count_history(self, judged: Judgement, seconds: float, request_id: str) -> None:
         m, store = self.metrics.history, self.history.store_kind
-        m.up.labels(store).set(1 if judged.checked or not self.history.enabled else 0)
+        m.set_up(store, judged.checked or not self.history.enabled)
         if not judged.checked:
             return
         attacks = int(judged.attack.sum())
@@ -124,7 +125,7 @@ class Service:
         """The store's size and memory (GET /metrics reads them when it is scraped)."""
         size = await self.history.size()
         store = self.history.store_kind
-        self.metrics.history.up.labels(store).set(1 if self.history.available or not self.history.enabled else 0)
+        self.metrics.history.set_up(store, self.history.available or not self.history.enabled)
         if size is not None:
             self.metrics.history.entries.labels(store).set(size[0])
             self.metrics.history.bytes.labels(store).set(size[1])
@@ -141,6 +142,7 @@ class Service:
             queue_size=s.queue_size,
             on_batch=self.metrics.batch_size.observe,
             on_queue_depth=self.metrics.queue_depth.set,
+            inline_max_s=s.inline_batch_us / 1e6,
         )
         try:
             rt.warmup()
@@ -226,20 +228,26 @@ class _EveryMinute:
 
 def classifications(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Classification]:
     """The response model of each row of `v`, verdicts of `rt`."""
+    return [Classification.model_validate(d) for d in classification_dicts(rt, v, request_id)]
+
+
+def classification_dicts(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[dict[str, Any]]:
+    """Each row of `v` (verdicts of `rt`) as the `Classification` response model dumps it (its fields, in
+    its order, of plain JSON types): what the classifying routes encode once, with no second pass."""
     names = rt.model.manifest.class_names
-    ref = ModelRef(name=rt.name, version=rt.version)
+    ref = {"name": rt.name, "version": rt.version}
     return [
-        Classification(
-            label=label,
-            class_name=names[label],
-            probability=probability,
-            angle_deg=angle,
-            threshold_deg=threshold,
-            verdict=verdict,
-            reason=reason,
-            model=ref,
-            request_id=request_id,
-        )
+        {
+            "label": label,
+            "class_name": names[label],
+            "probability": probability,
+            "angle_deg": angle,
+            "threshold_deg": threshold,
+            "verdict": verdict,
+            "reason": reason,
+            "model": dict(ref),
+            "request_id": request_id,
+        }
         for label, probability, angle, threshold, verdict, reason in zip(
             v.labels.tolist(), v.probabilities.tolist(), v.angles_deg.tolist(), v.thresholds_deg.tolist(),
             v.names(), v.reasons(), strict=True,

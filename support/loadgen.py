@@ -21,32 +21,54 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 
 BOUNDARY = "dsphereBenchBoundary7MA4YWxkTrZu0gW"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 
-# Lua for wrk: the request is a POST of the file BENCH_BODY. Per wrk thread it counts statuses and
-# 503s without Retry-After and stops the thread after WRK_LIMIT responses (0: no limit); done()
-# sums the threads and prints "STATUS <code> <n>" lines and "MISSING_RETRY_AFTER <n>".
+# Lua for wrk: each request is a POST of one of the bodies in the file BENCH_BODY (their lengths, one a
+# line, in BENCH_LENGTHS): thread t of T sends body (WRK_START + t * n / T + k) mod n as its k-th request,
+# so that the threads together rotate through all n bodies (distinct images: the query-history
+# detector's exact-repeat cache answers none of them before the rotation comes round). Per wrk thread it
+# counts statuses and 503s without Retry-After and stops the thread after WRK_LIMIT responses (0: no
+# limit); done() sums the threads and prints "STATUS <code> <n>" lines and "MISSING_RETRY_AFTER <n>".
 WRK_LUA = """
-local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
 wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
 wrk.headers["Content-Type"] = "CONTENT_TYPE"
 local threads = {}
-function setup(thread) table.insert(threads, thread) end
+function setup(thread)
+  thread:set("thread_index", #threads)
+  table.insert(threads, thread)
+end
 function init(args)
   limit = tonumber(os.getenv("WRK_LIMIT") or "0")
   count = 0
   statuses = {}
   missing_retry = 0
+  local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+  local all = f:read("*all")
+  f:close()
+  requests = {}
+  local pos = 1
+  for len in io.lines(os.getenv("BENCH_LENGTHS")) do
+    local n = tonumber(len)
+    table.insert(requests, wrk.format(nil, nil, nil, all:sub(pos, pos + n - 1)))
+    pos = pos + n
+  end
+  local t = tonumber(thread_index or 0)
+  local nthreads = tonumber(os.getenv("WRK_THREADS") or "1")
+  next_index = (tonumber(os.getenv("WRK_START") or "0") + math.floor(t * #requests / nthreads)) % #requests
+end
+function request()
+  local r = requests[next_index + 1]
+  next_index = (next_index + 1) % #requests
+  return r
 end
 function response(status, headers, body)
   count = count + 1
@@ -111,10 +133,11 @@ class WrkResult:
         return sum(n for s, n in self.statuses.items() if not 200 <= s < 300)
 
 
-def run_wrk(url: str, body: bytes, connections: int, duration_s: float, threads: int = 2,
+def run_wrk(url: str, body: bytes | Sequence[bytes], connections: int, duration_s: float, threads: int = 2,
             limit_per_thread: int = 0, timeout_s: float = 10,
-            stop_when: Callable[[], bool] | None = None, poll_s: float = 0.1) -> WrkResult:
-    """POST `body` (a multipart() body) to `url` with wrk for `duration_s` seconds.
+            stop_when: Callable[[], bool] | None = None, poll_s: float = 0.1, start: int = 0) -> WrkResult:
+    """POST `body` (a multipart() body, or several: see WRK_LUA, from `start` on) to `url` with wrk for
+    `duration_s` seconds.
 
     `stop_when`, polled every `poll_s`, ends the run early (SIGINT: wrk stops its threads and
     prints its summary), e.g. once the server counted N requests. `limit_per_thread` stops each
@@ -122,10 +145,13 @@ def run_wrk(url: str, body: bytes, connections: int, duration_s: float, threads:
     """
     threads = max(1, min(threads, connections))
     with tempfile.TemporaryDirectory(prefix="dsphere-wrk-") as tmp:
-        body_file, lua = Path(tmp) / "body.bin", Path(tmp) / "upload.lua"
-        body_file.write_bytes(body)
+        bodies = [body] if isinstance(body, bytes) else list(body)
+        body_file, lengths, lua = Path(tmp) / "body.bin", Path(tmp) / "lengths.txt", Path(tmp) / "upload.lua"
+        body_file.write_bytes(b"".join(bodies))
+        lengths.write_text("".join(f"{len(b)}\n" for b in bodies))
         lua.write_text(WRK_LUA)
-        env = {**os.environ, "BENCH_BODY": str(body_file), "WRK_LIMIT": str(limit_per_thread)}
+        env = {**os.environ, "BENCH_BODY": str(body_file), "BENCH_LENGTHS": str(lengths),
+               "WRK_LIMIT": str(limit_per_thread), "WRK_START": str(start), "WRK_THREADS": str(threads)}
         argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration_s))}s",
                 "--timeout", f"{timeout_s:g}s", "--latency", "-s", str(lua), url]
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
@@ -339,3 +365,24 @@ class ClientPool:
         for t in self._threads:
             t.join(timeout=self.timeout_s + 5)
         return sorted(self.snapshot(), key=lambda s: s.sent)
+
+
+def distinct_bodies(n: int, field_name: str = "file", per_body: int = 1) -> list[bytes]:
+    """`n` multipart bodies of distinct Fashion-MNIST training images (`per_body` each), for
+    run_wrk: a benchmark that sends one image again and again measures the query-history
+    detector's exact-repeat cache, not the service."""
+    from support.fashion_mnist import load_fashion_mnist_train, png_bytes
+
+    # encoding 60,000 PNGs takes seconds: kept once per machine in the temporary directory
+    cache = Path(tempfile.gettempdir()) / f"dsphere-train-pngs-{n * per_body}.bin"
+    try:
+        blob = cache.read_bytes()
+        lengths = np.frombuffer(blob[: 4 * n * per_body], "<u4")
+        offsets = 4 * n * per_body + np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        pngs = [blob[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
+    except (OSError, ValueError):
+        pngs = [png_bytes(a) for a in load_fashion_mnist_train(n * per_body)]
+        tmp = cache.with_suffix(f".{os.getpid()}")
+        tmp.write_bytes(np.asarray([len(p) for p in pngs], "<u4").tobytes() + b"".join(pngs))
+        tmp.replace(cache)
+    return [multipart(field_name, pngs[i : i + per_body]) for i in range(0, len(pngs) - per_body + 1, per_body)]

@@ -342,7 +342,7 @@ async def test_unexpected_error_is_json_500(make_client, monkeypatch) -> None:
     def boom(*a, **k):
         raise RuntimeError("unexpected")
 
-    monkeypatch.setattr(app.classify, "classifications", boom)
+    monkeypatch.setattr(app.classify, "classification_dicts", boom)
     async with make_client() as c:
         transport = httpx.ASGITransport(app=c.app, raise_app_exceptions=False)  # type: ignore[attr-defined]
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c2:

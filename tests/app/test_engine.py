@@ -256,3 +256,32 @@ def test_cancelled_request_is_skipped() -> None:
         await b.close()
 
     run(main())
+
+
+def test_a_lone_cheap_request_runs_inline_and_a_batch_in_the_thread() -> None:
+    """A request alone (nothing queued, no other ticket, no batch running) with a batch cost under
+    inline_max_s runs at once on the event loop's thread: no hop that batches nothing. With another
+    request on its way (an open ticket) it is queued and batched in the batch thread as before."""
+    async def main() -> None:
+        where: list[int] = []
+
+        def runner(x: np.ndarray):
+            where.append(threading.get_ident())
+            return x[:, 0] * 2
+
+        sizes: list[int] = []
+        b = Batcher(runner, max_batch=4, max_delay_s=60.0, queue_size=100, on_batch=sizes.append, inline_max_s=1.0)
+        b.seed_cost(1e-6)
+        b.start()
+        with b.ticket() as t:
+            out = await submit(b, rows(3), t)
+        assert out.tolist() == [6.0] and where == [threading.get_ident()] and sizes == [1]
+        first, second = b.ticket(), b.ticket()
+        results = await asyncio.gather(submit(b, rows(1), first), submit(b, rows(2), second))
+        assert [r.tolist() for r in results] == [[2.0], [4.0]]
+        assert sizes == [1, 2] and where[1] != threading.get_ident()  # batched together, in the thread
+        b.seed_cost(2.0)  # dearer than inline_max_s: the thread even alone
+        assert (await submit(b, rows(5))).tolist() == [10.0] and where[2] != threading.get_ident()
+        await b.close()
+
+    run(main())
