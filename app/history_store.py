@@ -202,7 +202,7 @@ class RedisStore:
     EXACT = "dsphere:qh:x:"
     SALT = "dsphere:qh:salt"
 
-    def __init__(self, url: str, slots_log2: int, ttl_s: float, timeout_s: float = 0.25) -> None:
+    def __init__(self, url: str, slots_log2: int, ttl_s: float, timeout_s: float = 1.0) -> None:
         import redis.asyncio as redis  # only where Redis is configured
 
         self._errors = (redis.RedisError, OSError)

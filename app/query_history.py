@@ -137,10 +137,15 @@ class QueryHistory:
                 first[d] = i
                 new_rows.append(i)
         if new_rows:
+            # Remembered as benign before the fingerprints are stored: should the store fail in
+            # between, a retry of these inputs is an exact repeat, never a near-copy of itself.
+            await store.remember([digests[i] for i in new_rows], [False] * len(new_rows))
             prints = fp.fingerprints(x[new_rows])
             for i, row in zip(new_rows, prints, strict=True):
                 attack[i] = await store.record(row, secrets.randbits(24)) >= self.cfg.threshold
-            await store.remember([digests[i] for i in new_rows], [bool(attack[i]) for i in new_rows])
+            flagged = [i for i in new_rows if attack[i]]
+            if flagged:
+                await store.remember([digests[i] for i in flagged], [True] * len(flagged))
         for i, d in enumerate(digests):
             if repeat[i] and known[i] is None:
                 attack[i] = attack[first[d]]
