@@ -1,14 +1,15 @@
 """GET /: the service's own page for people: try an image (dropped, pasted, picked, or one of
 the bundled examples) and see why it was accepted or rejected.
 
-Self-contained: its HTML, script, style and example images are the files of app/static,
-served under /assets/page, and its Content-Security-Policy lets the browser fetch nothing from
-any other origin. The page talks to the service's JSON API only: GET /models and
-/models/{name}, POST /explain, GET /stats.
+Self-contained: its HTML, scripts (ES modules: page.js and what it imports), style and example
+images are the files of app/static, served under /assets/page, and its Content-Security-Policy
+lets the browser fetch nothing from any other origin. The page talks to the service's JSON API
+only: GET /models and /models/{name}, POST /explain, GET /stats.
 """
 
 from __future__ import annotations
 
+import mimetypes
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -23,6 +24,11 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+
+
+# Module scripts run only when served with a JavaScript MIME type: RFC 9239's, whatever the
+# machine's own table says (StaticFiles asks mimetypes).
+mimetypes.add_type("text/javascript", ".js")
 
 
 def install_page(app: FastAPI) -> None:

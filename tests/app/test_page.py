@@ -315,6 +315,16 @@ def test_live_panel_shows_the_services_own_counters(visit: Visit, server: Server
     visit.assert_only_own_origin()
 
 
+def test_the_page_runs_as_es_modules_of_its_own_origin(visit: Visit) -> None:
+    """Every module of app/static fetched from the service, none refused by the policy or for its
+    MIME type (either is a console error), and the page started (the model picker filled)."""
+    static = Path(__file__).resolve().parents[2] / "app" / "static"
+    modules = {f"{visit.origin}/assets/page/{p.name}" for p in static.glob("*.js")}
+    assert len(modules) > 1 and modules <= set(visit.requests)
+    assert visit.page.input_value("#model") == MODEL_NAME
+    visit.assert_only_own_origin()
+
+
 def test_docs_and_redoc_list_the_operations_from_local_assets(visit: Visit, server: ServerHandle) -> None:
     with server.client() as c:
         spec = c.get("/openapi.json").json()

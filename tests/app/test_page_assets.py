@@ -1,5 +1,6 @@
 """GET / and its files, /docs and /redoc: served by the app itself, nothing from another origin,
-the page small; the bundled example images are what they say (app/page.py, app/docs.py)."""
+the page small, its scripts ES modules of its own; the bundled example images are what they say
+(app/page.py, app/docs.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ PAGE_BUDGET_BYTES = 300_000
 EXAMPLES = STATIC_DIR / "examples"
 # Any URL with a scheme or a network path (//host): the page must fetch nothing from elsewhere.
 ABSOLUTE_URL = re.compile(r"""(?:https?:|wss?:|ftp:)?//[a-z0-9.-]+\.[a-z]{2,}""", re.IGNORECASE)
+ENTRY = "page.js"
+# a module's static imports (import "x", import ... from "x", export ... from "x"); any import()
+IMPORT = re.compile(r"""^\s*(?:import\s*|(?:import|export)\b[^"';]*?\bfrom\s*)["']([^"']+)["']""", re.MULTILINE)
+DYNAMIC_IMPORT = re.compile(r"""\bimport\s*\(""")
 
 
 @pytest.fixture
@@ -34,15 +39,23 @@ class _Refs(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.refs: list[str] = []
+        self.tags: list[dict[str, str | None]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+        self.tags.append({"tag": tag, **dict(attrs)})
 
 
 def refs(html: str) -> list[str]:
     parser = _Refs()
     parser.feed(html)
     return parser.refs
+
+
+def tags(html: str) -> list[dict[str, str | None]]:
+    parser = _Refs()
+    parser.feed(html)
+    return parser.tags
 
 
 async def test_page_is_served_with_a_policy_that_allows_only_its_own_origin(make_client) -> None:
@@ -54,7 +67,10 @@ async def test_page_is_served_with_a_policy_that_allows_only_its_own_origin(make
     assert r.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
     assert "default-src 'none'" in CONTENT_SECURITY_POLICY and "http" not in CONTENT_SECURITY_POLICY
     assert {u: a.status_code for u, a in assets.items()} == dict.fromkeys(assets, 200)
-    assert {"/assets/page/page.js", "/assets/page/page.css", "/assets/page/favicon.svg"} <= set(assets)
+    modules = {f"/assets/page/{p.name}" for p in STATIC_DIR.glob("*.js")}
+    assert {"/assets/page/page.css", "/assets/page/favicon.svg"} | modules <= set(assets)
+    assert {u: a.headers["content-type"].split(";")[0] for u, a in assets.items() if u in modules} \
+        == dict.fromkeys(modules, "text/javascript")
     assert links == {"/docs": 200, "/redoc": 200}
     total = len(r.content) + sum(len(a.content) for a in assets.values())
     assert total < PAGE_BUDGET_BYTES
@@ -67,6 +83,32 @@ def test_every_page_file_is_small_and_names_no_other_origin() -> None:
         if p.suffix in (".html", ".js", ".css", ".svg"):
             text = p.read_text()
             assert not ABSOLUTE_URL.search(text.replace("http://www.w3.org/2000/svg", "")), p
+
+
+def test_the_page_runs_one_module_that_imports_only_the_pages_own_modules() -> None:
+    """index.html runs page.js as an ES module and preloads the others (all in one round, and so
+    counted in the page's size above); every import is a module of app/static by a relative path,
+    none dynamic, and every module is reached from page.js."""
+    html = (STATIC_DIR / "index.html").read_text()
+    scripts = [t for t in tags(html) if t["tag"] == "script"]
+    assert scripts == [{"tag": "script", "type": "module", "src": f"/assets/page/{ENTRY}"}]
+    preloaded = {t["href"] for t in tags(html) if t["tag"] == "link" and t.get("rel") == "modulepreload"}
+    modules = {p.name for p in STATIC_DIR.glob("*.js")}
+    assert preloaded == {f"/assets/page/{m}" for m in modules - {ENTRY}}
+    assert not [p for p in STATIC_DIR.rglob("*.js") if p.parent != STATIC_DIR]
+    reached, todo = set(), [ENTRY]
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        text = (STATIC_DIR / name).read_text()
+        assert not DYNAMIC_IMPORT.search(text), name
+        for spec in IMPORT.findall(text):
+            assert re.fullmatch(r"\./[a-z][a-z0-9-]*\.js", spec), (name, spec)
+            assert spec[2:] in modules, (name, spec)
+            todo.append(spec[2:])
+    assert reached == modules
 
 
 @pytest.mark.parametrize(("path", "assets"), [
