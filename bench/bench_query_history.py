@@ -2,7 +2,7 @@
 
     python bench/bench_query_history.py [--n 70000] [--batch 64] [--retaken 2000] [--duration 10]
         [--concurrency 16] [--rounds 2] [--lookup-calls 3000] [--mem-queries 1000000]
-        [--mem-slots 26,25] [--attack-seeds 12] [--attack-queries 150] [--sections all]
+        [--mem-slots 26,25] [--attack-seeds 12] [--attack-queries 60] [--sections all]
         [--out docs/results/query-history]
 
 Sections (--sections, comma-separated, or all):
@@ -32,7 +32,8 @@ Sections (--sections, comma-separated, or all):
            left, i.e. a near-duplicate of them would still be caught), by age.
   attack   a Square-like stream (stripes of +-eps, then random squares of +-eps, eps 0.1;
            the same pre-drawn queries whatever the answers) on `--attack-seeds` test images,
-           one V2 query a request, until the first reason "query_history": against one server
+           `--attack-queries` each, one V2 query a request: the query of the first reason
+           "query_history" and the share of queries flagged, against one server
            (in-process store; and with Redis), round-robin over two workers of one server
            (uvicorn --workers 2, new connection each request) and alternately over two servers
            sharing one Redis ("two replicas"); the salt unset (shared through Redis).
@@ -177,10 +178,22 @@ def section_benign(args: argparse.Namespace, imgs: np.ndarray, names: list[str])
     with server(server_env()) as h:
         reasons = send_stream(h, imgs, order, args.batch, "benign")
     flagged = [order[i] for i, r in enumerate(reasons) if r == "query_history"]
+    positions = [order.index(i) for i in flagged]
     return {"images": len(order), "batch": args.batch, "flagged": len(flagged),
             "rate": len(flagged) / len(order), "angle_rejected": sum(r == "angle" for r in reasons),
-            "flagged_images": [names[i] for i in flagged], "flagged_positions": [order.index(i) for i in flagged],
+            "flagged_images": [names[i] for i in flagged], "flagged_positions": positions,
+            "nearest_earlier": [nearest_earlier(imgs, names, order, p) for p in positions],
             "seconds": round(time.monotonic() - t0, 1)}
+
+
+def nearest_earlier(imgs: np.ndarray, names: list[str], order: list[int], pos: int) -> dict[str, Any]:
+    """The image sent before position `pos` closest to it (mean absolute pixel difference): what
+    a false positive most likely matched (Fashion-MNIST holds near-duplicates)."""
+    i, prev = order[pos], np.asarray(order[:pos])
+    diff = np.abs(imgs[prev].reshape(len(prev), -1).astype(np.int16) - imgs[i].reshape(1, -1).astype(np.int16))
+    k = int(np.argmin(diff.mean(1)))
+    return {"image": names[i], "nearest": names[int(prev[k])], "mean_abs_diff_levels": round(float(diff[k].mean()), 2),
+            "max_abs_diff_levels": int(diff[k].max()), "identical_pixels": round(float((diff[k] == 0).mean()), 3)}
 
 
 def section_retries(args: argparse.Namespace, imgs: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -333,6 +346,20 @@ def histogram_quantile(text: str, name: str, q: float) -> tuple[float | None, in
     return None, int(total)
 
 
+def cpu_seconds(h: ServerHandle) -> float:
+    """User + system CPU time of the server process and its descendants so far (/proc/<pid>/stat)."""
+    from support.server import descendants
+
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in [h.proc.pid, *descendants(h.proc.pid)]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def flush_redis(r: RedisHandle) -> None:
     import redis
 
@@ -360,7 +387,9 @@ def section_cost(args: argparse.Namespace, redis_h: RedisHandle) -> dict[str, An
                 wrk_rotating(h.url + "/classify", warm, 4, 2)
                 with h.client() as c:
                     before = c.get("/metrics").text
+                cpu0 = cpu_seconds(h)
                 r = wrk_rotating(h.url + "/classify", bodies, args.concurrency, args.duration)
+                cpu = cpu_seconds(h) - cpu0
                 with h.client() as c:
                     text = c.get("/metrics").text
                     health = c.get("/healthz").json().get("query_history") or {}
@@ -373,6 +402,7 @@ def section_cost(args: argparse.Namespace, redis_h: RedisHandle) -> dict[str, An
             row = {"config": name, "round": rnd, "detector_status": health.get("status"),
                    "detector_error": health.get("error"), "requests": r.requests, "rps": r.rps, "p50_ms": r.p50_ms,
                    "p99_ms": r.p99_ms, "non_2xx": r.non_2xx, "socket_errors": r.socket_errors,
+                   "server_cpu_ms_per_request": 1e3 * cpu / max(1, r.requests),
                    "distinct_images": min(r.requests, len(bodies)), "checked": int(checked),
                    "repeats_total": int(repeats), "attack_queries_total": int(attacks),
                    "lookup_p50_bucket_s": p50, "lookup_p99_bucket_s": p99, "lookup_observations": obs}
@@ -380,8 +410,12 @@ def section_cost(args: argparse.Namespace, redis_h: RedisHandle) -> dict[str, An
             log(f"cost: {name} round {rnd}: {r.rps:.0f} req/s, p99 {r.p99_ms:.1f} ms, "
                 f"{r.requests} requests, {int(checked)} judged, detector {health.get('status')}, lookup p99 <= {p99}")
     mean = {n: statistics.mean(x["rps"] for x in runs if x["config"] == n) for n in configs}
+    cpu_mean = {n: statistics.mean(x["server_cpu_ms_per_request"] for x in runs if x["config"] == n)
+                for n in configs}
     return {"concurrency": args.concurrency, "duration_s": args.duration, "rounds": args.rounds,
-            "distinct_bodies": len(bodies), "runs": runs, "mean_rps": mean,
+            "distinct_bodies": len(bodies), "runs": runs, "mean_rps": mean, "mean_cpu_ms_per_request": cpu_mean,
+            "cpu_ratio_on_in_process": cpu_mean["off"] / cpu_mean["on (in-process)"],
+            "cpu_ratio_on_redis": cpu_mean["off"] / cpu_mean["on (Redis)"],
             "ratio_on_in_process": mean["on (in-process)"] / mean["off"],
             "ratio_on_redis": mean["on (Redis)"] / mean["off"]}
 
@@ -400,11 +434,12 @@ def section_lookup(args: argparse.Namespace, redis_h: RedisHandle) -> dict[str, 
         await qh.start()
         for i in range(20):  # warm-up (not stored in the timed part's images: the train set)
             await qh.judge(np.full((1, 1, 28, 28), i / 40, np.float32))
-        t_new = []
+        t_new, cpu_new = [], []
         for x in imgs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             await qh.judge(x[None])
             t_new.append(time.perf_counter() - t0)
+            cpu_new.append(time.thread_time() - c0)
         t_rep = []
         for x in imgs[:500]:
             t0 = time.perf_counter()
@@ -423,7 +458,8 @@ def section_lookup(args: argparse.Namespace, redis_h: RedisHandle) -> dict[str, 
             a = np.asarray(t) * 1e3
             return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
                     "max_ms": float(a.max())}
-        return {"available": available, "error": error, "new_image": q(t_new), "exact_repeat": q(t_rep),
+        return {"available": available, "error": error, "new_image": q(t_new), "new_image_cpu": q(cpu_new),
+                "exact_repeat": q(t_rep),
                 "batch_of_64": q(t_b)}
 
     salt = b"bench-query-history-salt-0123456789"
@@ -554,20 +590,20 @@ def per_worker_requests(h: ServerHandle) -> dict[int, float]:
     return out
 
 
-def run_attack(clients: list[V2Client], streams: list[list[np.ndarray]]) -> list[int | None]:
-    """Each stream sent query by query, round-robin over `clients`, until its first detection."""
+def run_attack(clients: list[V2Client], streams: list[list[np.ndarray]]) -> tuple[list[int | None], list[float]]:
+    """Each stream sent whole, query by query, round-robin over `clients`: the query of its first
+    detection (1-based, None: none) and the share of its queries flagged."""
     found: list[int | None] = []
+    share: list[float] = []
     k = 0
     for stream in streams:
-        hit = None
-        for qi, q in enumerate(stream):
-            reason = clients[k % len(clients)].infer_f32(q[None])[0]
+        flags = []
+        for q in stream:
+            flags.append(clients[k % len(clients)].infer_f32(q[None])[0] == "query_history")
             k += 1
-            if reason == "query_history":
-                hit = qi + 1
-                break
-        found.append(hit)
-    return found
+        found.append(flags.index(True) + 1 if any(flags) else None)
+        share.append(sum(flags) / len(flags))
+    return found, share
 
 
 def section_attack(args: argparse.Namespace, redis_h: RedisHandle) -> dict[str, Any]:
@@ -578,14 +614,17 @@ def section_attack(args: argparse.Namespace, redis_h: RedisHandle) -> dict[str, 
     url = f"redis://127.0.0.1:{redis_h.port}"
     setups: dict[str, Any] = {}
 
-    def summarize(name: str, found: list[int | None], extra: dict[str, Any] | None = None) -> None:
+    def summarize(name: str, result: tuple[list[int | None], list[float]], extra: dict[str, Any] | None = None
+                  ) -> None:
+        found, share = result
         det = [f for f in found if f is not None]
         setups[name] = {"queries_to_detection": found, "detected": len(det), "runs": len(found),
+                        "flagged_share": share, "mean_flagged_share": float(statistics.mean(share)),
                         "median": float(statistics.median(det)) if det else None,
                         "mean": float(statistics.mean(det)) if det else None, "max": max(det) if det else None,
                         **(extra or {})}
         log(f"attack: {name}: detected {len(det)}/{len(found)}, median {setups[name]['median']}, "
-            f"mean {setups[name]['mean']}, max {setups[name]['max']}")
+            f"mean {setups[name]['mean']}, max {setups[name]['max']}, flagged {statistics.mean(share):.1%}")
 
     flush_redis(redis_h)
     with server(server_env()) as h:
@@ -598,10 +637,10 @@ def section_attack(args: argparse.Namespace, redis_h: RedisHandle) -> dict[str, 
         c.close()
     with server(server_env(DSPHERE_QUERY_HISTORY_REDIS_URL=f"{url}/2"), workers=2) as h:
         c = V2Client(h, keepalive=False)  # a new connection each request: the kernel hands it to a worker
-        found = run_attack([c], streams)
+        result = run_attack([c], streams)
         c.close()
         spread = per_worker_requests(h)
-        summarize("two workers, one server (Redis)", found,
+        summarize("two workers, one server (Redis)", result,
                   {"requests_per_worker": sorted(spread.values(), reverse=True)})
     with ExitStack() as stack:
         env = server_env(DSPHERE_QUERY_HISTORY_REDIS_URL=f"{url}/3")
@@ -626,10 +665,15 @@ def pct(x: float) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    cmds = sorted(set(res.get("commands", {}).values())) or [res["command"]]
+    by_cmd: dict[str, list[str]] = {}
+    for sec in SECTIONS:
+        if sec in res and sec in res.get("commands", {}):
+            by_cmd.setdefault(res["commands"][sec], []).append(sec)
+    made = "; ".join(f"{', '.join(secs)}: `{c}`" for c, secs in by_cmd.items()) or f"`{res['command']}`"
     L = ["# Query-history detector: benign traffic and cost (#26)", "",
-         f"Made by {', '.join(f'`{c}`' for c in cmds)} on {res['machine']}; model {res['model']}, one uvicorn worker "
-         "per server unless said, detector defaults (reject, threshold 15 of 50 hashes, 2^22 slots, ttl 24 h).", ""]
+         f"Made by (section: command) {made}; on {res['machine']}; model {res['model']}, one uvicorn worker "
+         "per server unless said, detector defaults (reject, threshold 15 of 50 hashes, 2^22 slots, ttl 24 h). "
+         "The commit each section measured: benign-and-cost.json, `code`.", ""]
     b = res.get("benign")
     if b:
         L += ["## Benign traffic", "", "| stream | queries | flagged (query_history) | rate |",
@@ -648,7 +692,12 @@ def markdown(res: dict[str, Any]) -> str:
         if t:
             L += [f"| re-taken photos ({t['images']:,} images, 3 re-takes each: 1-pixel shift or +8 levels) | "
                   f"{t['retakes']:,} re-takes | {t['retakes_flagged']} | {pct(t['retake_rate'])} |"]
-        L += ["", f"False positives of the 70,000-image stream: {', '.join(b['flagged_images']) or 'none'}."]
+        L += ["", f"False positives of the {b['images']:,}-image stream: {', '.join(b['flagged_images']) or 'none'}."]
+        for x in b.get("nearest_earlier", []):
+            L.append(f"- {x['image']}: the closest image sent before it is {x['nearest']} (mean difference "
+                     f"{x['mean_abs_diff_levels']} levels of 255, {x['identical_pixels']:.0%} of pixels identical)")
+        if b.get("nearest_earlier"):
+            L.append("")
         if r:
             L += [f"Retry stream, originals flagged: {', '.join(r['originals_flagged_images']) or 'none'}."]
         L += [""]
@@ -663,27 +712,37 @@ def markdown(res: dict[str, Any]) -> str:
               f"(rotating through {c['distinct_bodies']:,} PNGs), {c['rounds']} rounds in alternating order, "
               "each on a fresh server.", "",
               "| detector | /healthz status | round | req/s | p50 ms | p99 ms | requests | non-2xx | inputs judged "
-              "| exact repeats | lookup p99 (bucket) |", "| --- " * 11 + "|"]
+              "| exact repeats | lookup p99 (bucket) | server CPU ms / request |", "| --- " * 12 + "|"]
         for x in c["runs"]:
             bucket = f"<= {x['lookup_p99_bucket_s'] * 1e3:g} ms" if x["lookup_p99_bucket_s"] else ""
             L.append(f"| {x['config']} | {x['detector_status']} | {x['round']} | {x['rps']:.0f} | "
                      f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | "
-                     f"{x['requests']} | {x['non_2xx']} | {x['checked']} | {x['repeats_total']} | {bucket} |")
+                     f"{x['requests']} | {x['non_2xx']} | {x['checked']} | {x['repeats_total']} | {bucket} | "
+                     f"{x.get('server_cpu_ms_per_request', float('nan')):.2f} |")
         L += ["", "Mean req/s: " + ", ".join(f"{k} {v:.0f}" for k, v in c["mean_rps"].items())
               + f"; on (in-process) / off = **{c['ratio_on_in_process']:.2f}x** (target >= 0.9x), "
-              f"on (Redis) / off = **{c['ratio_on_redis']:.2f}x** (target >= 0.8x).", ""]
+              f"on (Redis) / off = **{c['ratio_on_redis']:.2f}x** (target >= 0.8x)."]
+        if "mean_cpu_ms_per_request" in c:
+            L += ["", "Server CPU time per request (user + system of the server's processes over the run; less "
+                  "sensitive than req/s to the other load of a shared machine): " + ", ".join(
+                      f"{k} {v:.2f} ms" for k, v in c["mean_cpu_ms_per_request"].items())
+                  + f"; the throughput that CPU cost allows, on / off: {c['cpu_ratio_on_in_process']:.2f}x "
+                  f"(in-process), {c['cpu_ratio_on_redis']:.2f}x (Redis; the redis-server's own CPU not counted)."]
+        L += [""]
     lk = res.get("lookup")
     if lk:
         L += ["## Lookup latency (QueryHistory.judge in-process)", "",
               f"{lk['calls']:,} calls, one new test image each; 500 exact repeats; 50 batches of 64.", "",
-              "| store | new image p50 / p99 / max ms | exact repeat p50 / p99 ms | batch of 64 p50 / p99 ms |",
-              "| --- | --- | --- | --- |"]
+              "| store | new image p50 / p99 / max ms | new image CPU p50 / p99 ms | exact repeat p50 / p99 ms "
+              "| batch of 64 p50 / p99 ms |", "| --- | --- | --- | --- | --- |"]
         for k in ("in_process", "redis"):
             v = lk[k]
+            cpu = v.get("new_image_cpu", {})
             state = "" if v["available"] else f" (store unavailable: {v['error']}; the detector stood aside)"
             L.append(f"| {k.replace('_', '-')}{state} | {v['new_image']['p50_ms']:.3f} / "
                      f"{v['new_image']['p99_ms']:.3f} / "
-                     f"{v['new_image']['max_ms']:.2f} | {v['exact_repeat']['p50_ms']:.3f} / "
+                     f"{v['new_image']['max_ms']:.2f} | {cpu.get('p50_ms', float('nan')):.3f} / "
+                     f"{cpu.get('p99_ms', float('nan')):.3f} | {v['exact_repeat']['p50_ms']:.3f} / "
                      f"{v['exact_repeat']['p99_ms']:.3f} | {v['batch_of_64']['p50_ms']:.2f} / "
                      f"{v['batch_of_64']['p99_ms']:.2f} |")
         L.append("")
@@ -706,14 +765,16 @@ def markdown(res: dict[str, Any]) -> str:
     if a:
         L += ["## An attack spread over workers and replicas", "",
               f"A Square-like stream (eps {a['eps']}) on {len(a['seeds'])} test images, up to {a['queries_per_seed']} "
-              "queries each, one V2 query a request, the same queries in every setup; queries to the first "
-              "reason \"query_history\".", "",
-              "| setup | detected | median | mean | max | mean vs one server (Redis) |", "| --- " * 6 + "|"]
+              "queries each (all sent), one V2 query a request, the same queries in every setup: the query of "
+              "the first reason \"query_history\" and the share of the stream's queries flagged.", "",
+              "| setup | detected | median | mean | max | mean vs one server (Redis) | queries flagged |",
+              "| --- " * 7 + "|"]
         for name, s in a["setups"].items():
             ratio = f"{s['mean_vs_one']:.2f}x" if s.get("mean_vs_one") else ""
+            flagged = f"{s['mean_flagged_share']:.1%}" if "mean_flagged_share" in s else ""
             L.append(f"| {name} | {s['detected']}/{s['runs']} | {s['median']} | "
-                     f"{s['mean']:.2f} | {s['max']} | {ratio} |" if s["mean"] is not None else
-                     f"| {name} | 0/{s['runs']} | | | | |")
+                     f"{s['mean']:.2f} | {s['max']} | {ratio} | {flagged} |" if s["mean"] is not None else
+                     f"| {name} | 0/{s['runs']} | | | | | {flagged} |")
         w = a["setups"].get("two workers, one server (Redis)", {}).get("requests_per_worker")
         if w:
             L += ["", f"Requests per worker (two workers, dsphere_requests_total of each): "
@@ -737,7 +798,7 @@ def main() -> None:
     ap.add_argument("--mem-queries", type=int, default=1_000_000)
     ap.add_argument("--mem-slots", default="26,25")
     ap.add_argument("--attack-seeds", type=int, default=12)
-    ap.add_argument("--attack-queries", type=int, default=150)
+    ap.add_argument("--attack-queries", type=int, default=60)
     ap.add_argument("--sections", default="all")
     ap.add_argument("--out", default="docs/results/query-history",
                     help="folder of benign-and-cost.json/.md ('': none)")
@@ -771,6 +832,7 @@ def main() -> None:
                 res[s] = section_attack(args, redis_h)
             log(f"section {s} done in {time.monotonic() - t0:.0f} s")
             res.setdefault("commands", {})[s] = cmd.strip()
+            res.setdefault("code", {})[s] = code_state()
             if args.out:  # after every section: a long run leaves what it has
                 write(res, Path(args.out))
     res["seconds"] = round(time.monotonic() - t_all, 1)
@@ -778,6 +840,17 @@ def main() -> None:
     print("\n" + md)
     if args.out:
         write(res, Path(args.out))
+
+
+def code_state() -> dict[str, Any]:
+    """The commit measured, and the files of app/ that differed from it (uncommitted work)."""
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
+            "app_uncommitted": [line[3:] for line in git("status", "--porcelain", "app").splitlines()]}
 
 
 def write(res: dict[str, Any], out: Path) -> None:
@@ -788,7 +861,8 @@ def write(res: dict[str, Any], out: Path) -> None:
     if old_file.exists():
         old = json.loads(old_file.read_text())
         commands = {**old.get("commands", {}), **res.get("commands", {})}
-        res = {**{k: v for k, v in old.items() if k in SECTIONS}, **res, "commands": commands}
+        code = {**old.get("code", {}), **res.get("code", {})}
+        res = {**{k: v for k, v in old.items() if k in SECTIONS}, **res, "commands": commands, "code": code}
     (out / "benign-and-cost.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "benign-and-cost.md").write_text(markdown(res) + "\n")
 
