@@ -45,13 +45,16 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         gc.collect()
         gc.freeze()
         service.recent.sample()  # the window's first reading, before any request (then every step: run())
-        sampler = asyncio.get_running_loop().create_task(service.recent.run(), name="recent-counters")
+        loop = asyncio.get_running_loop()
+        sampler = loop.create_task(service.recent.run(), name="recent-counters")
+        follower = loop.create_task(service.follow(), name="served-model-file")  # other workers' reloads
         try:
             yield
         finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
+            for task in (sampler, follower):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if grpc is not None:
                 await grpc_server.stop(grpc)  # refuses new calls, those in flight get a grace period
             await service.close()  # uvicorn has already waited for in-flight requests

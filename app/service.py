@@ -36,6 +36,7 @@ from app.query_history import HistoryConfig, Judgement, QueryHistory
 from app.recent import RecentCounters
 from app.result_cache import ResultCache
 from app.schemas import Classification, QueryHistoryHealth
+from app.served_file import ServedModelFile
 from app.settings import Settings
 from app.verdict import Verdicts
 
@@ -61,6 +62,7 @@ class Service:
         self.recent = RecentCounters(metrics)  # GET /stats; sampled while the app runs (app/main.py)
         self.history = QueryHistory(history_config(settings), on_error=metrics.history.errors.inc)
         self.results = ResultCache(settings.query_history_result_cache)
+        self.served_file = ServedModelFile(settings.served_model_file) if settings.served_model_file else None
         self._attack_log = _EveryMinute()
 
     def current(self) -> ModelRuntime:
@@ -158,13 +160,17 @@ class Service:
             log.info("query history: %s, store %s%s, threshold %d of %d hashes, ttl %.0f s",
                      s.query_history_action, self.history.store_kind, f" ({self.history.error})" if self.history.error
                      else "", s.query_history_threshold, self.history.cfg.params.hashes, s.query_history_ttl_s)
-        try:
-            rt = await asyncio.to_thread(self._build, s.model_name, s.model_version)
-        except ModelStoreError as exc:
-            self.load_error = str(exc)
-            log.error("cannot load model %s (%s): %s", s.model_name, s.model_version, exc)
+        # a worker started after a reload of the others (DSPHERE_SERVED_MODEL_FILE) serves what they serve
+        shared = self.served_file.read() if self.served_file is not None else None
+        for name, version in [*([shared] if shared else []), (s.model_name, s.model_version)]:
+            try:
+                rt = await asyncio.to_thread(self._build, name, version)
+            except ModelStoreError as exc:
+                self.load_error = str(exc)
+                log.error("cannot load model %s (%s): %s", name, version, exc)
+                continue
+            self._install(rt)
             return
-        self._install(rt)
 
     def _install(self, rt: ModelRuntime) -> None:
         rt.start()
@@ -179,8 +185,9 @@ class Service:
             self.settings.batch_size, self.settings.batch_delay_ms,
         )
 
-    async def reload(self, name: str, version: str) -> tuple[ModelRuntime | None, ModelRuntime]:
-        """Load `name`/`version` and swap it in; raises ModelStoreError and keeps the old one."""
+    async def reload(self, name: str, version: str, publish: bool = True) -> tuple[ModelRuntime | None, ModelRuntime]:
+        """Load `name`/`version` and swap it in; raises ModelStoreError and keeps the old one. `publish`:
+        the other workers follow (DSPHERE_SERVED_MODEL_FILE, app/served_file.py)."""
         async with self._reload_lock:
             new = await asyncio.to_thread(self._build, name, version)
             old = self.runtime
@@ -189,7 +196,25 @@ class Service:
                 task = asyncio.get_running_loop().create_task(old.close())
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
+            if publish and self.served_file is not None:
+                self.served_file.write(new.name, new.version, new.model.sha256)
             return old, new
+
+    async def follow(self, poll_s: float = 0.5) -> None:
+        """Serve the version another worker's reload wrote to DSPHERE_SERVED_MODEL_FILE (until cancelled)."""
+        f = self.served_file
+        while f is not None:
+            await asyncio.sleep(poll_s)
+            if not f.changed() or (wanted := f.read()) is None:
+                continue
+            rt = self.runtime
+            if rt is not None and (rt.name, rt.version) == wanted:
+                continue
+            try:
+                await self.reload(*wanted, publish=False)
+                log.info("reloaded %s/%s as another worker did", *wanted)
+            except Exception as exc:  # ModelStoreError, or anything else: the follower itself keeps running
+                log.error("cannot serve %s/%s as another worker does: %s", *wanted, exc)
 
     async def close(self) -> None:
         """Drain: every queued request is answered, then the workers stop."""

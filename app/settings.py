@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=4096, description="max rows per ONNX Runtime call")
     batch_delay_ms: float = Field(1.0, ge=0, le=1000, description="max wait to fill a batch")
     queue_size: int = Field(256, ge=1, description="pending requests before 503")
+    served_model_file: Path | None = Field(
+        None, description="several workers: POST /admin/reload writes the version here and every worker follows "
+        "(gunicorn.conf.py sets it); unset: a reload reaches the worker that received it only")
     inline_batch_us: float = Field(
         1000.0, ge=0, description="a request alone (nothing queued, none arriving, the batch thread idle) runs on "
         "the event loop when a batch costs at most this (measured); longer ones, and every real batch, in the "
