@@ -59,19 +59,21 @@ ENV PATH=/opt/venv/bin:$PATH \
     DSPHERE_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider \
     DSPHERE_GRPC_PORT=8001 \
     DSPHERE_GRPC_HOST=0.0.0.0 \
+    DSPHERE_WORKERS=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /srv/dsphere
 COPY --chown=root:root app/ ./app/
+COPY --chown=root:root gunicorn.conf.py ./
 COPY --chown=root:root model_store/ ./model_store/
 USER dsphere
 # 8001: the Open Inference Protocol over gRPC (DSPHERE_GRPC_PORT; empty: off)
 EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"]
-# One process per container: scale with replicas (docker compose --scale api=N),
-# which keeps prometheus-client metrics per process and scrapes simple.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-server-header", "--timeout-graceful-shutdown", "20"]
+# gunicorn (gunicorn.conf.py) with one worker here: one CUDA context per GPU, whose batches the
+# micro-batcher fills; scale with replicas (docker compose --scale api=N).
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "--bind", "0.0.0.0:8000", "app.main:app"]
 
 # ---------------------------------------------------------------------------
 # cpu: python:3.11-slim + onnxruntime + openvino (the default target: last stage)
@@ -105,16 +107,21 @@ ENV PATH=/opt/venv/bin:$PATH \
     DSPHERE_PROVIDERS=CPUExecutionProvider \
     DSPHERE_GRPC_PORT=8001 \
     DSPHERE_GRPC_HOST=0.0.0.0 \
+    DSPHERE_WORKERS=2 \
     DSPHERE_PRECISION=bf16
 # bf16 on OpenVINO where the host CPU has AVX512-BF16 or AMX and the served version carries a passing
 # precision record (verdicts agree with fp32 on >= 99.9 % of clean inputs); the fp32 ONNX Runtime
 # reference otherwise, said in /healthz. DSPHERE_PRECISION=fp32 serves the reference (docs/SERVING.md).
 WORKDIR /srv/dsphere
 COPY --chown=root:root app/ ./app/
+COPY --chown=root:root gunicorn.conf.py ./
 COPY --chown=root:root model_store/ ./model_store/
 USER dsphere
 # 8001: the Open Inference Protocol over gRPC (DSPHERE_GRPC_PORT; empty: off)
 EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"]
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-server-header", "--timeout-graceful-shutdown", "20"]
+# Both cores: DSPHERE_WORKERS gunicorn workers of 1 inference thread each (gunicorn.conf.py; measured
+# best on a 2-core machine, docs/SERVING.md "Workers"), /metrics summed over them, one query history
+# for them (DSPHERE_QUERY_HISTORY_SHARED_DIR), a reload followed by all (DSPHERE_SERVED_MODEL_FILE).
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "--bind", "0.0.0.0:8000", "app.main:app"]

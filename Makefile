@@ -26,13 +26,16 @@ test: install
 
 MODEL ?= fashion-mnist-baseline
 PRECISION ?= fp32
+WORKERS ?= 2
 
 serve: install
 	# The latest version of MODEL in model_store/: by default the model whose worst-case defended rate is highest
 	# (docs/results/model-comparison-3.0.0.md: the baseline CNN 2.0.0); make serve MODEL=fashion-mnist-dsphere for
 	# the D-SphereNet. make serve PRECISION=bf16: OpenVINO's bf16 path where the CPU has it (docs/SERVING.md).
+	# WORKERS gunicorn workers (gunicorn.conf.py: 1 inference thread each, /metrics summed over them, one query
+	# history, a reload reaches them all); 2 measured best on this 2-core machine (docs/SERVING.md, "Workers").
 	DSPHERE_MODEL_NAME=$(MODEL) DSPHERE_PRECISION=$(PRECISION) DSPHERE_GRPC_PORT=$(GRPC_PORT) DSPHERE_GRPC_HOST=$(HOST) \
-		$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --timeout-graceful-shutdown 20
+		DSPHERE_WORKERS=$(WORKERS) $(VENV)/bin/gunicorn -c gunicorn.conf.py --bind $(HOST):$(PORT) app.main:app
 
 images:
 	# Serving images with podman, no registry needed: a debootstrap Debian 12 base (made once, as root),
@@ -179,7 +182,7 @@ reproduce: install
 bench: install
 	$(PY) bench/bench_models.py
 	$(PY) bench/bench_sphere_conv.py
-	$(PY) bench/bench_service.py
+	PYTHONPATH=. $(PY) bench/bench_service.py
 	$(PY) bench/bench_query_history.py
 	$(PY) bench/bench_v2.py
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
-worker_class = "uvicorn.workers.UvicornWorker"
+worker_class = "app.gunicorn_worker.Worker"
 workers = int(os.environ.get("DSPHERE_WORKERS", "2"))
 bind = os.environ.get("DSPHERE_BIND", "0.0.0.0:8000")
 graceful_timeout = 20

@@ -112,11 +112,11 @@ def served(local_images: BuiltImages, tmp_path_factory: pytest.TempPathFactory) 
 # ============================================================ CPU image: process and health
 def test_cpu_image_serves_as_non_root_user(served: Served) -> None:
     assert served.container.state(".Config.User") == "dsphere"
-    status = served.container.exec("cat", "/proc/1/status").stdout  # PID 1 is uvicorn (exec-form CMD)
+    status = served.container.exec("cat", "/proc/1/status").stdout  # PID 1 is gunicorn (exec-form CMD)
     uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M)
     assert uids and uids.groups() == ("10001", "10001"), status
     assert served.container.exec("id", "-un").stdout.strip() == "dsphere"
-    assert "uvicorn" in served.container.exec("cat", "/proc/1/cmdline").stdout
+    assert "gunicorn" in served.container.exec("cat", "/proc/1/cmdline").stdout
 
 
 def test_cpu_image_healthcheck_turns_healthy(served: Served) -> None:

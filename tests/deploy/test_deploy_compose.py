@@ -84,7 +84,7 @@ def test_dockerfile_has_cpu_and_gpu_serving_targets() -> None:
 
 
 @pytest.mark.parametrize("target", SERVING_STAGES)
-def test_serving_stage_runs_uvicorn_as_non_root_with_healthcheck(target: str) -> None:
+def test_serving_stage_runs_gunicorn_as_non_root_with_healthcheck(target: str) -> None:
     instrs = _stages()[target]["instructions"]
     by = lambda name: [a for i, a in instrs if i == name]  # noqa: E731
     users = by("USER")
@@ -94,11 +94,14 @@ def test_serving_stage_runs_uvicorn_as_non_root_with_healthcheck(target: str) ->
     assert "/healthz" in health and "urllib" in health, "slim has no curl: use python urllib"
     (cmd,) = by("CMD")
     argv = json.loads(cmd)
-    assert argv[:2] == ["uvicorn", "app.main:app"] and "8000" in argv and "0.0.0.0" in argv
+    # gunicorn with gunicorn.conf.py: its uvicorn workers (app/gunicorn_worker.py), /metrics over them
+    assert argv[:3] == ["gunicorn", "-c", "gunicorn.conf.py"] and argv[-1] == "app.main:app", argv
+    assert "0.0.0.0:8000" in argv, argv
     # a stalled upload must not keep a stopping container alive past its grace period
-    assert "--timeout-graceful-shutdown" in argv, target
+    conf = (DOCKERFILE.parent / "gunicorn.conf.py").read_text()
+    assert "graceful_timeout = 20" in conf and 'worker_class = "app.gunicorn_worker.Worker"' in conf
     copies = " ".join(by("COPY"))
-    assert "app/" in copies and "model_store/" in copies
+    assert "app/" in copies and "model_store/" in copies and "gunicorn.conf.py" in copies
     env = " ".join(by("ENV"))
     assert "DSPHERE_MODEL_STORE=" in env and "DSPHERE_PROVIDERS=" in env
 
@@ -336,7 +339,7 @@ def test_compose_api_reserves_a_gpu() -> None:
 
 
 def test_compose_api_grace_period_outlasts_the_drain() -> None:
-    """uvicorn drains for up to 20 s on SIGTERM; Docker must not SIGKILL it before (default 10 s)."""
+    """The workers drain for up to 20 s on SIGTERM; Docker must not SIGKILL them before (default 10 s)."""
     api = load_compose(COMPOSE)["services"]["api"]
     grace = str(api.get("stop_grace_period", "10s"))
     assert grace.endswith("s") and int(grace[:-1]) > 20, grace
