@@ -62,10 +62,12 @@ class Fingerprinter:
         if len(salt) < 16:
             raise ValueError("the query-history salt must be at least 16 bytes")
         self.params = params
+        self.salt = salt
         seed = hashlib.blake2b(salt, digest_size=32, person=b"dsphere-qh-fp").digest()
         words = np.frombuffer(seed, np.uint64)
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed[:16], "little")))
         self._rng = rng
+        self._indices: dict[tuple[int, int, int], NDArray[np.intp]] = {}
         self._key = words[2] ^ words[3]
         self._digest_key = hashlib.blake2b(salt, digest_size=32, person=b"dsphere-qh-dg").digest()
 
@@ -86,8 +88,7 @@ class Fingerprinter:
         rows, cols = hp - p.patch + 1, wp - p.patch + 1
         if rows < 1 or cols < 1:
             return out
-        windows = sliding_window_view(q, (p.patch, p.patch), axis=(2, 3))  # (n, c, rows, cols, p, p), a view
-        patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n, rows * cols, -1)  # (n, patches, c·p·p)
+        patches = q.reshape(n, -1)[:, self._patch_index(c, hp, wp)]  # (n, patches, c·p·p)
         code, constant = self._code(patches)
         with np.errstate(over="ignore"):
             h = _mix(code ^ self._key)  # keyed: without the salt's key the ranking below is unknown
@@ -110,6 +111,17 @@ class Fingerprinter:
         with np.errstate(over="ignore"):
             code_u = (patches.astype(np.uint64) + np.uint64(1)) @ coef
         return code_u, (patches == patches[:, :, :1]).all(axis=2)
+
+    def _patch_index(self, c: int, height: int, width: int) -> NDArray[np.intp]:
+        """Where each patch's values are in a flattened (C, H, W) block image, (patches, c·p·p):
+        one gather instead of a strided view; made once per input shape."""
+        key = (c, height, width)
+        if key not in self._indices:
+            k = self.params.patch
+            grid = np.arange(c * height * width).reshape(c, height, width)
+            view = sliding_window_view(grid, (k, k), axis=(1, 2))  # (c, rows, cols, k, k)
+            self._indices[key] = view.transpose(1, 2, 0, 3, 4).reshape((height - k + 1) * (width - k + 1), -1)
+        return self._indices[key]
 
     def _coefficients(self, size: int) -> NDArray[np.uint64]:
         """Random odd multipliers, one per patch position; drawn once per input shape."""

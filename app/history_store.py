@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -56,7 +56,7 @@ def best_match(hashes: NDArray[np.uint64], old: NDArray[np.uint64], now_s: int, 
     same = (old >> _TAG_SHIFT) == (hashes >> _TAG_SHIFT)
     age = (np.int64(now_s) - (old & _TIME_MASK).astype(np.int64)) % (1 << TIME_BITS)
     ids = ((old >> np.uint64(TIME_BITS)) & _ID_MASK)[same & (old != 0) & (age <= ttl_s)]
-    return int(np.unique(ids, return_counts=True)[1].max()) if len(ids) else 0
+    return Counter(ids.tolist()).most_common(1)[0][1] if len(ids) else 0
 
 
 class HistoryStore(Protocol):

@@ -120,7 +120,23 @@ class QueryHistory:
         if self.error is not None:
             log.warning("query history: store %s reachable again", self.store.kind)
             self.error = None
+            await self._adopt_shared_salt()
         return result
+
+    async def _adopt_shared_salt(self) -> None:
+        """After Redis was unreachable (perhaps restarted, empty): publish this process's salt
+        again, or take the one another process published meanwhile, so that every process keeps
+        fingerprinting alike. An empty Redis holds no history worth keeping a salt for."""
+        if self.cfg.salt is not None or not isinstance(self.store, RedisStore) or self.fingerprinter is None:
+            return
+        try:
+            salt = await self.store.shared_salt(self.fingerprinter.salt)
+        except StoreUnavailable as exc:
+            self._unavailable(exc)
+            return
+        if salt != self.fingerprinter.salt:
+            log.warning("query history: Redis holds another salt (restarted?); fingerprinting with it from now on")
+            self.fingerprinter = Fingerprinter(salt, self.cfg.params)
 
     async def _judge(self, x: NDArray[np.float32], store: HistoryStore, fp: Fingerprinter) -> Judgement:
         digests = fp.digests(x)

@@ -150,6 +150,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
+        if self.query_history_redis_url and self.query_history_slots_log2 > 26:
+            raise ValueError("DSPHERE_QUERY_HISTORY_SLOTS_LOG2 is at most 26 with Redis (a Redis string holds 512 MiB)")
         if self.max_batch_upload_bytes < self.max_upload_bytes:
             raise ValueError("DSPHERE_MAX_BATCH_UPLOAD_BYTES must be >= DSPHERE_MAX_UPLOAD_BYTES")
         if self.backend == "onnxruntime" and self.precision != "fp32":

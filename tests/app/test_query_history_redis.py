@@ -211,3 +211,31 @@ def test_two_server_processes_on_one_redis_see_one_history(tmp_path: Any, redis_
     assert "query_history" in reasons[:10], reasons  # the first one alone sees the attack
     assert reasons[11] == "query_history", reasons  # the second one's first query: one history
     assert reasons[11::2].count("query_history") >= 7, reasons
+
+
+def test_after_a_redis_restart_every_process_fingerprints_with_one_salt(redis_server: RedisHandle) -> None:
+    """Redis restarted empty: a process that comes back publishes its salt again, and one that
+    started meanwhile with a new salt is followed by the old one (the history is empty anyway)."""
+    async def run() -> None:
+        from app.query_history import HistoryConfig, QueryHistory
+
+        cfg = HistoryConfig(redis_url=redis_server.url, retry_s=0.0)
+        old = QueryHistory(cfg)
+        await old.start()
+        x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+        assert (await old.judge(x)).checked
+        redis_server.stop()
+        assert not (await old.judge(x)).checked  # unreachable: per-input verdict only
+        redis_server.start()
+        new = QueryHistory(cfg)  # started on the empty Redis: publishes its own salt
+        await new.start()
+        assert old.fingerprinter is not None and new.fingerprinter is not None
+        assert old.fingerprinter.salt != new.fingerprinter.salt
+        assert (await old.judge(x[:, :, ::-1])).checked  # back: takes the published salt
+        assert old.fingerprinter.salt == new.fingerprinter.salt
+        assert (await new.judge(x)).repeat[0] is np.False_
+        assert (await old.judge(x)).repeat[0]  # one history again
+        await old.close()
+        await new.close()
+
+    asyncio.run(run())
