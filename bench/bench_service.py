@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--model", default=NAME, help="the served model: a model of the bundled store")
     ap.add_argument("--precisions", default="fp32", help="DSPHERE_PRECISION values of the served model")
     ap.add_argument("--batch-files", type=int, default=0, help="also /classify/batch with this many images")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="> 1: every server started at once and the cells interleaved (round, connections, server), "
+                    "so that the machine's drift falls on all alike; the run of median req/s of each cell is shown")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found (apt-get install wrk)")
@@ -109,8 +112,15 @@ def main() -> None:
     batch = multipart("files", fashion_pngs(args.batch_files)) if args.batch_files else b""
     load_before = os.getloadavg()
 
-    bare, bare_url = start("bare_app:app", dict(os.environ), "/decode", ["--app-dir", "bench"])
     rows: list[tuple[str, int, WrkResult]] = []
+    if args.rounds > 1:
+        try:
+            rows = interleaved(models, stores, servers, bodies, concs, args)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        report(rows, args, load_before, compute)
+        return
+    bare, bare_url = start("bare_app:app", dict(os.environ), "/decode", ["--app-dir", "bench"])
     try:
         rows += measure("bare /decode", bare_url + "/decode", bodies, concs, args.duration)
         if batch:
@@ -128,18 +138,64 @@ def main() -> None:
     report(rows, args, load_before, compute)
 
 
-def serve_and_measure(model: str, store: Path, name: str, precision: str, server: str, bodies: list[bytes],
-                      batch: bytes, concs: list[int], args: argparse.Namespace) -> list[tuple[str, int, WrkResult]]:
+def server_env(store: Path, name: str, precision: str, server: str) -> tuple[dict[str, str], int]:
     env = {**os.environ, "DSPHERE_MODEL_STORE": str(store), "DSPHERE_MODEL_NAME": name, "DSPHERE_QUEUE_SIZE": "1024",
            "DSPHERE_PRECISION": precision}
     for key in ("PROMETHEUS_MULTIPROC_DIR", "DSPHERE_QUERY_HISTORY_SHARED_DIR", "DSPHERE_SERVED_MODEL_FILE",
                 "DSPHERE_WORKERS", "DSPHERE_INTRA_OP_THREADS"):
         env.pop(key, None)  # gunicorn.conf.py's fresh ones
     if server == "default":
-        workers = 0
-    else:
-        w, t = (int(v) for v in server.split("x"))
-        workers, env["DSPHERE_INTRA_OP_THREADS"] = w, str(t)
+        return env, 0
+    w, t = (int(v) for v in server.split("x"))
+    env["DSPHERE_INTRA_OP_THREADS"] = str(t)
+    return env, w
+
+
+def interleaved(models: list[str], stores: dict[str, tuple[Path, str]], servers: list[str], bodies: list[bytes],
+                concs: list[int], args: argparse.Namespace) -> list[tuple[str, int, WrkResult]]:
+    """--rounds: every server up at once (idle ones cost nothing), the cells in turn, the median run of each."""
+    procs: list[subprocess.Popen[bytes]] = []
+    targets: list[tuple[str, str]] = []
+    try:
+        proc, url = start("bare_app:app", dict(os.environ), "/decode", ["--app-dir", "bench"])
+        procs.append(proc)
+        targets.append(("bare /decode", url + "/decode"))
+        for model in models:
+            store, name = stores[model]
+            for server in servers:
+                env, workers = server_env(store, name, "fp32", server)
+                proc, url = start("app.main:app", env, "/readyz", [], workers)
+                procs.append(proc)
+                runtime = httpx.get(url + "/healthz", timeout=5).json()["runtime"]
+                targets.append((f"/classify {model} [{runtime['backend']}-{runtime['precision']}] {server}",
+                                url + "/classify"))
+        for _, url in targets:
+            run_wrk(url, bodies[-WARMUP:], 4, 1)
+        runs: dict[tuple[str, int], list[WrkResult]] = {}
+        offsets = dict.fromkeys((label for label, _ in targets), 0)
+        for _ in range(args.rounds):
+            for c in concs:
+                for label, url in targets:
+                    threads = min(2, c)
+                    r = run_wrk(url, bodies[:-WARMUP], c, args.duration, threads=threads, start=offsets[label])
+                    offsets[label] += r.requests // threads + 1
+                    runs.setdefault((label, c), []).append(r)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+    rows = []
+    for (label, c), rs in runs.items():
+        rs = sorted(rs, key=lambda r: r.rps)
+        print(f"{label} c={c}: req/s of the rounds {', '.join(f'{r.rps:.0f}' for r in rs)}")
+        rows.append((label, c, rs[len(rs) // 2]))
+    return sorted(rows, key=lambda row: ([t for t, _ in targets].index(row[0]), row[1]))
+
+
+def serve_and_measure(model: str, store: Path, name: str, precision: str, server: str, bodies: list[bytes],
+                      batch: bytes, concs: list[int], args: argparse.Namespace) -> list[tuple[str, int, WrkResult]]:
+    env, workers = server_env(store, name, precision, server)
     svc, svc_url = start("app.main:app", env, "/readyz", [], workers)
     try:
         runtime = httpx.get(svc_url + "/healthz", timeout=5).json()["runtime"]
