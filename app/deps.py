@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.engine import ModelRuntime
+from app.errors import APIError
 from app.service import Service
 
 
@@ -36,3 +37,34 @@ def request_id_of(request: Request) -> str:
     """The request's id (app/middleware.py: the client's X-Request-ID if well-formed, else a new one)."""
     rid: str = request.state.request_id
     return rid
+
+
+async def known_query_only(request: Request) -> None:
+    """Every route's query parameters are the ones it declares: any other is a 400 naming them
+    (e.g. `/classify?model=x`: /classify takes none; the page's POST /explain takes `model`)."""
+    if not request.scope.get("query_string"):
+        return
+    route = request.scope.get("route")
+    known = _declared_query(route)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        takes = ", ".join(sorted(known)) or "no query parameters"
+        raise APIError(400, f"unknown query parameter(s) {', '.join(unknown)}; this route takes {takes}")
+
+
+_DECLARED: dict[int, frozenset[str]] = {}
+
+
+def _declared_query(route: object) -> frozenset[str]:
+    """The query parameters a FastAPI route declares (its own and its dependencies'), once per route."""
+    key = id(route)
+    if key not in _DECLARED:
+        names: set[str] = set()
+        todo = [getattr(route, "dependant", None)]
+        while todo:
+            dependant = todo.pop()
+            if dependant is not None:
+                names |= {p.alias for p in dependant.query_params}
+                todo += dependant.dependencies
+        _DECLARED[key] = frozenset(names)
+    return _DECLARED[key]

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from app import admin, catalogue, classify, explain, grpc_server, monitoring, stats, v2
+from app.deps import known_query_only
 from app.docs import install_docs
 from app.error_handlers import install_error_handlers
 from app.metrics import Metrics
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         description="Image classification that says what each input is AND whether to trust it "
         "(D-SphereNet robust geodesic inference). See docs/API.md.",
         lifespan=lifespan,
+        dependencies=[Depends(known_query_only)],  # an unknown query parameter is a 400 (app/deps.py)
         docs_url=None,  # /docs and /redoc from local assets: app/docs.py
         redoc_url=None,
     )

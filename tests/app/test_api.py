@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.fake_store import CLASS_NAMES, prototype, write_version
+from support.fake_store import CLASS_NAMES, NAME, prototype, write_version
 from support.fashion_mnist import png_bytes
 
 pytestmark = pytest.mark.anyio
@@ -366,3 +366,20 @@ async def test_model_detail_shows_the_strong_evaluation(make_client, store) -> N
         d = (await c.get("/models/fashion-mnist-dsphere")).json()
     assert d["served_version"] == "3"
     assert {k: d["manifest"]["metrics"][k] for k in strong} == strong
+
+
+async def test_an_unknown_query_parameter_is_a_400_on_every_route(make_client) -> None:
+    """/classify takes no `model` (only the page's /explain does): a client that sends one learns
+    it, instead of getting the served model's answer silently."""
+    png = png_bytes(prototype(3))
+    async with make_client() as c:
+        r = await c.post("/classify?model=other", files={"file": ("x.png", png, "image/png")})
+        batch = await c.post("/classify/batch?x=1", files=[("files", ("x.png", png, "image/png"))])
+        health = await c.get("/healthz?verbose=1")
+        explain = await c.post(f"/explain?model={NAME}", files={"file": ("x.png", png, "image/png")})
+        plain = await c.get("/healthz")
+    assert r.status_code == 400 and r.json()["detail"] == (
+        "unknown query parameter(s) model; this route takes no query parameters")
+    assert batch.status_code == 400 and "x" in batch.json()["detail"]
+    assert health.status_code == 400
+    assert explain.status_code == 200 and plain.status_code == 200
