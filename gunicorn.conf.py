@@ -18,8 +18,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from prometheus_client import multiprocess
-
 worker_class = "app.gunicorn_worker.Worker"
 workers = int(os.environ.get("DSPHERE_WORKERS", "2"))
 bind = os.environ.get("DSPHERE_BIND", "0.0.0.0:8000")
@@ -60,4 +58,8 @@ def on_exit(server):  # type: ignore[no-untyped-def]
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
     """A replaced or dead worker's live gauges (queue depth, model info) leave the totals."""
+    # Imported here, not at the top: prometheus_client picks its multiprocess values when first
+    # imported, which must be after PROMETHEUS_MULTIPROC_DIR is set above (the workers inherit it).
+    from prometheus_client import multiprocess
+
     multiprocess.mark_process_dead(worker.pid)

@@ -198,7 +198,8 @@ class HistoryMetrics:
             "dsphere_query_history_store_bytes", "Memory of the query-history table, bytes.", ["store"],
             registry=registry, multiprocess_mode="livemax")
 
-        self._attacks: dict[str, Any] = {}
+        # Both actions exported from the start, at 0: rates and the alert see "no attack", not "no data".
+        self._attacks: dict[str, Any] = {action: self.attacks.labels(action) for action in ("reject", "flag")}
         self._up: dict[str, Any] = {}
 
     def observe(self, checked: int, attacks: int, repeats: int, action: str, seconds: float) -> None:

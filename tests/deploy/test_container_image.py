@@ -373,7 +373,7 @@ def _inside(image: str) -> dict[str, Any]:
 def test_image_holds_no_torch_no_training_no_tests(local_images: BuiltImages, flavour: str) -> None:
     image = getattr(local_images, flavour)
     inside = _inside(image)
-    assert inside["srv"] == ["app", "model_store"], inside["srv"]
+    assert inside["srv"] == ["app", "gunicorn.conf.py", "model_store"], inside["srv"]
     assert inside["modules"] == {"torch": False, "onnx": False, "training": False, "tests": False,
                                  "onnxruntime": True}, inside["modules"]  # fmt: skip
     dists = set(inside["dists"])

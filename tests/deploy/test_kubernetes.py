@@ -390,8 +390,15 @@ def test_no_pod_runs_as_root_or_with_a_writable_root_filesystem(tree: str) -> No
 
 
 def dockerfile_cmd_drain_seconds() -> int:
+    """The SIGTERM drain of the image's command: uvicorn's --timeout-graceful-shutdown, or, for
+    gunicorn, gunicorn.conf.py's graceful_timeout."""
     cmd = re.findall(r'^CMD \[(.*)\]$', (REPO / "Dockerfile").read_text(), re.M)
-    drains = {int(re.search(r'"--timeout-graceful-shutdown", "(\d+)"', c).group(1)) for c in cmd}  # type: ignore[union-attr]
+    conf = re.search(r"^graceful_timeout = (\d+)", (REPO / "gunicorn.conf.py").read_text(), re.M)
+    drains = set()
+    for c in cmd:
+        uvicorn = re.search(r'"--timeout-graceful-shutdown", "(\d+)"', c)
+        assert uvicorn or ('"gunicorn"' in c and conf), c
+        drains.add(int(uvicorn.group(1) if uvicorn else conf.group(1)))  # type: ignore[union-attr]
     assert len(drains) == 1, drains
     return drains.pop()
 
