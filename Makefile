@@ -194,7 +194,7 @@ soak: install
 # Query attacks through the API only against a live server, the query-history detector off and on (#26): ART's
 # Square (the rule in its loss), SimBA, HopSkipJump, Boundary and Sign-OPT, then Square at 10,000 queries on 20 images,
 # then the adaptive attacks (blinding, OARS-style steps, spread over addresses and two workers on Redis, restarts,
-# slowed past the store's expiry). Resumes from docs/results/query-history/runs/*.json; hours on 2 cores.
+# slowed past the store's expiry). Resumes from docs/results/query-history/attacks/*.json; hours on 2 cores.
 ATTACK := PYTHONPATH=. $(PY) bench/attack_service.py
 attack-service: install
 	$(ATTACK) --images 50 --queries 2000 --attacks square,simba,hsj,boundary,signopt

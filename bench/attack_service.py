@@ -29,7 +29,7 @@ Settings: off (DSPHERE_QUERY_HISTORY_ACTION=off) and on (reject). Square-family 
 of images per ART call (one request carries a query of each); the others one image per ART call,
 `--parallel` images at once.
 
-Results: `<out>/runs/<attack>-<setting>-n<images>-q<queries>.json`, rewritten after every image
+Results: `<out>/attacks/<attack>-<setting>-n<images>-q<queries>.json`, rewritten after every image
 or group; a run interrupted is continued from it (the images it holds are not attacked again;
 a group in progress is). `<out>/table.md` and the block between the markers of `<out>/README.md`
 are made from every run file.
@@ -247,7 +247,7 @@ def run_one(attack: str, setting: str, client: ApiClient, t: Target, L: Ledger, 
 # ---------------------------------------------------------------- runs and files
 
 def run_path(out: Path, attack: str, setting: str, n: int, q: int) -> Path:
-    return out / "runs" / f"{attack}-{setting}-n{n}-q{q}.json"
+    return out / "attacks" / f"{attack}-{setting}-n{n}-q{q}.json"
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
@@ -273,6 +273,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "detected_at_first_query": sum(1 for d in det if d == 1),
         "adv_l2_median": round(statistics.median(l2), 4) if l2 else None,
         "adv_l2_found": len(l2),
+        "stalled": sum(1 for r in records if r.get("stalled")),
     }
 
 
@@ -372,7 +373,7 @@ def _fmt_det(s: dict[str, Any]) -> str:
 
 def table(out: Path) -> str:
     runs: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
-    for p in sorted((out / "runs").glob("*.json")):
+    for p in sorted((out / "attacks").glob("*.json")):
         d = json.loads(p.read_text())
         c = d["config"]
         runs.setdefault((c["attack"], c["images"], c["queries_per_image"]), {})[c["setting"]] = d
@@ -402,7 +403,7 @@ def table(out: Path) -> str:
 def write_report(out: Path) -> None:
     text = table(out)
     (out / "table.md").write_text("# Query attacks through the API: the generated table\n\n"
-                                  "Made by `bench/attack_service.py` from runs/*.json; see README.md.\n\n" + text)
+                                  "Made by `bench/attack_service.py` from attacks/*.json; see README.md.\n\n" + text)
     readme = out / "README.md"
     if readme.exists():
         doc = readme.read_text()

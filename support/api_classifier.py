@@ -48,6 +48,14 @@ class BudgetExhausted(Exception):
     """Every image of this predictor has used its query budget."""
 
 
+class Stalled(BudgetExhausted):
+    """A per-image attack asked only for rows it had already sent, `STALL_CALLS` calls in a row: a loop that
+    would never end on free cached answers (e.g. HopSkipJump halving its step on an always-rejected point)."""
+
+
+STALL_CALLS = 500
+
+
 class Detected(Exception):
     """Raised by an ApiPredict with stop_on_detection when an answer has reason query_history."""
 
@@ -167,6 +175,7 @@ class Ledger:
     best_adv_l2: float = float("inf")
     best_margin: float = float("inf")  # the attacker's best (intended) row so far, by its own loss
     best_row: NDArray[np.float32] | None = None
+    stalled: bool = False  # the attack ended in a loop of rows already sent (Stalled)
     cache: dict[bytes, tuple[int, bool, str, float, float, float]] = field(default_factory=dict, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -198,7 +207,7 @@ class Ledger:
                 "detected": self.first_detection is not None, "queries_to_detection": self.first_detection,
                 "detections": self.detections, "angle_rejections": self.angle_rejections,
                 "adversarial_answers": self.adversarial, "best_adv_linf": fin(self.best_adv_linf),
-                "best_adv_l2": fin(self.best_adv_l2)}
+                "best_adv_l2": fin(self.best_adv_l2), "stalled": self.stalled}
 
 
 class Blinder:
@@ -260,6 +269,7 @@ class ApiPredict:
         self.on_sent = on_sent
         self._centers = np.stack([L.x0.ravel() for L in ledgers])
         self._last_send = 0.0
+        self._idle_calls = 0
 
     def owners(self, x: NDArray[np.float32]) -> NDArray[np.intp]:
         if len(self.ledgers) == 1:
@@ -325,6 +335,11 @@ class ApiPredict:
                 raise Detected()
         if (budget_hit and self.strict) or (not send and all(L.left <= 0 for L in self.ledgers)):
             raise BudgetExhausted()
+        self._idle_calls = 0 if send else self._idle_calls + 1
+        if self.strict and self._idle_calls >= STALL_CALLS:
+            for L in self.ledgers:
+                L.stalled = True
+            raise Stalled()
         return out
 
     def submit(self, rows: NDArray[np.float32], owners: Sequence[int]) -> None:

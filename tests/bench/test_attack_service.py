@@ -30,8 +30,8 @@ def _harness(out: Path, *args: str) -> str:
 def test_square_through_the_api_detected_on_not_off(tmp_path: Path) -> None:
     args = ("--images", "1", "--queries", "300", "--attacks", "square")
     _harness(tmp_path, *args)
-    off = json.loads((tmp_path / "runs" / "square-off-n1-q300.json").read_text())
-    on = json.loads((tmp_path / "runs" / "square-on-n1-q300.json").read_text())
+    off = json.loads((tmp_path / "attacks" / "square-off-n1-q300.json").read_text())
+    on = json.loads((tmp_path / "attacks" / "square-on-n1-q300.json").read_text())
     assert off["complete"] and on["complete"]
     (r_off,), (r_on,) = off["records"], on["records"]
     assert 250 <= r_off["queries"] <= 300 and 250 <= r_on["queries"] <= 300  # the budget, spent
