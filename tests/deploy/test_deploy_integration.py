@@ -152,6 +152,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         DSPHERE_PROVIDERS="CPUExecutionProvider",
         DSPHERE_INTRA_OP_THREADS="1",
         DSPHERE_LOG_LEVEL="warning",
+        # The traffic below repeats its images: without the result cache each one reaches the model,
+        # so the engine's panels (batch size) have data. The query history still judges every input.
+        DSPHERE_QUERY_HISTORY_RESULT_CACHE="0",
         OMP_NUM_THREADS="1",
     )
     api_log, prom_log = tmp / "api.log", tmp / "prometheus.log"
