@@ -47,7 +47,8 @@ class StoreUnavailable(Exception):
 
 def pack(hashes: NDArray[np.uint64], query_id: int, now_s: int) -> NDArray[np.uint64]:
     """Each hash's slot value: its tag, the query's id, the second it was stored."""
-    return ((hashes >> _TAG_SHIFT) << _TAG_SHIFT) | np.uint64((query_id << TIME_BITS) | (now_s & ((1 << TIME_BITS) - 1)))
+    stamp = (query_id << TIME_BITS) | (now_s & ((1 << TIME_BITS) - 1))
+    return ((hashes >> _TAG_SHIFT) << _TAG_SHIFT) | np.uint64(stamp)
 
 
 def best_match(hashes: NDArray[np.uint64], old: NDArray[np.uint64], now_s: int, ttl_s: float) -> int:

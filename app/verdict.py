@@ -53,7 +53,8 @@ class Verdicts:
         """Why each input is rejected: "angle" (the rule above), "query_history" (the service's
         query-history detector rejected an input the rule accepts); None when accepted."""
         angle = (self.angles_deg > self.thresholds_deg).tolist()
-        return [None if ok else ("angle" if a else "query_history") for ok, a in zip(self.accepted.tolist(), angle)]
+        accepted = self.accepted.tolist()
+        return [None if ok else ("angle" if a else "query_history") for ok, a in zip(accepted, angle, strict=True)]
 
 
 def softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:

@@ -24,8 +24,8 @@ import argparse
 import asyncio
 import itertools
 import json
-from dataclasses import replace
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

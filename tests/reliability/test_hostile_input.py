@@ -28,8 +28,8 @@ BATCH = [k for k in CORPUS if k.batch is not None]
 V2 = v2_corpus()
 ADMIN = admin_corpus()
 INFER = f"/v2/models/{MODEL_NAME}/infer"
-CLASSIFICATION_FIELDS = {"label", "class_name", "probability", "angle_deg", "threshold_deg", "verdict", "reason", "model",
-                         "request_id"}
+CLASSIFICATION_FIELDS = {"label", "class_name", "probability", "angle_deg", "threshold_deg", "verdict", "reason",
+                         "model", "request_id"}
 V2_OUTPUTS = [("label", "INT64"), ("angle_deg", "FP64"), ("accepted", "BOOL"), ("reason", "BYTES")]
 CLASS_NAMES = read_manifest(BUNDLED_STORE / MODEL_NAME / BUNDLED_VERSION / MANIFEST_FILE).class_names
 PASSES = 3

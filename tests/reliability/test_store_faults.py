@@ -134,7 +134,8 @@ def assert_not_ready(srv: ServerHandle, reason: str) -> None:
     png = fashion_pngs(1)[0]
     with srv.client() as c:
         health = c.get("/healthz").json()  # alive, nothing served
-        assert {k: health[k] for k in ("status", "model", "runtime")} == {"status": "ok", "model": None, "runtime": None}
+        served = {k: health[k] for k in ("status", "model", "runtime")}
+        assert served == {"status": "ok", "model": None, "runtime": None}
         r = c.get("/readyz")
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         detail = r.json()["detail"]
