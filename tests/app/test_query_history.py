@@ -14,6 +14,7 @@ from app.history_store import MAX_TTL_S, LocalStore, best_match, pack
 from app.query_history import HistoryConfig, QueryHistory
 from support.fake_store import prototype
 from support.fashion_mnist import load_fashion_mnist_test, png_bytes
+from support.query_streams import square_queries
 
 SALT = b"a-test-salt-of-32-bytes-0123456"
 
@@ -25,20 +26,6 @@ def anyio_backend() -> str:
 
 def fashion(n: int) -> np.ndarray:
     return load_fashion_mnist_test(n).astype(np.float32)[:, None] / 255
-
-
-def square_queries(x: np.ndarray, n: int, eps: float = 0.1, seed: int = 0) -> list[np.ndarray]:
-    """Square's queries: random squares of ±eps on one image (what an attacker sends)."""
-    rng = np.random.default_rng(seed)
-    adv, out = x.copy(), []
-    for _ in range(n):
-        s = int(rng.integers(2, 8))
-        r, c = rng.integers(0, 28 - s, 2)
-        cand = adv.copy()
-        cand[:, r:r + s, c:c + s] = np.clip(x[:, r:r + s, c:c + s] + eps * rng.choice([-1, 1]), 0, 1)
-        out.append(cand)
-        adv = cand if rng.random() < 0.5 else adv
-    return out
 
 
 def test_fingerprints_are_keyed_by_the_salt_and_stable() -> None:

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from support.fake_store import prototype
+from support.query_streams import square_queries as square_stream
 from support.redis_server import RedisHandle, redis_available, start_redis
 
 pytestmark = pytest.mark.skipif(not redis_available(),
@@ -46,17 +47,8 @@ def _png(x: np.ndarray) -> bytes:
 
 
 def square_queries(x: np.ndarray, n: int, eps: float = 0.05, seed: int = 0) -> list[bytes]:
-    """A Square-like stream on x ([1, 28, 28] in [0, 1]): random squares of ±eps, as PNGs."""
-    rng = np.random.default_rng(seed)
-    adv, out = x.copy(), []
-    for _ in range(n):
-        s = int(rng.integers(2, 8))
-        r, c = rng.integers(0, 28 - s, 2)
-        cand = adv.copy()
-        cand[:, r:r + s, c:c + s] = np.clip(x[:, r:r + s, c:c + s] + eps * rng.choice([-1, 1]), 0, 1)
-        out.append(_png(cand))
-        adv = cand if rng.random() < 0.5 else adv
-    return out
+    """A Square-like stream on x ([1, 28, 28] in [0, 1]), as PNGs."""
+    return [_png(q) for q in square_stream(x, n, eps, seed)]
 
 
 async def classify(c: httpx.AsyncClient, png: bytes) -> dict[str, Any]:
