@@ -124,36 +124,28 @@ build_gpu() {
   fi
 }
 
-build_prometheus() {
-  local image t0=$SECONDS
-  image=$(compose_image prometheus)
-  [[ -n "$image" ]] || die "docker-compose.yml: no image for the prometheus service"
+# build_standin SERVICE PACKAGE CONTAINERFILE CONTEXT: docker-compose.yml's image of SERVICE when it is
+# here or can be pulled, else a stand-in from Debian's PACKAGE tagged under the same name.
+build_standin() {
+  local service=$1 package=$2 containerfile=$3 context=$4 image t0=$SECONDS
+  image=$(compose_image "$service")
+  [[ -n "$image" ]] || die "docker-compose.yml: no image for the $service service"
   if have_or_pull "$image"; then
-    say "prometheus: $image is here"
+    say "$service: $image is here"
     return
   fi
   make_base
-  say "prometheus: $image cannot be pulled here: stand-in from Debian's prometheus package"
+  say "$service: $image cannot be pulled here: stand-in from Debian's $package package"
   podman build --format docker --network host -t "$image" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-    --label "dsphere.standin-for=$image" -f deploy/prometheus-standin.Containerfile deploy \
-    || die "prometheus: podman build of the stand-in failed"
-  say "prometheus: stand-in $image built in $((SECONDS - t0)) s, $(size_of "$image")"
+    --label "dsphere.standin-for=$image" -f "$containerfile" "$context" \
+    || die "$service: podman build of the stand-in failed"
+  say "$service: stand-in $image built in $((SECONDS - t0)) s, $(size_of "$image")"
 }
 
+build_prometheus() { build_standin prometheus prometheus deploy/prometheus-standin.Containerfile deploy; }
+
 build_redis() {
-  local image t0=$SECONDS
-  image=$(compose_image redis)
-  [[ -n "$image" ]] || die "docker-compose.yml: no image for the redis service"
-  if have_or_pull "$image"; then
-    say "redis: $image is here"
-    return
-  fi
-  make_base
-  say "redis: $image cannot be pulled here: stand-in from Debian's redis-server package"
-  podman build --format docker --network host -t "$image" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-    --label "dsphere.standin-for=$image" -f deploy/kubernetes/podman/redis-standin.Containerfile \
-    deploy/kubernetes/podman || die "redis: podman build of the stand-in failed"
-  say "redis: stand-in $image built in $((SECONDS - t0)) s, $(size_of "$image")"
+  build_standin redis redis-server deploy/kubernetes/podman/redis-standin.Containerfile deploy/kubernetes/podman
 }
 
 command -v podman >/dev/null || die "podman not installed (apt-get install -y podman runc)"
