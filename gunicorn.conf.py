@@ -16,6 +16,7 @@ default /dev/shm where it has room, else the temporary directory); each is kept 
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 worker_class = "app.gunicorn_worker.Worker"
@@ -47,9 +48,11 @@ os.environ.setdefault("DSPHERE_SERVED_MODEL_FILE", str(_RUN / "served-model.json
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """Values of an earlier run left in the metrics directory would be summed in."""
+    """Values of an earlier run left in the metrics directory would be summed in. From here on the
+    counters count from zero: the workers' GET /stats windows start at this moment (app/recent.py)."""
     for f in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
         f.unlink()
+    os.environ["DSPHERE_SERVER_STARTED_MONOTONIC"] = repr(time.monotonic())  # app/recent.py SERVER_STARTED_ENV
 
 
 def on_exit(server):  # type: ignore[no-untyped-def]

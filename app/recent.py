@@ -7,12 +7,19 @@ dsphere_query_history_attack_queries_total; every worker's in multiprocess mode)
 into a ring of readings that covers `window_s`. An answer subtracts the oldest reading of the
 window from one taken now (and each reading from the next, for the intervals). Counters only
 grow, so an interval counts exactly what happened in it, whoever polls and how often.
+
+Under gunicorn the counters are every worker's and start at zero with the server (gunicorn.conf.py
+empties the metrics directory and records the moment in SERVER_STARTED_ENV), not with the worker:
+a worker that boots after another has served requests, or replaces a dead one, takes that zero as
+its window's first reading while it lies inside the window, so /stats answers the same whichever
+worker serves it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +31,16 @@ from app.schemas import ClassCounts, RecentInterval, RecentStats
 CLASSIFYING_ENDPOINTS = frozenset({"/classify", "/classify/batch", "/explain", "/v2/models/{name}/infer"})
 WINDOW_S = 300.0
 STEP_S = 10.0
+# time.monotonic() (one clock for every process of the host) when the server's counters were zero
+SERVER_STARTED_ENV = "DSPHERE_SERVER_STARTED_MONOTONIC"
+
+
+def server_started() -> float | None:
+    """When the counters of a multi-worker server were zero (set by gunicorn.conf.py), else None."""
+    try:
+        return float(os.environ[SERVER_STARTED_ENV])
+    except (KeyError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -68,16 +85,21 @@ def read_counters(metrics: Metrics, t: float) -> Reading:
 
 class RecentCounters:
     def __init__(self, metrics: Metrics, window_s: float = WINDOW_S, step_s: float = STEP_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, counters_zero_at: float | None = None) -> None:
+        """`counters_zero_at`: a time (on `clock`) at which every counter was zero, e.g. the start of a
+        multi-worker server (server_started()); None: this process's own first reading is the start."""
         self.metrics = metrics
         self.window_s = window_s
         self.step_s = step_s
         self._clock = clock
         self._readings: collections.deque[Reading] = collections.deque()
+        self._zero_at = counters_zero_at
 
     def sample(self) -> None:
         """Keep a reading of now; forget those that fell out of the window."""
         now = self._clock()
+        if not self._readings and self._zero_at is not None and now - self.window_s <= self._zero_at <= now:
+            self._readings.append(Reading(self._zero_at, 0.0, 0.0, {}))
         self._readings.append(read_counters(self.metrics, now))
         while self._readings and self._readings[0].t < now - self.window_s:
             self._readings.popleft()

@@ -33,7 +33,7 @@ from app.model_store import ModelInvalidError, ModelStoreError, load_version
 from app.other_models import OtherModels
 from app.quarantine import Quarantine
 from app.query_history import HistoryConfig, Judgement, QueryHistory
-from app.recent import RecentCounters
+from app.recent import RecentCounters, server_started
 from app.result_cache import ResultCache
 from app.schemas import Classification, QueryHistoryHealth
 from app.served_file import ServedModelFile
@@ -59,7 +59,7 @@ class Service:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self.other_models = OtherModels(self._build, settings.model_store, settings.other_models)
-        self.recent = RecentCounters(metrics)  # GET /stats; sampled while the app runs (app/main.py)
+        self.recent = RecentCounters(metrics, counters_zero_at=server_started())  # GET /stats; sampled while the app runs (app/main.py)
         self.history = QueryHistory(history_config(settings), on_error=metrics.history.errors.inc)
         self.results = ResultCache(settings.query_history_result_cache)
         self.served_file = ServedModelFile(settings.served_model_file) if settings.served_model_file else None

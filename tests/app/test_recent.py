@@ -97,3 +97,24 @@ async def test_stats_endpoint_counts_what_the_service_classified(make_client, an
     rows = {row["class_name"]: (row["accepted"], row["rejected"]) for row in s["per_class"]}
     assert [row["class_name"] for row in s["per_class"]][:10] == CLASS_NAMES
     assert rows[CLASS_NAMES[3]] == (2, 0) and sum(r for _, r in rows.values()) == 1
+
+
+def test_a_worker_booting_late_counts_from_the_servers_start() -> None:
+    """Under gunicorn the counters are every worker's, zero at the server's start: a worker that takes its
+    first reading after another served requests still counts those (and one started long ago does not)."""
+    m, clock = Metrics(CollectorRegistry()), Clock()
+    started = clock.t
+    classify(m, [0, 1, 2], [True, False, True])  # served by another worker before this one booted
+    clock.t += 2
+    late = RecentCounters(m, window_s=60, clock=clock, counters_zero_at=started)
+    late.sample()
+    classify(m, [0], [True])
+    s = late.stats(NAMES)
+    assert (s.covered_s, s.requests, s.classified, s.rejected) == (2, 2, 4, 1)
+
+    clock.t += 100  # the server's start left the window: a replacement worker starts its window now
+    replaced = RecentCounters(m, window_s=60, clock=clock, counters_zero_at=started)
+    replaced.sample()
+    classify(m, [1], [False])
+    s = replaced.stats(NAMES)
+    assert (s.covered_s, s.requests, s.classified, s.rejected) == (0, 1, 1, 1)
