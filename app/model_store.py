@@ -3,12 +3,12 @@
 `load_version` verifies a version before anything runs it, in this order:
 manifest.json parses and validates against `Manifest` (schema version included),
 its name/version match the directories, model.onnx's sha256 equals the manifest's
-(hashed from the very bytes handed to ONNX Runtime, so nothing can change in
-between), then the ONNX session's input/outputs match the manifest. Any failure
-raises a `ModelStoreError` whose message names the file. The ONNX Runtime session is the fp32
-reference; `runner` is what runs requests: the reference, or a faster path (app/runtimes.py)
-when asked for and backed by the version's precision record, measured under the served rho (`rho`:
-a DSPHERE_RHO override; None, the manifest's).
+(hashed from the very bytes handed to the inference runtime, so nothing can change in
+between), then the graph's input/outputs, as the runtime serving it reads them, match the manifest.
+Any failure raises a `ModelStoreError` whose message names the file. `runner` is what runs requests,
+built by app/runtimes.py with the one session of the runtime that serves: the fp32 ONNX Runtime
+reference, or a faster path when asked for and backed by the version's precision record, measured
+under the served rho (`rho`: a DSPHERE_RHO override; None, the manifest's).
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
 from pydantic import ValidationError
 
 from app.errors import validation_message
 from app.manifest import MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, REFERENCE, SCHEMA_VERSION, Manifest
-from app.runtimes import Runner, open_runner
+from app.runtimes import ModelUnloadable, Runner, Signature, open_runner
 
 log = logging.getLogger("dsphere.model_store")
 
@@ -114,37 +113,26 @@ def read_manifest(path: Path) -> Manifest:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A verified version with a live ONNX Runtime session."""
+    """A verified version with the runner that serves it (its runtime's one session)."""
 
     name: str
     version: str
     path: Path
     manifest: Manifest
     sha256: str
-    session: ort.InferenceSession
-    input_name: str
-    providers: tuple[str, ...]
     runner: Runner
+
+    @property
+    def input_name(self) -> str:
+        return self.runner.signature.inputs[0].name
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return self.runner.info.providers
 
     @property
     def provider(self) -> str:
         return self.providers[0] if self.providers else "unknown"
-
-
-def choose_providers(wanted: list[str]) -> list[str]:
-    """`wanted` filtered to what this onnxruntime build offers, CPU always last as fallback."""
-    available = set(ort.get_available_providers())
-    chosen = [p for p in wanted if p in available]
-    missing = [p for p in wanted if p not in available]
-    if missing:
-        log.info("execution provider(s) not available in this onnxruntime build, skipped: %s", missing)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
-
-
-def _dims(shape: Any) -> list[Any]:
-    return list(shape) if isinstance(shape, list | tuple) else []
 
 
 def load_version(
@@ -177,26 +165,19 @@ def load_version(
             f"{model_path}: sha256 {digest} does not match manifest.json ({manifest.sha256}); refusing to load"
         )
 
-    options = ort.SessionOptions()
-    if intra_op_threads:
-        options.intra_op_num_threads = intra_op_threads
-    chosen = choose_providers(providers or ["CPUExecutionProvider"])
     try:
-        session = ort.InferenceSession(model_bytes, sess_options=options, providers=chosen)
-    except Exception as exc:  # onnxruntime raises its own (untyped) exceptions
-        raise ModelInvalidError(f"{model_path}: ONNX Runtime cannot load it ({exc})") from None
-    input_name = _check_session(session, manifest, model_path)
-    runner = open_runner(vdir, model_bytes, digest, session, input_name, backend, precision, intra_op_threads,
-                         manifest.rho if rho is None else rho)
-    return LoadedModel(name, version, vdir, manifest, digest, session, input_name, tuple(session.get_providers()),
-                       runner)
+        runner = open_runner(vdir, model_bytes, digest, (backend, precision), threads=intra_op_threads,
+                             rho=manifest.rho if rho is None else rho, providers=providers or ["CPUExecutionProvider"])
+    except ModelUnloadable as exc:
+        raise ModelInvalidError(f"{model_path}: {exc}") from None
+    _check_signature(runner.signature, manifest, model_path)
+    return LoadedModel(name, version, vdir, manifest, digest, runner)
 
 
-def _check_session(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> str:
-    """The session's one input (name, type, [N, C, H, W] with dynamic N) and its outputs
-    (OUTPUT_NAMES, each [N, K]) as the manifest says; returns the input's name."""
-    inputs = session.get_inputs()
-    outputs = session.get_outputs()
+def _check_signature(signature: Signature, manifest: Manifest, model_path: Path) -> None:
+    """The graph's one input (name, type, [N, C, H, W] with dynamic N) and its outputs (OUTPUT_NAMES,
+    each [N, K]) as the manifest says, as the runtime that serves it reads them."""
+    inputs, outputs = signature.inputs, signature.outputs
     if len(inputs) != 1:
         raise ModelInvalidError(f"{model_path}: expected exactly one input, found {[i.name for i in inputs]}")
     inp = inputs[0]
@@ -207,7 +188,7 @@ def _check_session(session: ort.InferenceSession, manifest: Manifest, model_path
         raise ModelInvalidError(f"{model_path}: input is named '{inp.name}', manifest says '{manifest.input.name}'")
     if inp.type != "tensor(float)":
         raise ModelInvalidError(f"{model_path}: input type {inp.type}, expected tensor(float)")
-    dims = _dims(inp.shape)
+    dims = list(inp.dims)
     if len(dims) != 4 or isinstance(dims[0], int) or tuple(dims[1:]) != tuple(manifest.input.shape):
         raise ModelInvalidError(
             f"{model_path}: input shape {dims} does not match manifest [N, {', '.join(map(str, manifest.input.shape))}]"
@@ -215,8 +196,6 @@ def _check_session(session: ort.InferenceSession, manifest: Manifest, model_path
         )
     k = manifest.num_classes
     for o in outputs:
-        odims = _dims(o.shape)
+        odims = list(o.dims)
         if len(odims) != 2 or (isinstance(odims[1], int) and odims[1] != k):
             raise ModelInvalidError(f"{model_path}: output '{o.name}' has shape {odims}, expected [N, {k}]")
-    name: str = inp.name
-    return name

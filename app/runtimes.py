@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -60,6 +60,21 @@ def cpu_name() -> str:
 
 
 @dataclass(frozen=True)
+class Port:
+    """One input or output of the graph as the runtime that serves it reads it."""
+
+    name: str
+    type: str  # ONNX notation: "tensor(float)"
+    dims: tuple[int | str, ...]  # a dynamic dimension: its name where the graph names it, else "?"
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+
+
+@dataclass(frozen=True)
 class RuntimeInfo:
     backend: str
     precision: str
@@ -68,6 +83,8 @@ class RuntimeInfo:
     runtime_version: str
     cpu_features: tuple[str, ...] = field(default_factory=cpu_features)
     fallback: str | None = None  # why the requested path is not the one running
+    # where it runs: ONNX Runtime's execution providers in use, or "openvino:<device>" for each OpenVINO device
+    providers: tuple[str, ...] = ()
 
     @property
     def path(self) -> str:
@@ -76,10 +93,12 @@ class RuntimeInfo:
 
 @dataclass
 class Runner:
-    """Runs the model: __call__(x [N, C, H, W] float32) -> (logits, cosines)."""
+    """Runs the model: __call__(x [N, C, H, W] float32) -> (logits, cosines), on the one session its
+    runtime built; `signature` is that session's view of the graph."""
 
     info: RuntimeInfo
     run: Callable[[NDArray[np.float32]], Outputs]
+    signature: Signature
 
     def __call__(self, x: NDArray[np.float32]) -> Outputs:
         return self.run(x)
@@ -89,14 +108,55 @@ class RuntimeUnavailable(Exception):
     """The requested path cannot run here; the message says why (one line)."""
 
 
-def onnxruntime_runner(session: ort.InferenceSession, input_name: str, requested: tuple[str, str],
-                       fallback: str | None = None) -> Runner:
+class ModelUnloadable(Exception):
+    """The reference runtime cannot load the model at all; the message says why (one line)."""
+
+
+def choose_providers(wanted: Sequence[str]) -> list[str]:
+    """`wanted` filtered to what this onnxruntime build offers, CPU always last as fallback."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in wanted if p in available]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        log.info("execution provider(s) not available in this onnxruntime build, skipped: %s", missing)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _ort_port(arg: Any) -> Port:
+    shape = arg.shape if isinstance(arg.shape, list | tuple) else ()
+    dims = tuple(d if isinstance(d, int) else str(d or "?") for d in shape)
+    return Port(arg.name, arg.type, dims)
+
+
+def onnxruntime_runner(model: bytes | str, requested: tuple[str, str] = REFERENCE, threads: int = 0,
+                       providers: Sequence[str] = ("CPUExecutionProvider",), fallback: str | None = None,
+                       quiet: bool = False) -> Runner:
+    """The fp32 reference: an ONNX Runtime session on `model` (bytes or a path) with the first of
+    `providers` this build offers (quiet: its warnings not logged); ModelUnloadable where ONNX Runtime
+    cannot load it."""
+    options = ort.SessionOptions()
+    if quiet:
+        options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(model, sess_options=options, providers=choose_providers(providers))
+    except Exception as exc:  # onnxruntime raises its own (untyped) exceptions
+        raise ModelUnloadable(f"ONNX Runtime cannot load it ({exc})") from None
+    inputs = session.get_inputs()
+    input_name = inputs[0].name if inputs else ""
+    names = list(OUTPUT_NAMES)
+
     def run(x: NDArray[np.float32]) -> Outputs:
-        logits, cosines = session.run(list(OUTPUT_NAMES), {input_name: x})
+        logits, cosines = session.run(names, {input_name: x})
         return logits, cosines
 
-    info = RuntimeInfo(*REFERENCE, *requested, runtime_version=ort.__version__, fallback=fallback)
-    return Runner(info, run)
+    info = RuntimeInfo(*REFERENCE, *requested, runtime_version=ort.__version__, fallback=fallback,
+                       providers=tuple(session.get_providers()))
+    signature = Signature(tuple(map(_ort_port, inputs)), tuple(map(_ort_port, session.get_outputs())))
+    return Runner(info, run, signature)
 
 
 def openvino_version() -> str:
@@ -106,6 +166,15 @@ def openvino_version() -> str:
     except ImportError:
         raise RuntimeUnavailable("the openvino package is not installed") from None
     return str(ov.__version__)
+
+
+def _openvino_port(port: Any) -> Port:
+    import openvino as ov
+
+    element = port.get_element_type()
+    kind = "tensor(float)" if element == ov.Type.f32 else f"tensor({element.get_type_name()})"
+    dims = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
+    return Port(port.get_any_name(), kind, dims)
 
 
 def openvino_runner(model_bytes: bytes, precision: str, threads: int) -> Runner:
@@ -125,9 +194,9 @@ def openvino_runner(model_bytes: bytes, precision: str, threads: int) -> Runner:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
         compiled = core.compile_model(core.read_model(model_bytes), "CPU", config)
+        outputs = [compiled.output(name) for name in OUTPUT_NAMES]
     except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
         raise RuntimeUnavailable(f"OpenVINO cannot compile it ({str(exc).splitlines()[0][:200]})") from None
-    outputs = [compiled.output(name) for name in OUTPUT_NAMES]
     local = threading.local()  # an infer request is not thread-safe: one per calling thread
 
     def run(x: NDArray[np.float32]) -> Outputs:
@@ -137,7 +206,10 @@ def openvino_runner(model_bytes: bytes, precision: str, threads: int) -> Runner:
         result = request.infer({0: x})
         return np.array(result[outputs[0]], np.float32), np.array(result[outputs[1]], np.float32)
 
-    return Runner(RuntimeInfo("openvino", precision, "openvino", precision, ov.__version__), run)
+    devices = tuple(f"openvino:{d}" for d in compiled.get_property("EXECUTION_DEVICES"))
+    info = RuntimeInfo("openvino", precision, "openvino", precision, ov.__version__, providers=devices)
+    signature = Signature(tuple(map(_openvino_port, compiled.inputs)), tuple(map(_openvino_port, compiled.outputs)))
+    return Runner(info, run, signature)
 
 
 def read_record(version_dir: Path, backend: str, precision: str, sha256: str) -> PrecisionRecord:
@@ -167,21 +239,21 @@ def check_conditions(version_dir: Path, record: PrecisionRecord, rho: float) -> 
                                  f"under other conditions: {'; '.join(differ)}")
 
 
-def open_runner(version_dir: Path, model_bytes: bytes, sha256: str, session: ort.InferenceSession,
-                input_name: str, backend: str, precision: str, threads: int = 0, rho: float | None = None) -> Runner:
+def open_runner(version_dir: Path, model_bytes: bytes, sha256: str, requested: tuple[str, str], *, threads: int = 0,
+                rho: float | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Runner:
     """The requested path when it can run here with a passing record made under these conditions (rho: the
-    served one; None: the record's, i.e. the manifest's), else the reference (warned)."""
-    requested = (backend, precision)
+    served one; None: the record's, i.e. the manifest's), else the reference (warned). Only the runtime that
+    serves builds a session. ModelUnloadable where even the reference cannot load the model."""
+    backend, precision = requested
     if requested == REFERENCE:
-        return onnxruntime_runner(session, input_name, requested)
+        return onnxruntime_runner(model_bytes, requested, threads, providers)
     try:
         if backend != "openvino":
             raise RuntimeUnavailable(f"{backend} has no {precision} path here; bf16 runs on openvino")
         record = read_record(version_dir, backend, precision, sha256)
         check_conditions(version_dir, record, record.rho if rho is None else rho)
-        runner = openvino_runner(model_bytes, precision, threads)
+        return openvino_runner(model_bytes, precision, threads)
     except RuntimeUnavailable as exc:
         log.warning("%s/%s: %s-%s unavailable, serving the fp32 ONNX Runtime reference: %s",
                     version_dir.parent.name, version_dir.name, backend, precision, exc)
-        return onnxruntime_runner(session, input_name, requested, fallback=str(exc))
-    return runner
+        return onnxruntime_runner(model_bytes, requested, threads, providers, fallback=str(exc))

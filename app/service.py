@@ -59,7 +59,8 @@ class Service:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self.other_models = OtherModels(self._build, settings.model_store, settings.other_models)
-        self.recent = RecentCounters(metrics, counters_zero_at=server_started())  # GET /stats; sampled while the app runs (app/main.py)
+        # GET /stats; sampled while the app runs (app/main.py)
+        self.recent = RecentCounters(metrics, counters_zero_at=server_started())
         self.history = QueryHistory(history_config(settings), on_error=metrics.history.errors.inc)
         self.results = ResultCache(settings.query_history_result_cache)
         self.served_file = ServedModelFile(settings.served_model_file) if settings.served_model_file else None

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
-from app.manifest import REFERENCE
 from app.runtimes import Runner, onnxruntime_runner
 from app.verdict import Verdicts, calibrate_rho_on, geodesic_verdict
 
@@ -47,10 +45,7 @@ class OnnxModel(BatchedRunner):
     """ONNX Runtime on a model.onnx, the fp32 reference, batched."""
 
     def __init__(self, path: Path) -> None:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        super().__init__(onnxruntime_runner(session, session.get_inputs()[0].name, REFERENCE))
+        super().__init__(onnxruntime_runner(str(path), quiet=True))
 
 
 def parity(model: nn.Module, onnx_model: OnnxModel, x: Tensor) -> float:

@@ -213,3 +213,42 @@ async def test_healthz_and_metrics_report_the_path_and_the_fallback(store: Path,
     labels = dict(re.findall(r'(\w+)="([^"]*)"', line.group(1)))
     assert labels["backend"] == "onnxruntime" and labels["requested_precision"] == "bf16"
     assert "is missing" in labels["fallback"] and labels["cpu_features"] == ",".join(runtimes.cpu_features())
+
+
+@pytest.mark.skipif(not _openvino_installed(), reason="needs openvino (make install installs it)")
+def test_openvino_serves_on_its_own_session_alone(store: Path, monkeypatch) -> None:
+    """OpenVINO fp32 (every CPU has it) with a record: no ONNX Runtime session is built, the providers and
+    the runtime info come from the one session that serves, and its view of the graph is what is checked."""
+    write_record(store / NAME / "1", precision="fp32")
+    ref = load_version(store, NAME, "1")
+    assert ref.providers == ("CPUExecutionProvider",) and ref.runner.info.providers == ref.providers
+
+    def no_session(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an ONNX Runtime session was built while OpenVINO serves")
+
+    monkeypatch.setattr(runtimes.ort, "InferenceSession", no_session)
+    m = load_version(store, NAME, "1", backend="openvino", precision="fp32")
+    info = m.runner.info
+    assert (info.backend, info.precision, info.fallback) == ("openvino", "fp32", None)
+    assert m.providers == ("openvino:CPU",) and m.provider == "openvino:CPU"
+    assert m.input_name == ref.input_name == "input"
+    assert [p.name for p in m.runner.signature.outputs] == [p.name for p in ref.runner.signature.outputs]
+    assert m.runner.signature.inputs[0].dims[1:] == ref.runner.signature.inputs[0].dims[1:] == (1, 28, 28)
+    x = prototypes(*range(10))
+    (logits, _), (r_logits, _) = m.runner(x), ref.runner(x)
+    assert (logits.argmax(1) == np.arange(10)).all() and np.abs(logits - r_logits).max() < 1e-3
+
+
+def test_a_fallback_builds_the_reference_session_only_then(store: Path, monkeypatch) -> None:
+    """Without a record the reference runs, on the session its fallback built, its providers reported."""
+    built: list[object] = []
+    real = runtimes.ort.InferenceSession
+
+    def counting(*args: Any, **kwargs: Any) -> object:
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(runtimes.ort, "InferenceSession", counting)
+    m = load_version(store, NAME, "1", backend="openvino", precision="bf16")
+    assert len(built) == 1 and m.runner.info.backend == "onnxruntime" and m.runner.info.fallback
+    assert m.providers == tuple(built[0].get_providers())  # type: ignore[attr-defined]
