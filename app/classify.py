@@ -3,7 +3,7 @@
 One image's way, each module once: the route takes a ticket from the runtime it classifies with
 (app/deps.py, app/engine.py), reads the upload (app/uploads.py), decodes it (app/images.py) and
 hands it to `Service.classify` (app/service.py), which awaits the runtime's micro-batcher
-(app/engine.py: ONNX Runtime, then app/verdict.py's rule), counts the verdicts in the metrics
+(app/engine.py: the inference runtime, then app/verdict.py's rule), counts the verdicts in the metrics
 and keeps each rejected input in the quarantine. The `Verdicts` it answers become the response
 models (app/schemas.py). POST /explain (app/explain.py) reads and classifies as POST /classify.
 """

@@ -88,7 +88,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "dsphere_inference_batch_size",
-            "Rows per ONNX Runtime call of the micro-batcher.",
+            "Rows per inference call of the micro-batcher.",
             buckets=BATCH_BUCKETS,
             registry=registry,
         )

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(64, ge=1, le=4096, description="files per /classify/batch, N per v2 infer")
 
     # micro-batching engine
-    batch_size: int = Field(32, ge=1, le=4096, description="max rows per ONNX Runtime call")
+    batch_size: int = Field(32, ge=1, le=4096, description="max rows per inference call")
     batch_delay_ms: float = Field(1.0, ge=0, le=1000, description="max wait to fill a batch")
     queue_size: int = Field(256, ge=1, description="pending requests before 503")
     served_model_file: Path | None = Field(

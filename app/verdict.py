@@ -5,7 +5,7 @@
     threshold = rho * (angle_mean_deg[y_hat] + angle_std_deg[y_hat])
     reject   iff theta > threshold
 
-NumPy only: the service applies it to ONNX Runtime outputs, and training/ applies
+NumPy only: the service applies it to the inference runtime's outputs, and training/ applies
 the very same function to PyTorch outputs (export metrics, evaluation), so the
 numbers in a manifest are what the service computes.
 """
