@@ -1,7 +1,7 @@
 """Where the query history lives: fingerprints only (never an image), bounded, with expiry.
 
-The history is one table of 2^slots_log2 64-bit slots, direct-mapped: a window hash h of a
-query goes to slot h mod 2^slots_log2 and is stored there as (the hash's high bits, the
+The history is one table of `slots` 64-bit slots (table_slots: a size in MB), direct-mapped: a
+window hash h of a query goes to slot h mod slots and is stored there as (the hash's high bits, the
 query's random id, the second it was stored). Looking a fingerprint up and storing it are one
 step: each of its hashes is written to its slot, and the values the slots held say which
 earlier query had how many of the same hashes within `ttl_s` (`best_match`). A new
@@ -39,6 +39,14 @@ MAX_TTL_S = 1 << (TIME_BITS - 1)
 _TIME_MASK = np.uint64((1 << TIME_BITS) - 1)
 _ID_MASK = np.uint64((1 << ID_BITS) - 1)
 _TAG_SHIFT = np.uint64(ID_BITS + TIME_BITS)
+SLOT_BYTES = 8
+# Redis: BITFIELD's bit offset is below 2^32 (a string holds at most 512 MiB), so 2^26 i64 slots at most.
+REDIS_MAX_SLOTS = 1 << 26
+
+
+def table_slots(table_mb: float) -> int:
+    """The slots of a table of `table_mb` megabytes (10^6 bytes)."""
+    return max(1, int(table_mb * 1_000_000) // SLOT_BYTES)
 
 
 class StoreUnavailable(Exception):
@@ -83,9 +91,9 @@ class HistoryStore(Protocol):
 class LocalStore:
     kind = "memory"
 
-    def __init__(self, slots_log2: int, ttl_s: float, exact_capacity: int) -> None:
-        self.table = np.zeros(1 << slots_log2, np.uint64)
-        self.mask = np.uint64((1 << slots_log2) - 1)
+    def __init__(self, slots: int, ttl_s: float, exact_capacity: int) -> None:
+        self.table = np.zeros(slots, np.uint64)
+        self.slots = np.uint64(slots)
         self.ttl_s = ttl_s
         self.exact_capacity = exact_capacity
         self._exact: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
@@ -94,7 +102,7 @@ class LocalStore:
     async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
         now = int(time.time())
         h = fingerprint[fingerprint != 0]
-        slots = (h & self.mask).astype(np.intp)
+        slots = (h % self.slots).astype(np.intp)
         old = self.table[slots]
         self._occupied += int(np.count_nonzero(old == 0))
         self.table[slots] = pack(h, query_id, now)
@@ -134,12 +142,12 @@ class SharedStore(LocalStore):
     kind = "shared"
     TABLE, EXACT, SALT = "query-history-table-{}.u64", "query-history-exact-{}.u64", "query-history-salt"
 
-    def __init__(self, directory: Path, slots_log2: int, ttl_s: float, exact_log2: int = 20) -> None:
+    def __init__(self, directory: Path, slots: int, ttl_s: float, exact_log2: int = 20) -> None:
         super().__init__(0, ttl_s, 0)
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.table = _mapped(directory / self.TABLE.format(slots_log2), 1 << slots_log2)
-        self.mask = np.uint64((1 << slots_log2) - 1)
+        self.table = _mapped(directory / self.TABLE.format(slots), slots)
+        self.slots = np.uint64(slots)
         self.exact = _mapped(directory / self.EXACT.format(exact_log2), 1 << exact_log2)
         self.exact_mask = (1 << exact_log2) - 1
 
@@ -203,13 +211,14 @@ class RedisStore:
     EXACT = "dsphere:qh:x:"
     SALT = "dsphere:qh:salt"
 
-    def __init__(self, url: str, slots_log2: int, ttl_s: float, timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, slots: int, ttl_s: float, timeout_s: float = 1.0) -> None:
         import redis.asyncio as redis  # only where Redis is configured
 
         self._errors = (redis.RedisError, OSError)
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self.slots_log2 = slots_log2
-        self.mask = np.uint64((1 << slots_log2) - 1)
+        if slots > REDIS_MAX_SLOTS:
+            raise ValueError(f"a Redis table holds at most {REDIS_MAX_SLOTS} slots, not {slots}")
+        self.slots = np.uint64(slots)
         self.ttl_s = ttl_s
         self._new_slots = 0  # slots this process filled since it last told Redis
 
@@ -230,7 +239,7 @@ class RedisStore:
         field = self.client.bitfield(self.TABLE)
         # Redis's BITFIELD has no u64 (unsigned types end at u63): the same 64 bits as i64.
         values = pack(h, query_id, now).view(np.int64).tolist()
-        for slot, value in zip((h & self.mask).tolist(), values, strict=True):
+        for slot, value in zip((h % self.slots).tolist(), values, strict=True):
             field.set("i64", f"#{slot}", value)  # BITFIELD ... SET returns the old value
         async with self._guard():
             old = await field.execute()

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.fingerprint import Fingerprinter, FingerprintParams
-from app.history_store import HistoryStore, LocalStore, RedisStore, SharedStore, StoreUnavailable
+from app.history_store import HistoryStore, LocalStore, RedisStore, SharedStore, StoreUnavailable, table_slots
 
 log = logging.getLogger("dsphere.query_history")
 
@@ -39,7 +39,7 @@ class HistoryConfig:
     salt: bytes | None = None  # None: a random one (shared through Redis when Redis is the store)
     redis_url: str | None = None
     shared_dir: Path | None = None  # a directory every worker of this host maps one table in
-    slots_log2: int = 22
+    table_mb: float = 32.0  # the table's size in MB (10^6 bytes), 8 bytes a slot
     ttl_s: float = 24 * 3600.0
     exact_capacity: int = 100_000
     retry_s: float = 5.0
@@ -76,7 +76,7 @@ class QueryHistory:
         salt = self.cfg.salt or secrets.token_bytes(32)
         if self.cfg.redis_url:
             store = self.store if isinstance(self.store, RedisStore) else RedisStore(  # a retry keeps its client
-                self.cfg.redis_url, self.cfg.slots_log2, self.cfg.ttl_s)
+                self.cfg.redis_url, table_slots(self.cfg.table_mb), self.cfg.ttl_s)
             self.store = store
             if self.cfg.salt is None:
                 try:
@@ -86,12 +86,12 @@ class QueryHistory:
                     self.fingerprinter = None  # no shared salt yet: judged again once Redis answers
                     return
         elif self.cfg.shared_dir is not None:
-            shared = SharedStore(self.cfg.shared_dir, self.cfg.slots_log2, self.cfg.ttl_s)
+            shared = SharedStore(self.cfg.shared_dir, table_slots(self.cfg.table_mb), self.cfg.ttl_s)
             self.store = shared
             if self.cfg.salt is None:
                 salt = shared.shared_salt(salt)
         else:
-            self.store = LocalStore(self.cfg.slots_log2, self.cfg.ttl_s, self.cfg.exact_capacity)
+            self.store = LocalStore(table_slots(self.cfg.table_mb), self.cfg.ttl_s, self.cfg.exact_capacity)
         self.fingerprinter = Fingerprinter(salt, self.cfg.params)
 
     async def close(self) -> None:

@@ -232,7 +232,7 @@ def history_config(s: Settings) -> HistoryConfig:
     salt = s.query_history_salt.get_secret_value().encode() if s.query_history_salt else None
     return HistoryConfig(action=s.query_history_action, threshold=s.query_history_threshold, salt=salt,
                          redis_url=s.query_history_redis_url, shared_dir=s.query_history_shared_dir,
-                         slots_log2=s.query_history_slots_log2,
+                         table_mb=s.query_history_table_mb,
                          ttl_s=s.query_history_ttl_s)
 
 

@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ValidationErrorDetails, validation_message
-from app.history_store import MAX_TTL_S
+from app.history_store import MAX_TTL_S, REDIS_MAX_SLOTS, SLOT_BYTES, table_slots
 
 KNOWN_PROVIDERS = (
     "CUDAExecutionProvider",
@@ -100,8 +100,9 @@ class Settings(BaseSettings):
         None, description="secret key of the fingerprints (>= 16 characters); unset: a random one, shared "
         "through Redis when Redis is the store")
     query_history_ttl_s: float = Field(24 * 3600.0, gt=0, le=MAX_TTL_S, description="how long a query is remembered")
-    query_history_slots_log2: int = Field(
-        22, ge=10, le=28, description="the history table has 2^this 8-byte slots (22: 32 MiB)")
+    query_history_table_mb: float = Field(
+        32.0, ge=0.01, le=4096, description="the history table's size in MB (10^6 bytes), 8 bytes a slot; it "
+        "remembers about 1,990 distinct queries per MB (512: a million; docs/QUERY_HISTORY.md)")
     query_history_threshold: int = Field(
         15, ge=1, le=256, description="fingerprint hashes shared with one recent query that make an attack query")
     query_history_result_cache: int = Field(
@@ -150,8 +151,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
-        if self.query_history_redis_url and self.query_history_slots_log2 > 26:
-            raise ValueError("DSPHERE_QUERY_HISTORY_SLOTS_LOG2 is at most 26 with Redis (a Redis string holds 512 MiB)")
+        if self.query_history_redis_url and table_slots(self.query_history_table_mb) > REDIS_MAX_SLOTS:
+            raise ValueError(f"DSPHERE_QUERY_HISTORY_TABLE_MB is at most {REDIS_MAX_SLOTS * SLOT_BYTES // 10**6} with "
+                             "Redis (a Redis string holds 512 MiB)")
         if self.max_batch_upload_bytes < self.max_upload_bytes:
             raise ValueError("DSPHERE_MAX_BATCH_UPLOAD_BYTES must be >= DSPHERE_MAX_UPLOAD_BYTES")
         if self.backend == "onnxruntime" and self.precision != "fp32":

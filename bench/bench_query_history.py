@@ -2,7 +2,7 @@
 
     python bench/bench_query_history.py [--n 70000] [--batch 64] [--retaken 2000] [--duration 10]
         [--concurrency 16] [--rounds 2] [--lookup-calls 3000] [--mem-queries 1000000]
-        [--mem-slots 26,25] [--attack-seeds 12] [--attack-queries 60] [--sections all]
+        [--mem-mb 512,256] [--attack-seeds 12] [--attack-queries 60] [--sections all]
         [--out docs/results/query-history]
 
 Sections (--sections, comma-separated, or all):
@@ -26,7 +26,7 @@ Sections (--sections, comma-separated, or all):
   lookup   QueryHistory.judge timed in-process, one image a call, each a new image (the full
            path: digest, fingerprint, table), `--lookup-calls` times, in-process and Redis
            store; also the exact-repeat path and a batch of 64.
-  memory   a LocalStore at slots_log2 in `--mem-slots`, each in its own process: its RSS
+  memory   a LocalStore of each table size (MB) in `--mem-mb`, each in its own process: its RSS
            growth after storing `--mem-queries` distinct (random) fingerprints of 50 hashes,
            and how many of those queries the table still holds (>= threshold of their hashes
            left, i.e. a near-duplicate of them would still be caught), by age.
@@ -481,16 +481,16 @@ def rss() -> int:
     return 0
 
 
-def memory_child(slots_log2: int, queries: int) -> None:
+def memory_child(table_mb: float, queries: int) -> None:
     """In its own process: a LocalStore's RSS growth after `queries` distinct fingerprints."""
-    from app.history_store import ID_BITS, TIME_BITS, LocalStore
+    from app.history_store import ID_BITS, TIME_BITS, LocalStore, table_slots
     from app.query_history import HistoryConfig
 
     cfg = HistoryConfig()
     hashes, threshold = cfg.params.hashes, cfg.threshold
-    rng = np.random.default_rng(slots_log2)
+    rng = np.random.default_rng(int(table_mb))
     rss0 = rss()
-    store = LocalStore(slots_log2, cfg.ttl_s, cfg.exact_capacity)
+    store = LocalStore(table_slots(table_mb), cfg.ttl_s, cfg.exact_capacity)
     rss1 = rss()
     every = max(1, queries // 2000)
     kept: list[tuple[int, np.ndarray, int]] = []
@@ -511,11 +511,10 @@ def memory_child(slots_log2: int, queries: int) -> None:
     seconds = time.monotonic() - t0
     rss2 = rss()
     # how many of its hashes each sampled query still has in the table (tag and id match)
-    mask = np.uint64((1 << slots_log2) - 1)
     tag_shift = np.uint64(ID_BITS + TIME_BITS)
     left = []
     for k, h, qid in kept:
-        old = store.table[(h & mask).astype(np.intp)]
+        old = store.table[(h % store.slots).astype(np.intp)]
         ids = (old >> np.uint64(TIME_BITS)) & np.uint64((1 << ID_BITS) - 1)
         same = ((old >> tag_shift) == (h >> tag_shift)) & (ids == np.uint64(qid))
         left.append((k, int(same.sum())))
@@ -529,7 +528,7 @@ def memory_child(slots_log2: int, queries: int) -> None:
                             "mean_hashes_left": float(counts[sel].mean()),
                             "held": float((counts[sel] >= threshold).mean())})
     print(json.dumps({
-        "slots_log2": slots_log2, "table_bytes": int(store.table.nbytes), "queries": queries,
+        "table_mb": table_mb, "slots": int(store.slots), "table_bytes": int(store.table.nbytes), "queries": queries,
         "hashes_per_query": hashes, "threshold": threshold, "rss_before_bytes": rss0,
         "rss_after_create_bytes": rss1, "rss_after_fill_bytes": rss2, "rss_growth_bytes": rss2 - rss0,
         "rss_growth_per_query_bytes": (rss2 - rss0) / queries, "occupied_slots": store._occupied,
@@ -540,14 +539,14 @@ def memory_child(slots_log2: int, queries: int) -> None:
 
 def section_memory(args: argparse.Namespace) -> dict[str, Any]:
     out = []
-    for s in [int(v) for v in args.mem_slots.split(",") if v]:
+    for s in [float(v) for v in args.mem_mb.split(",") if v]:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         p = subprocess.run([sys.executable, __file__, MEMORY_CHILD, str(s), str(args.mem_queries)], cwd=REPO,
                            capture_output=True, text=True, timeout=3600, env=env)
         if p.returncode != 0:
             raise RuntimeError(f"memory child failed: {p.stderr[-2000:]}")
         row = json.loads(p.stdout.strip().splitlines()[-1])
-        log(f"memory: slots_log2={s}: RSS +{row['rss_growth_bytes'] / 2**20:.0f} MiB, "
+        log(f"memory: table {s:g} MB: RSS +{row['rss_growth_bytes'] / 2**20:.0f} MiB, "
             f"held {row['held_fraction']:.1%}, oldest decile {row['oldest_decile_held']:.1%}")
         out.append(row)
     return {"configs": out}
@@ -752,11 +751,11 @@ def markdown(res: dict[str, Any]) -> str:
               "A LocalStore in its own process, RSS growth after storing the queries (random distinct fingerprints of "
               "50 hashes); 'held': the share of the stored queries with at least the threshold (15) of their hashes "
               "still in the table, i.e. whose near-duplicates would still be caught.", "",
-              "| slots_log2 | table | queries | RSS growth | per query | occupied slots | held (all) "
+              "| DSPHERE_QUERY_HISTORY_TABLE_MB | slots | queries | RSS growth | per query | occupied slots | held (all) "
               "| held (oldest tenth) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for x in m["configs"]:
-            L.append(f"| {x['slots_log2']} | {x['table_bytes'] / 2**20:.0f} MiB | {x['queries']:,} | "
+            L.append(f"| {x['table_mb']:g} ({x['table_bytes'] / 1e6:.0f} MB) | {x['slots']:,} | {x['queries']:,} | "
                      f"{x['rss_growth_bytes'] / 2**20:.0f} MiB ({x['rss_growth_bytes'] / 1e6:.0f} MB) | "
                      f"{x['rss_growth_per_query_bytes']:.0f} B | {x['occupied_slots']:,} | {x['held_fraction']:.1%} | "
                      f"{x['oldest_decile_held']:.1%} |")
@@ -785,7 +784,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == MEMORY_CHILD:
-        memory_child(int(sys.argv[2]), int(sys.argv[3]))
+        memory_child(float(sys.argv[2]), int(sys.argv[3]))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=70_000, help="images of the benign stream")
@@ -796,7 +795,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--lookup-calls", type=int, default=3000)
     ap.add_argument("--mem-queries", type=int, default=1_000_000)
-    ap.add_argument("--mem-slots", default="26,25")
+    ap.add_argument("--mem-mb", default="512,256")
     ap.add_argument("--attack-seeds", type=int, default=12)
     ap.add_argument("--attack-queries", type=int, default=60)
     ap.add_argument("--sections", default="all")

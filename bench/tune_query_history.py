@@ -104,7 +104,7 @@ async def flagged(history: QueryHistory, stream: list[np.ndarray]) -> list[bool]
 
 async def score(params: FingerprintParams, threshold: int, val: np.ndarray, streams: dict[str, list[list[np.ndarray]]],
                 rng: np.random.Generator) -> dict[str, object]:
-    cfg = HistoryConfig(threshold=threshold, params=params, salt=SALT, slots_log2=24)
+    cfg = HistoryConfig(threshold=threshold, params=params, salt=SALT, table_mb=134.217728)  # 2^24 slots, as tuned
     benign = QueryHistory(cfg)
     await benign.start()
     order = rng.permutation(len(val))
@@ -117,7 +117,7 @@ async def score(params: FingerprintParams, threshold: int, val: np.ndarray, stre
     for kind, runs in streams.items():
         firsts = []
         for stream in runs:
-            h = QueryHistory(replace(cfg, slots_log2=16))  # one attack: a small table
+            h = QueryHistory(replace(cfg, table_mb=0.524288))  # one attack: a small table (2^16 slots)
             await h.start()
             hits = await flagged(h, stream)
             firsts.append(hits.index(True) + 1 if any(hits) else len(stream) + 1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from app.fingerprint import Fingerprinter, FingerprintParams
-from app.history_store import MAX_TTL_S, LocalStore, best_match, pack
+from app.history_store import MAX_TTL_S, LocalStore, best_match, pack, table_slots
 from app.query_history import HistoryConfig, QueryHistory
 from support.fake_store import prototype
 from support.fashion_mnist import load_fashion_mnist_test, png_bytes
@@ -68,7 +68,7 @@ def test_the_table_matches_one_earlier_query_and_forgets_after_the_ttl() -> None
 
 def test_local_store_is_bounded_and_remembers_exact_repeats() -> None:
     async def run() -> None:
-        store = LocalStore(slots_log2=12, ttl_s=60, exact_capacity=3)
+        store = LocalStore(slots=1 << 12, ttl_s=60, exact_capacity=3)
         fp = np.random.default_rng(1).integers(1, 2**63, (200, 50), dtype=np.uint64)
         for i, row in enumerate(fp):
             await store.record(row, i)
@@ -76,6 +76,24 @@ def test_local_store_is_bounded_and_remembers_exact_repeats() -> None:
         assert nbytes == 8 * 4096 and used <= 4096  # never grows
         await store.remember([b"a", b"b", b"c", b"d"], [True, False, False, False])
         assert await store.repeated([b"a", b"b", b"d", b"e"]) == [None, False, False, None]  # "a" evicted
+
+    asyncio.run(run())
+
+
+def test_a_table_of_any_size_in_mb_matches_near_copies() -> None:
+    """Sizes in MB are not powers of two: a hash goes to slot hash mod slots, every slot reachable."""
+    async def run() -> None:
+        slots = table_slots(0.0123)  # 1,537 slots
+        assert slots == 1537
+        store = LocalStore(slots=slots, ttl_s=60, exact_capacity=3)
+        rng = np.random.default_rng(2)
+        fp = rng.integers(1, 2**64, (20, 50), dtype=np.uint64)
+        for i, row in enumerate(fp):
+            await store.record(row, i)
+        near = fp[7].copy()
+        near[:20] = rng.integers(1, 2**64, 20, dtype=np.uint64)  # 30 of 50 hashes shared with query 7
+        assert await store.record(near, 99) >= 15
+        assert store.table.shape == (slots,) and (await store.size())[1] == 8 * slots
 
     asyncio.run(run())
 
@@ -149,7 +167,7 @@ async def test_the_service_rejects_or_flags_attack_queries(make_client, action: 
     else:
         assert all(a["verdict"] == "accept" and a["reason"] is None for a in answers)
     assert _metric(metrics, 'dsphere_query_history_store_up{store="memory"}') == 1
-    assert _metric(metrics, 'dsphere_query_history_store_bytes{store="memory"}') == 8 << 22
+    assert _metric(metrics, 'dsphere_query_history_store_bytes{store="memory"}') == 32_000_000  # the default 32 MB table
 
 
 @pytest.mark.anyio
@@ -188,6 +206,11 @@ def test_settings_refuse_a_short_salt_and_a_foreign_url() -> None:
     with pytest.raises(SettingsError, match="QUERY_HISTORY_REDIS_URL"):
         load_settings(query_history_redis_url="http://example.com")
     assert load_settings(query_history_salt="").query_history_salt is None
+    # a Redis string holds 512 MiB: 2^26 slots, 536 MB; in-process tables may be larger
+    with pytest.raises(SettingsError, match="QUERY_HISTORY_TABLE_MB is at most 536 with Redis"):
+        load_settings(query_history_redis_url="redis://localhost:6379/0", query_history_table_mb=537)
+    assert load_settings(query_history_redis_url="redis://localhost:6379/0", query_history_table_mb=536)
+    assert load_settings(query_history_table_mb=1024).query_history_table_mb == 1024
 
 
 def _metric(text: str, name: str) -> float:
@@ -222,6 +245,6 @@ def test_the_workers_of_a_host_share_one_history_through_a_directory(tmp_path) -
         late = QueryHistory(HistoryConfig(shared_dir=tmp_path))
         await late.start()
         assert (await late.judge(stream[-1][None])).repeat[0]
-        assert b.store_kind == "shared" and (await b.size())[1] == 8 << 22  # type: ignore[index]
+        assert b.store_kind == "shared" and (await b.size())[1] == 32_000_000  # type: ignore[index]
 
     asyncio.run(run())
