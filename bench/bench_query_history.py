@@ -751,8 +751,8 @@ def markdown(res: dict[str, Any]) -> str:
               "A LocalStore in its own process, RSS growth after storing the queries (random distinct fingerprints of "
               "50 hashes); 'held': the share of the stored queries with at least the threshold (15) of their hashes "
               "still in the table, i.e. whose near-duplicates would still be caught.", "",
-              "| DSPHERE_QUERY_HISTORY_TABLE_MB | slots | queries | RSS growth | per query | occupied slots | held (all) "
-              "| held (oldest tenth) |",
+              "| DSPHERE_QUERY_HISTORY_TABLE_MB | slots | queries | RSS growth | per query | occupied slots "
+              "| held (all) | held (oldest tenth) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for x in m["configs"]:
             L.append(f"| {x['table_mb']:g} ({x['table_bytes'] / 1e6:.0f} MB) | {x['slots']:,} | {x['queries']:,} | "

@@ -167,7 +167,7 @@ async def test_the_service_rejects_or_flags_attack_queries(make_client, action: 
     else:
         assert all(a["verdict"] == "accept" and a["reason"] is None for a in answers)
     assert _metric(metrics, 'dsphere_query_history_store_up{store="memory"}') == 1
-    assert _metric(metrics, 'dsphere_query_history_store_bytes{store="memory"}') == 32_000_000  # the default 32 MB table
+    assert _metric(metrics, 'dsphere_query_history_store_bytes{store="memory"}') == 32e6  # the default table: 32 MB
 
 
 @pytest.mark.anyio
