@@ -62,14 +62,14 @@ def explanation(rt: ModelRuntime, v: Verdicts, result: Classification, img: Deco
     """`result` (row 0 of `v`) with the top classes, the label's statistics and the model's input."""
     m = rt.model.manifest
     probabilities = v.class_probabilities[0]  # (K,)
-    top = np.argsort(-probabilities, kind="stable")[:TOP_CLASSES].tolist()
+    top = [] if result.label is None else np.argsort(-probabilities, kind="stable")[:TOP_CLASSES].tolist()
     pixels = np.rint(img.array * 255).astype(np.uint8)  # exact: the array is uint8 / 255
     return Explanation(
         **result.model_dump(),
         top_classes=[ClassProbability(label=j, class_name=m.class_names[j], probability=float(probabilities[j]))
-                     for j in top],
-        angle_mean_deg=m.angle_mean_deg[result.label],
-        angle_std_deg=m.angle_std_deg[result.label],
+                     for j in top],  # none when the answer is withheld (result.label is None)
+        angle_mean_deg=None if result.label is None else m.angle_mean_deg[result.label],
+        angle_std_deg=None if result.label is None else m.angle_std_deg[result.label],
         rho=rt.rho,
         input=ModelInput(shape=rt.input_shape, pixels=pixels.ravel().tolist(), format=img.format,
                          original_size=img.original_size),

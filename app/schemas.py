@@ -24,18 +24,22 @@ class ModelRef(BaseModel):
     version: str
 
 
+WITHHELD = "; null when the answer is withheld (reason query_history: an attack query gets no answer from the model)"
+
+
 class Classification(BaseModel):
-    label: int = Field(description="predicted class index (argmax of logits)")
-    class_name: str
-    probability: float = Field(description="softmax probability of the label")
-    angle_deg: float = Field(description="geodesic angle to the predicted class weight, degrees")
-    threshold_deg: float = Field(description="rho * (angle_mean_deg + angle_std_deg) of the label")
+    label: int | None = Field(description="predicted class index (argmax of logits)" + WITHHELD)
+    class_name: str | None = Field(description="the label's name" + WITHHELD)
+    probability: float | None = Field(description="softmax probability of the label" + WITHHELD)
+    angle_deg: float | None = Field(description="geodesic angle to the predicted class weight, degrees" + WITHHELD)
+    threshold_deg: float | None = Field(description="rho * (angle_mean_deg + angle_std_deg) of the label" + WITHHELD)
     verdict: VerdictName = Field(
         description="reject iff angle_deg > threshold_deg, or the query-history detector judged the input part of "
         "a query attack")
     reason: ReasonName | None = Field(
         None, description="why it is rejected: angle (angle_deg > threshold_deg) or query_history (the input is "
-        "close to many recent queries: an attack in progress, docs/QUERY_HISTORY.md); null when accepted")
+        "close to a recent query: an attack in progress, docs/QUERY_HISTORY.md; the model's outputs are then "
+        "withheld, null); null when accepted")
     model: ModelRef = Field(description="the version that produced this result")
     request_id: str
 
@@ -62,9 +66,10 @@ class ModelInput(BaseModel):
 class Explanation(Classification):
     """What /classify answers, plus what a person needs to see why (the page draws it)."""
 
-    top_classes: list[ClassProbability] = Field(description="the three most probable classes, most probable first")
-    angle_mean_deg: float = Field(description="the label's mean training angle, from the manifest")
-    angle_std_deg: float = Field(description="the label's standard deviation of that angle")
+    top_classes: list[ClassProbability] = Field(
+        description="the three most probable classes, most probable first; empty when the answer is withheld")
+    angle_mean_deg: float | None = Field(description="the label's mean training angle, from the manifest" + WITHHELD)
+    angle_std_deg: float | None = Field(description="the label's standard deviation of that angle" + WITHHELD)
     rho: float = Field(description="threshold_deg = rho * (angle_mean_deg + angle_std_deg)")
     input: ModelInput
 

@@ -94,13 +94,15 @@ class Service:
             v = await rt.classify(x, ticket)
             self.results.put(rt.model.sha256, judged, v)
         if self.history.rejects and judged.attack.any():
-            v = dataclasses.replace(v, accepted=v.accepted & ~judged.attack)
+            # an attack query is rejected and gets no answer from the model: no label, probability or
+            # angle for the attack to learn from (the quarantine and the metrics still see them)
+            v = dataclasses.replace(v, accepted=v.accepted & ~judged.attack, withheld=judged.attack)
         self.metrics.observe_verdicts(rt.name, rt.version, rt.model.manifest.class_names, v)
         q = self.quarantine
         if q is not None:
             for i in np.flatnonzero(~v.accepted).tolist():
                 data, ext = originals(i)
-                (result,) = classification_dicts(rt, v[i : i + 1], request_id)
+                (result,) = classification_dicts(rt, v[i : i + 1], request_id, reveal=True)
                 record = {**result, "index": i if batch else None}
                 await asyncio.to_thread(q.add, data, ext, record)
         return v
@@ -257,25 +259,28 @@ def classifications(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[Clas
     return [Classification.model_validate(d) for d in classification_dicts(rt, v, request_id)]
 
 
-def classification_dicts(rt: ModelRuntime, v: Verdicts, request_id: str) -> list[dict[str, Any]]:
+def classification_dicts(rt: ModelRuntime, v: Verdicts, request_id: str, reveal: bool = False) -> list[dict[str, Any]]:
     """Each row of `v` (verdicts of `rt`) as the `Classification` response model dumps it (its fields, in
-    its order, of plain JSON types): what the classifying routes encode once, with no second pass."""
+    its order, of plain JSON types): what the classifying routes encode once, with no second pass. A row
+    whose answer is withheld (reason query_history) has null for the model's outputs unless `reveal`
+    (the quarantine's record, for the operator)."""
     names = rt.model.manifest.class_names
     ref = {"name": rt.name, "version": rt.version}
-    return [
-        {
-            "label": label,
-            "class_name": names[label],
-            "probability": probability,
-            "angle_deg": angle,
-            "threshold_deg": threshold,
+    out = []
+    for label, probability, angle, threshold, verdict, reason, withheld in zip(
+        v.labels.tolist(), v.probabilities.tolist(), v.angles_deg.tolist(), v.thresholds_deg.tolist(),
+        v.names(), v.reasons(), v.withheld.tolist(), strict=True,
+    ):
+        hidden = withheld and not reveal
+        out.append({
+            "label": None if hidden else label,
+            "class_name": None if hidden else names[label],
+            "probability": None if hidden else probability,
+            "angle_deg": None if hidden else angle,
+            "threshold_deg": None if hidden else threshold,
             "verdict": verdict,
             "reason": reason,
             "model": dict(ref),
             "request_id": request_id,
-        }
-        for label, probability, angle, threshold, verdict, reason in zip(
-            v.labels.tolist(), v.probabilities.tolist(), v.angles_deg.tolist(), v.thresholds_deg.tolist(),
-            v.names(), v.reasons(), strict=True,
-        )
-    ]
+        })
+    return out

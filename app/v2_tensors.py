@@ -151,14 +151,17 @@ def requested_outputs(names: list[str] | None) -> list[str]:
 
 
 def output_arrays(v: Verdicts) -> dict[str, NDArray[Any]]:
-    """Every output of the verdicts, as arrays of the protocol's datatypes (reason: bytes objects)."""
+    """Every output of the verdicts, as arrays of the protocol's datatypes (reason: bytes objects). A row
+    whose answer is withheld (reason query_history) has label -1 and NaN angle, threshold and
+    probability (JSON: null)."""
+    hidden = v.withheld
     return {
-        "label": v.labels.astype(np.int64),
-        "angle_deg": v.angles_deg.astype(np.float64),
+        "label": np.where(hidden, -1, v.labels).astype(np.int64),
+        "angle_deg": np.where(hidden, np.nan, v.angles_deg).astype(np.float64),
         "accepted": v.accepted.astype(np.bool_),
         "reason": np.array([(r or "").encode() for r in v.reasons()], dtype=object),
-        "threshold_deg": v.thresholds_deg.astype(np.float64),
-        "probability": v.probabilities.astype(np.float64),
+        "threshold_deg": np.where(hidden, np.nan, v.thresholds_deg).astype(np.float64),
+        "probability": np.where(hidden, np.nan, v.probabilities).astype(np.float64),
     }
 
 
@@ -175,6 +178,8 @@ def json_values(datatype: str, arr: NDArray[Any]) -> list[Any]:
     if datatype == "BYTES":
         return [b.decode() for b in arr.tolist()]
     values: list[Any] = arr.tolist()
+    if datatype.startswith("FP") and np.isnan(arr).any():
+        return [None if x != x else x for x in values]  # NaN (a withheld answer) is null in JSON
     return values
 
 

@@ -33,6 +33,13 @@ class Verdicts:
     accepted: NDArray[np.bool_]  # (N,)
     probabilities: NDArray[np.float64]  # (N,) softmax probability of the label
     class_probabilities: NDArray[np.float64]  # (N, K) softmax probability of every class
+    # (N,) rejected by the service's query-history detector: the model's answer is not given out
+    # (app/service.py); None (the rule alone): no row
+    withheld: NDArray[np.bool_] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.withheld is None:
+            object.__setattr__(self, "withheld", np.zeros(len(self.labels), np.bool_))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -50,11 +57,11 @@ class Verdicts:
         return ["accept" if ok else "reject" for ok in self.accepted.tolist()]
 
     def reasons(self) -> list[ReasonName | None]:
-        """Why each input is rejected: "angle" (the rule above), "query_history" (the service's
-        query-history detector rejected an input the rule accepts); None when accepted."""
+        """Why each input is rejected: "query_history" (the service's query-history detector: its
+        answer withheld, whatever the rule says), "angle" (the rule above); None when accepted."""
         angle = (self.angles_deg > self.thresholds_deg).tolist()
-        accepted = self.accepted.tolist()
-        return [None if ok else ("angle" if a else "query_history") for ok, a in zip(accepted, angle, strict=True)]
+        return [None if ok and not w else ("query_history" if w or not a else "angle")
+                for ok, a, w in zip(self.accepted.tolist(), angle, self.withheld.tolist(), strict=True)]
 
 
 def softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:

@@ -18,9 +18,10 @@ What the attack is given, per row (y: the true label of the attacked image):
   / 45) when the label is wrong but rejected by the angle (near the cone: near success); m = -(0.01 +
   min(0.99, (threshold - angle) / 45)) when accepted and wrong (success, the deeper in the cone the
   lower); m = 2 when rejected with reason query_history (the detector's answer counts as the true
-  class, with no information). The vector has p[y] = 0.5 + m / 4, p[c] = the rest (c = the answered
-  label when it is wrong, else (y + 1) mod 10), 1e-4 elsewhere: argmax != y exactly when the answer
-  is accepted and wrong, and p[y] - max(others) falls with m.
+  class, with no information: the service withholds the model's outputs, label -1 and NaN). The
+  vector has p[y] = 0.5 + m / 4, p[c] = the rest (c = the answered label when it is a wrong class,
+  else (y + 1) mod 10), 1e-4 elsewhere: argmax != y exactly when the answer is accepted and wrong,
+  and p[y] - max(others) falls with m.
 - "decision": one-hot of the answered label when it is accepted and wrong, else one-hot of y (a
   rejected answer counts as the true class).
 """
@@ -143,7 +144,7 @@ def margin(label: int, accepted: bool, reason: str, probability: float, angle: f
 
 
 def score_vector(m: float, label: int, y: int, k: int = NB_CLASSES) -> NDArray[np.float32]:
-    c = label if label != y else (y + 1) % k
+    c = label if 0 <= label < k and label != y else (y + 1) % k  # label -1: the service withheld its answer
     v = np.full(k, _TINY, np.float64)
     v[y] = min(1.0 - (k - 1) * _TINY, max(0.0, 0.5 + m / 4))
     v[c] = 1.0 - v[y] - (k - 2) * _TINY

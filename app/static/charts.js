@@ -53,6 +53,12 @@ export function angleSummary(r, hist) {
   return text;
 }
 
+// No chart (a withheld answer has no angle); a resize draws nothing again.
+export function clearAngleChart() {
+  lastChart = null;
+  $("angle-chart").replaceChildren();
+}
+
 // The class's training angles (histogram bars, or a mean ± std band), its threshold and this image's angle.
 export function drawAngleChart(r, hist) {
   lastChart = { r, hist };

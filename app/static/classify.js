@@ -1,7 +1,7 @@
 // Classifying an image (POST /explain) and showing the verdict: words, the input, the top classes, the chart.
 
 import { ServiceError, api } from "./api.js";
-import { angleSummary, drawAngleChart, drawModelInput } from "./charts.js";
+import { angleSummary, clearAngleChart, drawAngleChart, drawModelInput } from "./charts.js";
 import { $, clearError, deg, el, pct, showError, showStatus } from "./dom.js";
 import { refreshLive } from "./live.js";
 import { chosenModel, modelDetail } from "./models.js";
@@ -53,19 +53,22 @@ function render(r, detail, blob, name) {
   verdict.className = "verdict " + r.verdict;
   verdict.dataset.verdict = r.verdict;
   $("verdict-word").textContent = r.verdict;
+  const withheld = r.reason === "query_history";  // the model's outputs are null: nothing to show
   const guess = r.class_name + " (" + pct(r.probability) + ")";
   $("verdict-text").textContent = accepted
     ? guess + ". The image lies as close to the " + r.class_name + " class as the model's own training " +
       "images of it do, so the service trusts this label."
-    : r.reason === "query_history"
-    ? "The model's best guess is " + guess + ", but the image is a near-copy of recent queries, the way a " +
-      "query attack probes a model: the service does not trust this answer."
+    : withheld
+    ? "The image is a near-copy of a recent query, the way a query attack probes a model: the service " +
+      "gives no answer from the model for it."
     : "The model's best guess is " + guess + ", but the image lies farther from the " + r.class_name +
       " class than its training images do: the service does not trust this label. It may not be clothing " +
       "at all, or not the kind of picture the model was trained on.";
-  $("reason").textContent = "angle " + deg(r.angle_deg) + (accepted ? " ≤ " : " > ") + "threshold " +
-    deg(r.threshold_deg) + " = ρ " + r.rho.toFixed(3) + " × (mean " + deg(r.angle_mean_deg) + " + std " +
-    deg(r.angle_std_deg) + ") of " + r.class_name + " · " + r.model.name + " " + r.model.version;
+  $("reason").textContent = withheld
+    ? "query history: the model's answer withheld · " + r.model.name + " " + r.model.version
+    : "angle " + deg(r.angle_deg) + (accepted ? " ≤ " : " > ") + "threshold " +
+      deg(r.threshold_deg) + " = ρ " + r.rho.toFixed(3) + " × (mean " + deg(r.angle_mean_deg) + " + std " +
+      deg(r.angle_std_deg) + ") of " + r.class_name + " · " + r.model.name + " " + r.model.version;
 
   if (objectUrl) URL.revokeObjectURL(objectUrl);
   objectUrl = URL.createObjectURL(blob);
@@ -88,11 +91,17 @@ function render(r, detail, blob, name) {
     list.append(item);
   }
 
+  const note = $("histogram-note");
+  if (withheld) {  // no angle to draw
+    clearAngleChart();
+    $("angle-summary").textContent = "No angle: the service withholds the model's answer to a query attack.";
+    note.hidden = true;
+    return;
+  }
   const recorded = detail.manifest && detail.manifest.angle_histogram;
   const hist = recorded ? { edges: recorded.bin_edges_deg, counts: recorded.counts[r.label] } : null;
   drawAngleChart(r, hist);
   $("angle-summary").textContent = angleSummary(r, hist);
-  const note = $("histogram-note");
   note.hidden = Boolean(hist);
   note.textContent = hist ? "" : "This model's manifest has no angle histogram (the version was exported before " +
     "histograms were recorded): the band shows the class's mean ± standard deviation instead of its distribution.";

@@ -34,6 +34,7 @@ from support.browser import browser_unusable, launch_chromium
 from support.bundled import BUNDLED_STORE, MODEL_NAME, bundled_version
 from support.fake_store import angle_histogram, write_version
 from support.fashion_mnist import load_fashion_mnist_test, load_fashion_mnist_test_labels, png_bytes
+from support.query_streams import square_queries
 from support.server import ServerHandle, start_server
 
 BASELINE = "fashion-mnist-baseline"
@@ -341,4 +342,28 @@ def test_docs_and_redoc_list_the_operations_from_local_assets(visit: Visit, serv
     page.goto(server.url + "/redoc")
     page.wait_for_selector("text=Classify one image and show why")
     assert page.locator("[data-section-id^='operation/']").count() >= len(operations)
+    visit.assert_only_own_origin()
+
+
+def test_an_attack_query_shows_that_the_model_gives_no_answer(visit: Visit) -> None:
+    """Square's queries on one test image, picked one after another: once the service sees the attack,
+    the page says the answer is withheld and shows no class, probability, angle or chart."""
+    x = load_fashion_mnist_test(1234)[1233].astype(np.float32)[None] / 255
+    shown: dict[str, Any] = {}
+    for i, q in enumerate(square_queries(x, 12)):
+        with visit.page.expect_response(lambda r: "/explain" in r.url):
+            _pick(visit, f"query-{i}.png", png_bytes(np.rint(q[0] * 255).astype(np.uint8)))
+        visit.page.wait_for_function("() => !document.getElementById('status').textContent")
+        shown = visit.page.evaluate("""() => ({
+            text: document.getElementById('verdict-text').textContent,
+            reason: document.getElementById('reason').textContent,
+            top: document.querySelectorAll('#top-classes li').length,
+            chart: document.getElementById('angle-chart').childElementCount,
+            summary: document.getElementById('angle-summary').textContent,
+        })""")
+        if shown["reason"].startswith("query history"):
+            break
+    assert i >= 1 and shown["reason"].startswith("query history: the model's answer withheld"), shown
+    assert "gives no answer from the model" in shown["text"] and "null" not in shown["text"]
+    assert (shown["top"], shown["chart"]) == (0, 0) and "No angle" in shown["summary"]
     visit.assert_only_own_origin()

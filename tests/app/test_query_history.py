@@ -5,6 +5,8 @@ Redis store: tests/app/test_query_history_redis.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from app.fingerprint import Fingerprinter, FingerprintParams
 from app.history_store import MAX_TTL_S, LocalStore, best_match, pack, table_slots
 from app.query_history import HistoryConfig, QueryHistory
-from support.fake_store import prototype
+from support.fake_store import CLASS_NAMES, NAME, prototype
 from support.fashion_mnist import load_fashion_mnist_test, png_bytes
 from support.query_streams import square_queries
 
@@ -157,17 +159,53 @@ async def test_the_service_rejects_or_flags_attack_queries(make_client, action: 
         recent = (await c.get("/stats")).json()  # the page's live panel
     reasons = [a["reason"] for a in answers]
     assert health["query_history"] == {"action": action, "store": "memory", "status": "ok", "error": None}
-    assert all(a["label"] == 3 for a in answers)
     flagged = _metric(metrics, f'dsphere_query_history_attack_queries_total{{action="{action}"}}')
     assert flagged >= 20 and _metric(metrics, "dsphere_query_history_checked_total") == 25
     assert recent["attack_queries"] == flagged
+    answered = [a for a in answers if a["reason"] != "query_history"]
+    assert answered and all(a["label"] == 3 and a["class_name"] == CLASS_NAMES[3] for a in answered)
     if action == "reject":
         assert reasons[0] is None and reasons.count("query_history") == flagged
-        assert all(a["verdict"] == "reject" for a in answers if a["reason"] == "query_history")
+        # an attack query gets a rejection and nothing of the model's: no label, probability or angle
+        model_outputs = ("label", "class_name", "probability", "angle_deg", "threshold_deg")
+        assert all(a["verdict"] == "reject" and all(a[k] is None for k in model_outputs)
+                   for a in answers if a["reason"] == "query_history")
     else:
         assert all(a["verdict"] == "accept" and a["reason"] is None for a in answers)
     assert _metric(metrics, 'dsphere_query_history_store_up{store="memory"}') == 1
     assert _metric(metrics, 'dsphere_query_history_store_bytes{store="memory"}') == 32e6  # the default table: 32 MB
+
+
+@pytest.mark.anyio
+async def test_no_route_gives_an_attack_query_the_models_answer(make_client, tmp_path: Path) -> None:
+    """V2 (JSON and binary outputs: label -1, NaN / null), /explain (no top classes, no statistics) and
+    /classify/batch withhold the model's outputs for an attack query; the quarantine keeps them."""
+    base = prototype(3).astype(np.float32)[None] / 255
+    stream = square_queries(base, 12, eps=0.05)
+    outputs = [{"name": n} for n in ("label", "angle_deg", "accepted", "reason", "threshold_deg", "probability")]
+    async with make_client(quarantine_dir=tmp_path / "q") as c:
+        for q in stream[:-3]:  # the attack, through V2 JSON
+            r = await c.post(f"/v2/models/{NAME}/infer", json={"inputs": [
+                {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": q.ravel().tolist()}],
+                "outputs": outputs})
+            assert r.status_code == 200, r.text
+        got = {o["name"]: o["data"][0] for o in r.json()["outputs"]}
+        binary = await c.post(f"/v2/models/{NAME}/infer", json={"inputs": [
+            {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": stream[-3].ravel().tolist()}],
+            "outputs": [{"name": "probability", "parameters": {"binary_data": True}}]})
+        explained = (await c.post("/explain", files={"file": ("q.png", _pngs(stream[-2:-1])[0], "image/png")})).json()
+        batch = (await c.post("/classify/batch", files=[("files", ("q.png", p, "image/png"))
+                                                        for p in _pngs([stream[-1], prototype(7)[None] / 255])])).json()
+    assert got == {"label": -1, "angle_deg": None, "accepted": False, "reason": "query_history",
+                   "threshold_deg": None, "probability": None}
+    assert binary.status_code == 200 and np.isnan(np.frombuffer(binary.content[-8:], "<f8")).all()
+    assert explained["reason"] == "query_history" and explained["top_classes"] == []
+    assert explained["label"] is None and explained["angle_mean_deg"] is None and explained["input"]["pixels"]
+    first, other = batch["results"]
+    assert first["reason"] == "query_history" and first["label"] is None and first["probability"] is None
+    assert other["reason"] is None and other["label"] == 7  # a benign image in the same request is answered
+    kept = [json.loads(f.read_text()) for f in sorted((tmp_path / "q").rglob("*.json"))]
+    assert kept and all(k["reason"] == "query_history" and k["label"] == 3 for k in kept)  # the operator sees it
 
 
 @pytest.mark.anyio

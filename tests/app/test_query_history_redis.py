@@ -94,7 +94,7 @@ async def test_two_instances_on_one_redis_see_one_history(make_client, redis_ser
     assert reasons[0] is None  # the first query: nothing to match yet
     assert reasons[1] == "query_history", reasons  # B's first query matches A's: one history
     assert on_b.count("query_history") >= 10 and reasons.count("query_history") >= 20, reasons
-    assert all(x["label"] == 3 and x["verdict"] == "reject" for x in answers if x["reason"] == "query_history")
+    assert all(x["label"] is None and x["verdict"] == "reject" for x in answers if x["reason"] == "query_history")
     for text in texts:  # each instance judged its half, against the shared table
         assert metric(text, "dsphere_query_history_checked_total") == 12
         assert metric(text, 'dsphere_query_history_store_up{store="redis"}') == 1

@@ -53,9 +53,11 @@ def test_score_vector_encodes_the_served_rule() -> None:
     wrong_accepted = margin(5, True, "", 0.6, 30.0, 40.0, y)
     detected = margin(5, True, "query_history", 0.6, 30.0, 40.0, y)
     assert detected > correct > wrong_rejected_far > wrong_rejected_near > 0 > wrong_accepted
-    for m, label in ((correct, 3), (wrong_rejected_near, 5), (detected, 5)):
-        v = score_vector(m, label, y)
-        assert v.argmax() == y and abs(v.sum() - 1) < 1e-5
+    withheld = margin(-1, False, "query_history", float("nan"), float("nan"), float("nan"), 9)
+    assert withheld == detected
+    for m, label, true in ((correct, 3, y), (wrong_rejected_near, 5, y), (detected, 5, y), (withheld, -1, 9)):
+        v = score_vector(m, label, true)
+        assert v.argmax() == true and abs(v.sum() - 1) < 1e-5
     v = score_vector(wrong_accepted, 5, y)
     assert v.argmax() == 5 and abs(v.sum() - 1) < 1e-5
     assert decision_vector(5, True, y).argmax() == 5 and decision_vector(5, False, y).argmax() == y
