@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from training.evaluation.paired import BOOTSTRAP_SAMPLES, OUTCOMES, compare_reports, describe
 from training.evaluation.schema import AttackResult, Report
 
 Cell = Callable[[Report], str]
@@ -135,7 +136,26 @@ def render_comparison(reports: list[Report], title: str = "Models side by side")
              + ", ".join(f"`{r.model.path}` ({r.created_at:%Y-%m-%d})" for r in reports) + ".\n",
              "| | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(reports)]
     lines += [f"| {label} | " + " | ".join(cell(r) for r in reports) + " |" for label, cell in _rows(reports)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _paired(reports)) + "\n"
+
+
+def _paired(reports: list[Report]) -> list[str]:
+    """The first report against each other one, paired on the same images (paired.py)."""
+    if len(reports) < 2:
+        return []
+    first = reports[0]
+    lines = ["", "## Paired on the same images (worst case per example)", "",
+             "The difference of each rate, first column minus the other, with McNemar's exact test on the "
+             "images one model gets right and the other does not, and a 95 % bootstrap interval over images "
+             f"({BOOTSTRAP_SAMPLES:,} resamples).", ""]
+    for other in reports[1:]:
+        for outcome in OUTCOMES:
+            pair = f"{first.model.name} {first.model.version} − {other.model.name} {other.model.version}, {outcome}"
+            try:
+                lines.append(f"- {pair}: {describe(compare_reports(first, other, outcome))}")
+            except ValueError as e:
+                lines.append(f"- {pair}: no paired test ({e})")
+    return lines
 
 
 def write_comparison(paths: list[Path], out: Path) -> Path:

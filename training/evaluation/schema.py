@@ -62,6 +62,11 @@ class WorstCase(_Model):
     defended_rate: float
     success_rate: float
     note: str = ""
+    # per example, in order (the first n_examples of the split): "1" where broken (accepted and wrong
+    # under some attack) / wrong (misclassified under some attack); "" in reports made before they were
+    # recorded. What a paired comparison of two models on the same images needs (compare.py).
+    broken: str = ""
+    wrong: str = ""
 
 
 class PgdBudgetCheck(_Model):

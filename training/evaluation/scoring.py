@@ -129,7 +129,13 @@ def worst_case(judged: Sequence[Verdicted], n: int | None = None, note: str = ""
         broken[:k] |= j.broken[:k]
         wrong[:k] |= ~j.correct[:k]
     return WorstCase(n_examples=m, attacks=[j.name for j in judged], robust_accuracy=float((~wrong).mean()),
-                     defended_rate=float((~broken).mean()), success_rate=float(broken.mean()), note=note)
+                     defended_rate=float((~broken).mean()), success_rate=float(broken.mean()), note=note,
+                     broken=bits(broken), wrong=bits(wrong))
+
+
+def bits(flags: np.ndarray) -> str:
+    """Booleans as a string of "0" and "1" (a report's per-example outcomes)."""
+    return "".join("1" if f else "0" for f in np.asarray(flags, bool).tolist())
 
 
 def roc_auc(neg: np.ndarray, pos: np.ndarray) -> float:
