@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -68,8 +69,18 @@ def best_match(hashes: NDArray[np.uint64], old: NDArray[np.uint64], now_s: int, 
     return Counter(ids.tolist()).most_common(1)[0][1] if len(ids) else 0
 
 
+Prints = Callable[[list[int]], NDArray[np.uint64]]  # rows (of a request's distinct inputs) -> their fingerprints
+
+
 class HistoryStore(Protocol):
     kind: str
+
+    async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
+        """The judgement of a request's distinct inputs in one step: for each digest, the decision its
+        first query got (None: new), and for each new input, the most of its hashes (`prints` of its
+        row, stored under `ids` of its row) one earlier query had; a new input is remembered as benign
+        before its fingerprint is stored (a retry is never a near-copy of itself)."""
+        ...
 
     async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
         """Store one fingerprint; the most of its hashes one earlier (fresh) query had."""
@@ -88,6 +99,20 @@ class HistoryStore(Protocol):
     async def close(self) -> None: ...
 
 
+async def check_in_steps(store: HistoryStore, digests: list[bytes], prints: Prints,
+                         ids: list[int]) -> tuple[list[bool | None], list[int]]:
+    """HistoryStore.check from its other methods (a store in this host's memory: no round trips to save);
+    only new inputs are fingerprinted."""
+    known = await store.repeated(digests)
+    new = [j for j, k in enumerate(known) if k is None]
+    overlaps = [0] * len(digests)
+    if new:
+        await store.remember([digests[j] for j in new], [False] * len(new))
+        for j, row in zip(new, prints(new), strict=True):
+            overlaps[j] = await store.record(row, ids[j])
+    return known, overlaps
+
+
 class LocalStore:
     kind = "memory"
 
@@ -98,6 +123,9 @@ class LocalStore:
         self.exact_capacity = exact_capacity
         self._exact: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
         self._occupied = 0
+
+    async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
+        return await check_in_steps(self, digests, prints, ids)
 
     async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
         now = int(time.time())
@@ -231,18 +259,51 @@ class RedisStore:
             raise StoreUnavailable("redis holds no query-history salt")
         return salt
 
+    async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
+        """One round trip, one transaction (MULTI/EXEC: no other process's commands in between): MGET the
+        digests, SET NX each as benign, one BITFIELD per input. Every input is fingerprinted and
+        stored, a repeat too (its own hashes again, under a new id: its earlier entries refreshed);
+        a repeat's overlap is not read."""
+        now = int(time.time())
+        keys = [self.EXACT + d.hex() for d in digests]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.mget(keys)
+        for key in keys:
+            pipe.set(key, b"0", ex=max(1, int(self.ttl_s)), nx=True)
+        hashes = []
+        for row, query_id in zip(prints(list(range(len(digests)))), ids, strict=True):
+            h = row[row != 0]
+            hashes.append(h)
+            if len(h):
+                pipe.execute_command("BITFIELD", self.TABLE, *self._sets(h, query_id, now))
+        async with self._guard():
+            replies = await pipe.execute()
+        known = [None if v is None else v == b"1" for v in replies[0]]
+        olds = iter(replies[1 + len(keys):])
+        overlaps = []
+        for h in hashes:
+            overlaps.append(self._overlap(h, next(olds), now) if len(h) else 0)
+        return known, overlaps
+
     async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
         now = int(time.time())
         h = fingerprint[fingerprint != 0]
         if not len(h):
             return 0
-        field = self.client.bitfield(self.TABLE)
-        # Redis's BITFIELD has no u64 (unsigned types end at u63): the same 64 bits as i64.
-        values = pack(h, query_id, now).view(np.int64).tolist()
-        for slot, value in zip((h % self.slots).tolist(), values, strict=True):
-            field.set("i64", f"#{slot}", value)  # BITFIELD ... SET returns the old value
         async with self._guard():
-            old = await field.execute()
+            old = await self.client.execute_command("BITFIELD", self.TABLE, *self._sets(h, query_id, now))
+        return self._overlap(h, old, now)
+
+    def _sets(self, h: NDArray[np.uint64], query_id: int, now: int) -> list[str | int]:
+        """BITFIELD's arguments writing each hash to its slot (SET returns the slot's old value). Redis's
+        BITFIELD has no u64 (unsigned types end at u63): the same 64 bits as i64."""
+        args: list[str | int] = []
+        for slot, value in zip((h % self.slots).tolist(), pack(h, query_id, now).view(np.int64).tolist(),
+                               strict=True):
+            args += ["SET", "i64", f"#{slot}", value]
+        return args
+
+    def _overlap(self, h: NDArray[np.uint64], old: list[int], now: int) -> int:
         old_a = np.asarray(old, np.int64).view(np.uint64)
         self._new_slots += int(np.count_nonzero(old_a == 0))
         return best_match(h, old_a, now, self.ttl_s)

@@ -140,31 +140,25 @@ class QueryHistory:
 
     async def _judge(self, x: NDArray[np.float32], store: HistoryStore, fp: Fingerprinter) -> Judgement:
         digests = fp.digests(x)
-        known = await store.repeated(digests)
+        first: dict[bytes, int] = {}  # each distinct input's first row (the same input twice: a repeat)
+        for i, d in enumerate(digests):
+            first.setdefault(d, i)
+        rows = list(first.values())
+        known, overlaps = await store.check(list(first), lambda js: fp.fingerprints(x[[rows[j] for j in js]]),
+                                            [secrets.randbits(24) for _ in rows])
         attack, repeat = np.zeros(len(x), bool), np.zeros(len(x), bool)
-        first: dict[bytes, int] = {}
-        new_rows: list[int] = []
-        for i, (d, k) in enumerate(zip(digests, known, strict=True)):
+        flagged = []
+        for i, k, overlap in zip(rows, known, overlaps, strict=True):
             if k is not None:
                 attack[i], repeat[i] = k, True
-            elif d in first:  # the same input twice in one batch
-                repeat[i] = True
-            else:
-                first[d] = i
-                new_rows.append(i)
-        if new_rows:
-            # Remembered as benign before the fingerprints are stored: should the store fail in
-            # between, a retry of these inputs is an exact repeat, never a near-copy of itself.
-            await store.remember([digests[i] for i in new_rows], [False] * len(new_rows))
-            prints = fp.fingerprints(x[new_rows])
-            for i, row in zip(new_rows, prints, strict=True):
-                attack[i] = await store.record(row, secrets.randbits(24)) >= self.cfg.threshold
-            flagged = [i for i in new_rows if attack[i]]
-            if flagged:
-                await store.remember([digests[i] for i in flagged], [True] * len(flagged))
+            elif overlap >= self.cfg.threshold:
+                attack[i] = True
+                flagged.append(digests[i])
+        if flagged:
+            await store.remember(flagged, [True] * len(flagged))
         for i, d in enumerate(digests):
-            if repeat[i] and known[i] is None:
-                attack[i] = attack[first[d]]
+            if first[d] != i:
+                attack[i], repeat[i] = attack[first[d]], True
         return Judgement(attack, repeat, checked=True, digests=digests)
 
     @property
