@@ -231,3 +231,38 @@ def test_after_a_redis_restart_every_process_fingerprints_with_one_salt(redis_se
         await new.close()
 
     asyncio.run(run())
+
+
+def test_redis_judges_batches_as_the_in_process_store_does(redis_server: RedisHandle) -> None:
+    """Batches with an input twice, exact repeats of benign and of attack queries, and an attack
+    stream: Redis's one transaction a request gives the in-process store's judgements, row by row."""
+    from app.query_history import HistoryConfig, QueryHistory
+
+    salt = b"0123456789abcdef-redis-batches"
+    benign = np.stack([prototype(k) for k in range(6)]).astype(np.float32)[:, None] / 255
+    stream = np.stack(square_stream(prototype(3).astype(np.float32)[None] / 255, 16, 0.05))
+    batches = [
+        np.concatenate([benign[:5], benign[:1]]),  # image 0 twice in one request
+        np.concatenate([benign[1:2], stream[:8]]),  # image 1 again: an exact repeat; then an attack
+        np.concatenate([stream[8:], stream[5:6], benign[5:6]]),  # a flagged query again; a new benign image
+    ]
+
+    async def judge_all(cfg: HistoryConfig) -> list[tuple[list[bool], list[bool]]]:
+        h = QueryHistory(cfg)
+        await h.start()
+        out = []
+        for b in batches:
+            j = await h.judge(b)
+            assert j.checked
+            out.append((j.attack.tolist(), j.repeat.tolist()))
+        await h.close()
+        return out
+
+    local = asyncio.run(judge_all(HistoryConfig(salt=salt)))
+    shared = asyncio.run(judge_all(HistoryConfig(salt=salt, redis_url=redis_server.url)))
+    assert shared == local
+    (a1, r1), (a2, r2), (a3, r3) = local
+    assert r1 == [False] * 5 + [True] and not any(a1)
+    assert r2[0] and not a2[0] and sum(a2[1:]) >= 5  # the stream is caught within the request
+    assert r3[-2] and a3[-2] == a2[6] and a3[-2]  # the flagged query again: still an attack query
+    assert not r3[-1] and not a3[-1]
