@@ -2,7 +2,7 @@
 
     python bench/bench_query_history.py [--n 70000] [--batch 64] [--retaken 2000] [--duration 10]
         [--concurrency 16] [--rounds 2] [--lookup-calls 3000] [--mem-queries 1000000]
-        [--mem-mb 512,256] [--attack-seeds 12] [--attack-queries 60] [--sections all]
+        [--mem-mb 512,500,256] [--attack-seeds 12] [--attack-queries 60] [--sections all]
         [--out docs/results/query-history]
 
 Sections (--sections, comma-separated, or all):
@@ -795,7 +795,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--lookup-calls", type=int, default=3000)
     ap.add_argument("--mem-queries", type=int, default=1_000_000)
-    ap.add_argument("--mem-mb", default="512,256")
+    ap.add_argument("--mem-mb", default="512,500,256")
     ap.add_argument("--attack-seeds", type=int, default=12)
     ap.add_argument("--attack-queries", type=int, default=60)
     ap.add_argument("--sections", default="all")
