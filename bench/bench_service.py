@@ -1,6 +1,6 @@
 """Load test of the dsphere service with wrk, beside a bare decode-only ceiling, in one run.
 
-    python bench/bench_service.py [--duration 5] [--concurrency 1,16,64] [--servers 1x0,default]
+    python bench/bench_service.py [--duration 5] [--concurrency 1,16,64] [--servers 1x0,1x0-off,default]
                                   [--model fashion-mnist-dsphere] [--precisions fp32] [--batch-files 0]
 
 For the tiny fixture model of support/fake_store.py (about 1 us an image: the service's own work)
@@ -9,6 +9,8 @@ and for the served model of the bundled store (MODEL), it starts each server of 
                default); W > 1 runs under gunicorn -c gunicorn.conf.py with DSPHERE_WORKERS=W
   * `default`  what the image and `make serve` run: gunicorn -c gunicorn.conf.py as it stands
                (DSPHERE_WORKERS and its inference threads, /metrics over the workers)
+  * a `-off` suffix: the same with the query-history detector off (DSPHERE_QUERY_HISTORY_ACTION=off),
+               to show what the detector costs
 each on 127.0.0.1 with the query-history detector on (its default, "reject"), and beside them
 `bench/bare_app.py` (one uvicorn worker: the same multipart parsing and image decoding, no model:
 the ceiling). wrk (the Lua script of support/loadgen.py) POSTs /classify at each concurrency,
@@ -87,7 +89,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     ap.add_argument("--concurrency", default="1,16,64")
-    ap.add_argument("--servers", default="1x0,default", help="WxT (workers x inference threads) or default")
+    ap.add_argument("--servers", default="1x0,1x0-off,default",
+                    help="WxT (workers x inference threads) or default, each with -off: the detector off")
     ap.add_argument("--models", default="fixture,served", help="fixture, served, or both")
     ap.add_argument("--model", default=NAME, help="the served model: a model of the bundled store")
     ap.add_argument("--precisions", default="fp32", help="DSPHERE_PRECISION values of the served model")
@@ -144,6 +147,9 @@ def server_env(store: Path, name: str, precision: str, server: str) -> tuple[dic
     for key in ("PROMETHEUS_MULTIPROC_DIR", "DSPHERE_QUERY_HISTORY_SHARED_DIR", "DSPHERE_SERVED_MODEL_FILE",
                 "DSPHERE_WORKERS", "DSPHERE_INTRA_OP_THREADS"):
         env.pop(key, None)  # gunicorn.conf.py's fresh ones
+    if server.endswith("-off"):
+        env["DSPHERE_QUERY_HISTORY_ACTION"] = "off"
+        server = server.removesuffix("-off")
     if server == "default":
         return env, 0
     w, t = (int(v) for v in server.split("x"))
