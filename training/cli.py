@@ -178,6 +178,26 @@ def keep(
     typer.echo(f"kept {keep_checkpoint(run, dest)}")
 
 
+@app.command("choose-on-validation")
+def choose_on_validation(
+    checkpoints: Annotated[list[Path], typer.Argument(help="kept checkpoints (checkpoints/<run>)")],
+    must_beat: Annotated[Path | None, typer.Option(
+        help="a predecessor's kept checkpoint: exit 1 unless the first checkpoint given beats it")] = None,
+) -> None:
+    """Rank kept checkpoints by their best validation guard check (defended rate under the served rule;
+    training/validation_choice.py); with --must-beat, the gate a new version passes to be published."""
+    from training.validation_choice import guard_best, ranking, table
+
+    typer.echo(table(ranking(checkpoints + ([must_beat] if must_beat else []))))
+    if must_beat is not None:
+        new, old = guard_best(checkpoints[0]), guard_best(must_beat)
+        if new.key <= old.key:
+            typer.echo(f"{new.checkpoint} does not beat {old.checkpoint} on the validation guard "
+                       f"({100 * new.defended_rate:.1f} % vs {100 * old.defended_rate:.1f} %): not published")
+            raise SystemExit(1)
+        typer.echo(f"{new.checkpoint} beats {old.checkpoint} on the validation guard")
+
+
 def main() -> None:
     from training.checkpoint import CheckpointError
     from training.data import DataError
