@@ -15,10 +15,11 @@ with the decision the first one got, for `ttl_s`, at most `exact_capacity` of th
 - SharedStore: the same table as a file every worker of one host maps (a directory on tmpfs,
   like Prometheus's multiprocess one), the digests in a second direct-mapped table beside it,
   the salt in a file the first worker writes: the workers of one host share one history.
-- RedisStore: the same table as one Redis string, read and written by a single BITFIELD
-  command per query (SET returns each slot's old value: lookup and insert in one atomic round
-  trip), digests as keys with an expiry; every worker and replica pointed at the same Redis
-  shares one history, so an attack spread over them is seen as one.
+- RedisStore: the same table as one Redis string, digests as keys with an expiry; a request's
+  inputs are judged by one Lua script (one atomic round trip: the digests looked up and set, a
+  BITFIELD per input whose SETs return each slot's old value: lookup and insert in one step); every
+  worker and replica pointed at the same Redis shares one history, so an attack spread over them
+  is seen as one.
 """
 
 from __future__ import annotations
@@ -247,6 +248,7 @@ class RedisStore:
         if slots > REDIS_MAX_SLOTS:
             raise ValueError(f"a Redis table holds at most {REDIS_MAX_SLOTS} slots, not {slots}")
         self.slots = np.uint64(slots)
+        self._check = self.client.register_script(_CHECK_LUA)  # EVALSHA, loaded again after a restart
         self.ttl_s = ttl_s
         self._new_slots = 0  # slots this process filled since it last told Redis
 
@@ -260,29 +262,33 @@ class RedisStore:
         return salt
 
     async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
-        """One round trip, one transaction (MULTI/EXEC: no other process's commands in between): MGET the
-        digests, SET NX each as benign, one BITFIELD per input. Every input is fingerprinted and
-        stored, a repeat too (its own hashes again, under a new id: its earlier entries refreshed);
-        a repeat's overlap is not read."""
+        """One round trip, atomic (a Lua script: no other process's commands in between): MGET the
+        digests, SET NX each as benign, one BITFIELD per input. The slots and values travel as one
+        binary argument (a command of 200 arguments per input costs the client more than the rest of
+        the judgement). Every input is fingerprinted and stored, a repeat too (its own hashes again,
+        under a new id: its earlier entries refreshed); a repeat's overlap is not read."""
+        if not digests:
+            return [], []
         now = int(time.time())
         keys = [self.EXACT + d.hex() for d in digests]
-        pipe = self.client.pipeline(transaction=True)
-        pipe.mget(keys)
-        for key in keys:
-            pipe.set(key, b"0", ex=max(1, int(self.ttl_s)), nx=True)
-        hashes = []
-        for row, query_id in zip(prints(list(range(len(digests)))), ids, strict=True):
-            h = row[row != 0]
-            hashes.append(h)
-            if len(h):
-                pipe.execute_command("BITFIELD", self.TABLE, *self._sets(h, query_id, now))
+        hashes = [row[row != 0] for row in prints(list(range(len(digests))))]
+        parts = []
+        for h, query_id in zip(hashes, ids, strict=True):
+            words = np.empty((len(h), 3), "<u4")
+            words[:, 0] = (h % self.slots).astype(np.uint32)
+            values = pack(h, query_id, now)
+            words[:, 1], words[:, 2] = values >> np.uint64(32), values & np.uint64(0xFFFFFFFF)
+            parts += [np.uint32(len(h)).astype("<u4").tobytes(), words.tobytes()]
         async with self._guard():
-            replies = await pipe.execute()
-        known = [None if v is None else v == b"1" for v in replies[0]]
-        olds = iter(replies[1 + len(keys):])
-        overlaps = []
+            known_raw, olds = await self._check(keys=[self.TABLE, *keys],
+                                                args=[max(1, int(self.ttl_s)), b"".join(parts)])
+        known = [None if v is None else v == b"1" for v in known_raw]
+        old = np.asarray(olds, np.uint64).reshape(-1, 2)
+        old = (old[:, 0] << np.uint64(32)) | old[:, 1]
+        overlaps, at = [], 0
         for h in hashes:
-            overlaps.append(self._overlap(h, next(olds), now) if len(h) else 0)
+            overlaps.append(self._overlap(h, old[at: at + len(h)], now) if len(h) else 0)
+            at += len(h)
         return known, overlaps
 
     async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
@@ -303,8 +309,8 @@ class RedisStore:
             args += ["SET", "i64", f"#{slot}", value]
         return args
 
-    def _overlap(self, h: NDArray[np.uint64], old: list[int], now: int) -> int:
-        old_a = np.asarray(old, np.int64).view(np.uint64)
+    def _overlap(self, h: NDArray[np.uint64], old: list[int] | NDArray[np.uint64], now: int) -> int:
+        old_a = old if isinstance(old, np.ndarray) else np.asarray(old, np.int64).view(np.uint64)
         self._new_slots += int(np.count_nonzero(old_a == 0))
         return best_match(h, old_a, now, self.ttl_s)
 
@@ -333,6 +339,36 @@ class RedisStore:
     def _guard(self) -> _Guard:
         return _Guard(self._errors)
 
+
+
+# RedisStore.check on the server. KEYS: the table, then each input's digest key; ARGV[1]: the digests'
+# expiry (s); ARGV[2]: per input, a little-endian uint32 count n, then n × (slot, value's high 32 bits,
+# low 32 bits). Each 64-bit slot is written as two u32 fields (the i64 slot #k is u32 #2k and #2k+1:
+# BITFIELD is big-endian), so every number Lua handles is exact in its doubles. Returns the MGET of the
+# digests and the old u32 halves of every slot written, in order.
+_CHECK_LUA = """
+local known = redis.call('MGET', unpack(KEYS, 2))
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], '0', 'EX', ARGV[1], 'NX')
+end
+local blob, pos, old = ARGV[2], 1, {}
+while pos <= #blob do
+  local n
+  n, pos = struct.unpack('<I4', blob, pos)
+  if n > 0 then
+    local args = {}
+    for j = 1, n do
+      local slot, hi, lo
+      slot, hi, lo, pos = struct.unpack('<I4I4I4', blob, pos)
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = '#' .. (2 * slot); args[#args + 1] = hi
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = '#' .. (2 * slot + 1); args[#args + 1] = lo
+    end
+    local got = redis.call('BITFIELD', KEYS[1], unpack(args))
+    for j = 1, #got do old[#old + 1] = got[j] end
+  end
+end
+return {known, old}
+"""
 
 class _Guard:
     """Turns the client's errors into StoreUnavailable (one type for the detector to catch)."""
