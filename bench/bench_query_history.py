@@ -671,7 +671,8 @@ def markdown(res: dict[str, Any]) -> str:
     made = "; ".join(f"{', '.join(secs)}: `{c}`" for c, secs in by_cmd.items()) or f"`{res['command']}`"
     L = ["# Query-history detector: benign traffic and cost (#26)", "",
          f"Made by (section: command) {made}; on {res['machine']}; model {res['model']}, one uvicorn worker "
-         "per server unless said, detector defaults (reject, threshold 15 of 50 hashes, 2^22 slots, ttl 24 h). "
+         "per server unless said, detector defaults of the section's commit (reject, threshold 15 of 50 hashes, "
+         "ttl 24 h; the table 2^22 slots before DSPHERE_QUERY_HISTORY_TABLE_MB, 32 MB = 4,000,000 slots since). "
          "The commit each section measured: benign-and-cost.json, `code`.", ""]
     b = res.get("benign")
     if b:
