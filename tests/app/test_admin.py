@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from support.fake_store import prototype, write_version
+from support.fake_store import NAME, prototype, write_version
 from support.fashion_mnist import png_bytes
 from tests.app.conftest import ADMIN_TOKEN
 
@@ -46,8 +46,8 @@ async def test_reload_swaps_and_names_version(make_client, store) -> None:
         r = await c.post("/admin/reload", json={"version": "2"}, headers=AUTH)
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "reloaded"
-        assert r.json()["previous"] == {"name": "fashion-mnist-dsphere", "version": "1"}
-        assert r.json()["model"] == {"name": "fashion-mnist-dsphere", "version": "2"}
+        assert r.json()["previous"] == {"name": NAME, "version": "1"}
+        assert r.json()["model"] == {"name": NAME, "version": "2"}
         assert (await _classify(c)).json()["model"]["version"] == "2"
         assert (await c.get("/readyz")).json()["model"]["version"] == "2"
         metrics = (await c.get("/metrics")).text
@@ -66,7 +66,7 @@ async def test_failed_reload_keeps_old_model(make_client, store) -> None:
     assert r.status_code == 409
     assert r.json()["detail"].startswith(f"{d / 'model.onnx'}: sha256 ")
     assert r2.status_code == 404
-    where = store / "fashion-mnist-dsphere"
+    where = store / NAME
     assert r2.json() == {"detail": f"version '9' of model 'fashion-mnist-dsphere' not found in {where}"}
     assert r3.status_code == 422 and r3.json()["detail"].startswith("body.version: String should match pattern")
     assert after.status_code == 200 and after.json()["model"]["version"] == "1"

@@ -40,7 +40,7 @@ async def test_classify_multipart_accepts_prototype(make_client) -> None:
     assert body["verdict"] == "accept"
     assert body["angle_deg"] < body["threshold_deg"] == pytest.approx(15.0)
     assert 0 < body["probability"] <= 1
-    assert body["model"] == {"name": "fashion-mnist-dsphere", "version": "1"}
+    assert body["model"] == {"name": NAME, "version": "1"}
     assert body["request_id"] == r.headers["x-request-id"]
 
 
@@ -252,12 +252,12 @@ async def test_health_and_ready(make_client) -> None:
     async with make_client() as c:
         health = (await c.get("/healthz")).json()
         r = await c.get("/readyz")
-    assert health["status"] == "ok" and health["model"] == {"name": "fashion-mnist-dsphere", "version": "1"}
+    assert health["status"] == "ok" and health["model"] == {"name": NAME, "version": "1"}
     runtime = health["runtime"]
     assert (runtime["backend"], runtime["precision"], runtime["fallback"]) == ("onnxruntime", "fp32", None)
     assert (runtime["requested_backend"], runtime["requested_precision"]) == ("onnxruntime", "fp32")
     assert r.status_code == 200
-    assert r.json() == {"status": "ready", "model": {"name": "fashion-mnist-dsphere", "version": "1"}}
+    assert r.json() == {"status": "ready", "model": {"name": NAME, "version": "1"}}
 
 
 async def test_not_ready_503(make_client, tmp_path) -> None:
@@ -281,7 +281,7 @@ async def test_models(make_client, store) -> None:
         r3 = await c.get("/models/nope")
     assert r.json() == {
         "models": [
-            {"name": "fashion-mnist-dsphere", "versions": ["1", "2", "10"], "latest": "10", "served_version": "2"}
+            {"name": NAME, "versions": ["1", "2", "10"], "latest": "10", "served_version": "2"}
         ]
     }
     d = r2.json()

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from app.images import decode_image
-from support.fake_store import ANGLE_MEAN, ANGLE_STD, CLASS_NAMES, angle_histogram, prototype, write_version
+from support.fake_store import ANGLE_MEAN, ANGLE_STD, CLASS_NAMES, NAME, angle_histogram, prototype, write_version
 from support.fashion_mnist import png_bytes
 
 pytestmark = pytest.mark.anyio
@@ -54,7 +54,7 @@ async def test_explain_counts_in_the_metrics_like_classify(make_client) -> None:
     async with make_client() as c:
         await c.post("/explain", files=_upload(prototype(5)))
         metrics = (await c.get("/metrics")).text
-    assert 'dsphere_classifications_total{class_name="Sandal",model="fashion-mnist-dsphere",' \
+    assert f'dsphere_classifications_total{{class_name="Sandal",model="{NAME}",' \
            'verdict="accept",version="1"} 1.0' in metrics
     assert 'dsphere_requests_total{endpoint="/explain",status="200"} 1.0' in metrics
 
@@ -87,7 +87,7 @@ async def test_another_model_of_the_store_is_loaded_on_first_use(make_client, st
         again = await c.post("/explain?model=fashion-mnist-dsphere", files=_upload(prototype(2)))
         readyz = (await c.get("/readyz")).json()
         loaded = c.app.state.service.other_models.loaded  # type: ignore[attr-defined]
-    assert served["model"] == {"name": "fashion-mnist-dsphere", "version": "1"}
+    assert served["model"] == {"name": NAME, "version": "1"}
     assert other.status_code == 200, other.text
     assert other.json()["model"] == {"name": OTHER, "version": "1"} and other.json()["label"] == 2
     assert newer.json()["model"] == {"name": OTHER, "version": "2"} and newer.json()["label"] == 4

@@ -7,11 +7,10 @@ import subprocess
 
 import pytest
 
-from support.fake_store import prototype
+from support.fake_store import NAME, prototype
 from support.fashion_mnist import png_bytes
 
 pytestmark = pytest.mark.anyio
-NAME = "fashion-mnist-dsphere"
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from app.model_store import (
     read_manifest,
 )
 from support.bundled import BUNDLED_STORE
-from support.fake_store import angle_histogram, build_model, write_version
-
-NAME = "fashion-mnist-dsphere"
+from support.fake_store import NAME, angle_histogram, build_model, write_version
 
 
 def test_natural_sort_and_latest(tmp_path: Path) -> None:
@@ -116,7 +114,7 @@ def test_missing_model_file(tmp_path: Path) -> None:
 
 def test_manifest_names_other_version(tmp_path: Path) -> None:
     write_version(tmp_path, "1", manifest_overrides={"version": "7"})
-    with pytest.raises(ModelInvalidError, match="names fashion-mnist-dsphere/7 but lives in fashion-mnist-dsphere/1"):
+    with pytest.raises(ModelInvalidError, match=f"names {NAME}/7 but lives in {NAME}/1"):
         load_version(tmp_path, NAME, "1")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from app.quarantine import Quarantine
 from app.settings import SettingsError, load_settings
-from support.fake_store import prototype
+from support.fake_store import NAME, prototype
 from support.fashion_mnist import png_bytes
 
 NOISE = np.random.default_rng(3).integers(0, 256, (28, 28), dtype=np.uint8)
@@ -38,11 +38,10 @@ async def test_rejected_inputs_are_quarantined(make_client, tmp_path: Path) -> N
     assert (qdir / files[1]).read_bytes() == data
     side = json.loads((qdir / files[0]).read_text())
     assert side["request_id"] == "rq1" and side["verdict"] == "reject"
-    assert side["model"] == {"name": "fashion-mnist-dsphere", "version": "1"}
+    assert side["model"] == {"name": NAME, "version": "1"}
     assert {"time", "label", "class_name", "angle_deg", "threshold_deg"} <= set(side)
 
 
-NAME = "fashion-mnist-dsphere"
 NOISE_ROW = NOISE.astype(np.float32)[None] / 255  # [1, 28, 28], exactly what decoding NOISE's PNG gives
 
 

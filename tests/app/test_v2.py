@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from support.fake_store import prototype
+from support.fake_store import NAME, prototype
 
 pytestmark = pytest.mark.anyio
-NAME = "fashion-mnist-dsphere"
 
 
 @pytest.fixture

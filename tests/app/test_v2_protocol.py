@@ -12,10 +12,9 @@ import pytest
 
 from app.settings import SettingsError, load_settings
 from app.v2_binary import HEADER_LENGTH
-from support.fake_store import prototype
+from support.fake_store import NAME, prototype
 
 pytestmark = pytest.mark.anyio
-NAME = "fashion-mnist-dsphere"
 REPO = Path(__file__).resolve().parents[2]
 
 
