@@ -83,14 +83,6 @@ class HistoryStore(Protocol):
         before its fingerprint is stored (a retry is never a near-copy of itself)."""
         ...
 
-    async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
-        """Store one fingerprint; the most of its hashes one earlier (fresh) query had."""
-        ...
-
-    async def repeated(self, digests: list[bytes]) -> list[bool | None]:
-        """For each digest, the decision (attack?) its first query got, or None if it is new."""
-        ...
-
     async def remember(self, digests: list[bytes], attacks: list[bool]) -> None: ...
 
     async def size(self) -> tuple[int, int]:
@@ -98,20 +90,6 @@ class HistoryStore(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-async def check_in_steps(store: HistoryStore, digests: list[bytes], prints: Prints,
-                         ids: list[int]) -> tuple[list[bool | None], list[int]]:
-    """HistoryStore.check from its other methods (a store in this host's memory: no round trips to save);
-    only new inputs are fingerprinted."""
-    known = await store.repeated(digests)
-    new = [j for j, k in enumerate(known) if k is None]
-    overlaps = [0] * len(digests)
-    if new:
-        await store.remember([digests[j] for j in new], [False] * len(new))
-        for j, row in zip(new, prints(new), strict=True):
-            overlaps[j] = await store.record(row, ids[j])
-    return known, overlaps
 
 
 class LocalStore:
@@ -126,9 +104,19 @@ class LocalStore:
         self._occupied = 0
 
     async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
-        return await check_in_steps(self, digests, prints, ids)
+        """HistoryStore.check in steps (this host's memory: no round trips to save); only new inputs are
+        fingerprinted."""
+        known = await self.repeated(digests)
+        new = [j for j, k in enumerate(known) if k is None]
+        overlaps = [0] * len(digests)
+        if new:
+            await self.remember([digests[j] for j in new], [False] * len(new))
+            for j, row in zip(new, prints(new), strict=True):
+                overlaps[j] = await self.record(row, ids[j])
+        return known, overlaps
 
     async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
+        """Store one fingerprint; the most of its hashes one earlier (fresh) query had."""
         now = int(time.time())
         h = fingerprint[fingerprint != 0]
         slots = (h % self.slots).astype(np.intp)
@@ -291,33 +279,9 @@ class RedisStore:
             at += len(h)
         return known, overlaps
 
-    async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
-        now = int(time.time())
-        h = fingerprint[fingerprint != 0]
-        if not len(h):
-            return 0
-        async with self._guard():
-            old = await self.client.execute_command("BITFIELD", self.TABLE, *self._sets(h, query_id, now))
-        return self._overlap(h, old, now)
-
-    def _sets(self, h: NDArray[np.uint64], query_id: int, now: int) -> list[str | int]:
-        """BITFIELD's arguments writing each hash to its slot (SET returns the slot's old value). Redis's
-        BITFIELD has no u64 (unsigned types end at u63): the same 64 bits as i64."""
-        args: list[str | int] = []
-        for slot, value in zip((h % self.slots).tolist(), pack(h, query_id, now).view(np.int64).tolist(),
-                               strict=True):
-            args += ["SET", "i64", f"#{slot}", value]
-        return args
-
-    def _overlap(self, h: NDArray[np.uint64], old: list[int] | NDArray[np.uint64], now: int) -> int:
-        old_a = old if isinstance(old, np.ndarray) else np.asarray(old, np.int64).view(np.uint64)
-        self._new_slots += int(np.count_nonzero(old_a == 0))
-        return best_match(h, old_a, now, self.ttl_s)
-
-    async def repeated(self, digests: list[bytes]) -> list[bool | None]:
-        async with self._guard():
-            values = await self.client.mget([self.EXACT + d.hex() for d in digests])
-        return [None if v is None else v == b"1" for v in values]
+    def _overlap(self, h: NDArray[np.uint64], old: NDArray[np.uint64], now: int) -> int:
+        self._new_slots += int(np.count_nonzero(old == 0))
+        return best_match(h, old, now, self.ttl_s)
 
     async def remember(self, digests: list[bytes], attacks: list[bool]) -> None:
         async with self._guard():
@@ -338,7 +302,6 @@ class RedisStore:
 
     def _guard(self) -> _Guard:
         return _Guard(self._errors)
-
 
 
 # RedisStore.check on the server. KEYS: the table, then each input's digest key; ARGV[1]: the digests'
@@ -369,6 +332,7 @@ while pos <= #blob do
 end
 return {known, old}
 """
+
 
 class _Guard:
     """Turns the client's errors into StoreUnavailable (one type for the detector to catch)."""
