@@ -37,7 +37,7 @@ class Settings(BaseSettings):
 
     # model store
     model_store: Path = Field(Path("model_store"), description="directory holding <name>/<version>/")
-    model_name: str = Field("fashion-mnist-dsphere", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    model_name: str = Field("fashion-mnist-baseline", pattern=r"^[a-z0-9][a-z0-9._-]*$")
     model_version: str = Field("latest", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     rho: float | None = Field(None, gt=0, description="overrides the manifest's calibrated rho")
 

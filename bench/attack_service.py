@@ -418,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queries", type=int, default=2000, help="query budget per image (rows sent)")
     ap.add_argument("--attacks", default=",".join(NON_ADAPTIVE + ADAPTIVE))
     ap.add_argument("--settings", default="off,on")
-    ap.add_argument("--model", default=None, help="DSPHERE_MODEL_NAME (default: the service's default)")
+    ap.add_argument("--model", default="fashion-mnist-dsphere",
+                    help="DSPHERE_MODEL_NAME (the published runs attack the D-SphereNet)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--group", type=int, default=10, help="images per Square call (one request a query of each)")
     ap.add_argument("--parallel", type=int, default=6, help="images attacked at once by the per-image attacks")

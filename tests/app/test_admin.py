@@ -67,7 +67,7 @@ async def test_failed_reload_keeps_old_model(make_client, store) -> None:
     assert r.json()["detail"].startswith(f"{d / 'model.onnx'}: sha256 ")
     assert r2.status_code == 404
     where = store / NAME
-    assert r2.json() == {"detail": f"version '9' of model 'fashion-mnist-dsphere' not found in {where}"}
+    assert r2.json() == {"detail": f"version '9' of model '{NAME}' not found in {where}"}
     assert r3.status_code == 422 and r3.json()["detail"].startswith("body.version: String should match pattern")
     assert after.status_code == 200 and after.json()["model"]["version"] == "1"
 

@@ -277,7 +277,7 @@ async def test_models(make_client, store) -> None:
     write_version(store, "10")
     async with make_client(model_version="2") as c:
         r = await c.get("/models")
-        r2 = await c.get("/models/fashion-mnist-dsphere")
+        r2 = await c.get(f"/models/{NAME}")
         r3 = await c.get("/models/nope")
     assert r.json() == {
         "models": [
@@ -295,7 +295,7 @@ async def test_models(make_client, store) -> None:
 async def test_rho_override(make_client) -> None:
     async with make_client(rho=0.1) as c:  # threshold 1.5 deg: even prototypes are rejected
         r = await c.post("/classify", content=png_bytes(prototype(0)), headers={"content-type": "image/png"})
-        d = (await c.get("/models/fashion-mnist-dsphere")).json()
+        d = (await c.get(f"/models/{NAME}")).json()
     assert r.json()["verdict"] == "reject" and r.json()["threshold_deg"] == pytest.approx(1.5)
     assert d["manifest"]["rho"] == 0.1 and d["manifest"]["manifest_rho"] == 1.0
 
@@ -363,7 +363,7 @@ async def test_model_detail_shows_the_strong_evaluation(make_client, store) -> N
               "worst_case_n_examples": 1000}
     write_version(store, "3", manifest_overrides={"metrics": {**metrics, **strong}})
     async with make_client() as c:
-        d = (await c.get("/models/fashion-mnist-dsphere")).json()
+        d = (await c.get(f"/models/{NAME}")).json()
     assert d["served_version"] == "3"
     assert {k: d["manifest"]["metrics"][k] for k in strong} == strong
 

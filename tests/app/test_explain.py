@@ -84,7 +84,7 @@ async def test_another_model_of_the_store_is_loaded_on_first_use(make_client, st
         other = await c.post(f"/explain?model={OTHER}", files=_upload(prototype(2, seed=1)))
         write_version(store, "2", name=OTHER, seed=1)  # a newer version: the next use loads it
         newer = await c.post(f"/explain?model={OTHER}", files=_upload(prototype(4, seed=1)))
-        again = await c.post("/explain?model=fashion-mnist-dsphere", files=_upload(prototype(2)))
+        again = await c.post(f"/explain?model={NAME}", files=_upload(prototype(2)))
         readyz = (await c.get("/readyz")).json()
         loaded = c.app.state.service.other_models.loaded  # type: ignore[attr-defined]
     assert served["model"] == {"name": NAME, "version": "1"}
@@ -119,7 +119,7 @@ async def test_model_detail_carries_the_angle_statistics_and_the_optional_histog
                                                                                    store: Path) -> None:
     write_version(store, "1", name=OTHER, seed=1, manifest_overrides={"angle_histogram": angle_histogram()})
     async with make_client() as c:
-        served = (await c.get("/models/fashion-mnist-dsphere")).json()["manifest"]
+        served = (await c.get(f"/models/{NAME}")).json()["manifest"]
         other = (await c.get(f"/models/{OTHER}")).json()["manifest"]
     assert served["angle_histogram"] is None  # an older manifest: still served
     assert served["angle_mean_deg"] == [ANGLE_MEAN] * 10 and served["angle_std_deg"] == [ANGLE_STD] * 10

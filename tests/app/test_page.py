@@ -1,7 +1,7 @@
 """The page (GET /), /docs and /redoc in a real browser: Debian's Chromium driven by Playwright
 (support/browser.py) against a real `uvicorn app.main:app` on loopback (support/server.py).
 
-The store served is the bundled one (fashion-mnist-dsphere by default, the baseline CNN beside
+The store served is the bundled one (fashion-mnist-baseline by default, the D-SphereNet beside
 it) plus a fixture model whose manifest carries an angle histogram. Every test checks that the
 browser asked nothing of any origin but the service's. Skipped where no browser can be
 launched, failed instead with DSPHERE_REQUIRE_BROWSER=1 (.ci/run sets it).
@@ -37,7 +37,7 @@ from support.fashion_mnist import load_fashion_mnist_test, load_fashion_mnist_te
 from support.query_streams import square_queries
 from support.server import ServerHandle, start_server
 
-BASELINE = "fashion-mnist-baseline"
+OTHER = next(n for n in ("fashion-mnist-dsphere", "fashion-mnist-baseline") if n != MODEL_NAME)  # not the default
 FIXTURE = "fixture-with-histogram"
 MAX_UPLOAD_BYTES = 1 << 20
 TIMEOUT_MS = 20_000
@@ -243,14 +243,14 @@ def test_choosing_a_model_shows_its_figures_and_classifies_with_it(visit: Visit,
     assert options == sorted([p.name for p in BUNDLED_STORE.iterdir() if p.is_dir()] + [FIXTURE])
     assert page.input_value("#model") == MODEL_NAME
     with server.client() as c:
-        detail = c.get(f"/models/{BASELINE}").json()
-    page.get_by_label("Classify with").select_option(BASELINE)
+        detail = c.get(f"/models/{OTHER}").json()
+    page.get_by_label("Classify with").select_option(OTHER)
     page.wait_for_function("v => document.getElementById('figures').textContent.includes(v)",
                            arg=detail["manifest"]["version"] + " (latest")
     clean = re.search(r"Clean test images(\d+\.\d) % right", page.text_content("#figures") or "")
     assert clean and float(clean[1]) == pytest.approx(100 * detail["manifest"]["metrics"]["clean_accuracy"], abs=0.051)
     page.get_by_role("button", name="Blank image").click()
-    assert f"· {BASELINE} {detail['manifest']['version']}" in _verdict(visit)["reason"]
+    assert f"· {OTHER} {detail['manifest']['version']}" in _verdict(visit)["reason"]
 
     # a manifest with an angle histogram: the class's training angles drawn as bars
     page.get_by_label("Classify with").select_option(FIXTURE)

@@ -109,7 +109,7 @@ def test_settings_defaults_and_env(monkeypatch) -> None:
     monkeypatch.setenv("DSPHERE_PROVIDERS", "CPUExecutionProvider")
     s = load_settings()
     assert s.batch_size == 8 and s.provider_list == ["CPUExecutionProvider"]
-    assert s.model_name == "fashion-mnist-dsphere" and s.model_version == "latest"
+    assert s.model_name == "fashion-mnist-baseline" and s.model_version == "latest"
     assert s.max_upload_bytes == 10 * 1024 * 1024 and s.admin_token is None
 
 

@@ -1,7 +1,7 @@
 """The real service + a real Prometheus on loopback, with the repository's rules.
 
-1. `uvicorn app.main:app` (subprocess) serves the bundled model
-   (model_store/fashion-mnist-dsphere + the Fashion-MNIST test images) when both exist,
+1. `uvicorn app.main:app` (subprocess) serves the bundled default model
+   (model_store/fashion-mnist-baseline + the Fashion-MNIST test images) when both exist,
    else the app tests' fixture model (support/fake_store.py: prototypes are accepted,
    uniform noise rejected).
 2. Warm-up: every image is sent once BEFORE Prometheus starts, so every
@@ -37,6 +37,8 @@ from typing import Any
 
 import pytest
 
+from support.bundled import MODEL_NAME
+
 from .deploy_helpers import (
     API_JOB,
     FASHION_MNIST_DIR,
@@ -55,7 +57,6 @@ httpx = pytest.importorskip("httpx")
 np = pytest.importorskip("numpy")
 
 PROMETHEUS = tool("prometheus")
-MODEL_NAME = "fashion-mnist-dsphere"
 FASHION_MNIST = FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz"
 
 pytestmark = [
