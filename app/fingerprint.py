@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,26 @@ class FingerprintParams:
 
 
 def _mix(h: NDArray[np.uint64]) -> NDArray[np.uint64]:
-    """splitmix64's finalizer, elementwise (uint64 arithmetic wraps mod 2^64)."""
-    h = h ^ (h >> np.uint64(30))
-    h = h * _M1
-    h = h ^ (h >> np.uint64(27))
-    h = h * _M2
-    return h ^ (h >> np.uint64(31))
+    """splitmix64's finalizer, elementwise and in place (uint64 arithmetic wraps mod 2^64)."""
+    h ^= h >> _S30
+    h *= _M1
+    h ^= h >> _S27
+    h *= _M2
+    h ^= h >> _S31
+    return h
+
+
+def _block_sums(x: NDArray[np.float32], pool: int) -> NDArray[np.float32]:
+    """Sums over pool×pool blocks of (N, C, H, W), H and W multiples of pool. For pool 2, the
+    pairs of columns then the pairs of rows: the same additions in the same order (so the same
+    float32 bits) as NumPy's sum over the blocks' two axes, in two calls instead of a reduction."""
+    if pool == 1:
+        return x.copy()
+    if pool == 2:
+        pairs = x[..., 0::2] + x[..., 1::2]
+        return pairs[:, :, 0::2] + pairs[:, :, 1::2]
+    n, c, height, width = x.shape
+    return x.reshape(n, c, height // pool, pool, width // pool, pool).sum(axis=(3, 5))
 
 
 class Fingerprinter:
@@ -76,27 +91,27 @@ class Fingerprinter:
         return [hashlib.blake2b(r.tobytes(), digest_size=16, key=self._digest_key).digest() for r in rows]
 
     def fingerprints(self, x: NDArray[np.floating]) -> NDArray[np.uint64]:
-        """x: (N, C, H, W) in [0, 1]."""
+        """x: (N, C, H, W) in [0, 1]. A fixed number of NumPy calls for any N (the request path's
+        cost: a single image is the common request)."""
         p = self.params
         x = np.asarray(x, np.float32)
         n, c, height, width = x.shape
         hp, wp = height // p.pool, width // p.pool
-        # block sums (means times pool²), quantized: floor(mean · 255 / step), no clip needed past [0, 1]
-        blocks = x[:, :, : hp * p.pool, : wp * p.pool].reshape(n, c, hp, p.pool, wp, p.pool).sum(axis=(3, 5))
-        q = np.floor(np.clip(blocks, 0.0, p.pool * p.pool) * (255.0 / (p.step * p.pool * p.pool)))
-        out = np.zeros((n, p.hashes), np.uint64)
         rows, cols = hp - p.patch + 1, wp - p.patch + 1
         if rows < 1 or cols < 1:
-            return out
+            return np.zeros((n, p.hashes), np.uint64)
+        q = _block_sums(x[:, :, : hp * p.pool, : wp * p.pool], p.pool)
+        # quantized: floor(mean · 255 / step) of each block (clipped to [0, pool²]: an input past [0, 1])
+        area = float(p.pool * p.pool)
+        np.minimum(np.maximum(q, 0.0, out=q), area, out=q)
+        np.floor(np.multiply(q, 255.0 / (p.step * area), out=q), out=q)
         patches = q.reshape(n, -1)[:, self._patch_index(c, hp, wp)]  # (n, patches, c·p·p)
         code, constant = self._code(patches)
-        with np.errstate(over="ignore"):
-            h = _mix(code ^ self._key)  # keyed: without the salt's key the ranking below is unknown
-        for i in range(n):
-            out[i] = _top_distinct(h[i][~constant[i]], p.hashes)
-        return out
+        h = _mix(code ^ self._key)  # keyed: without the salt's key the ranking below is unknown
+        h[constant] = 0
+        return _top_distinct(h, p.hashes)
 
-    def _code(self, patches: NDArray[np.float64]) -> tuple[NDArray[np.uint64], NDArray[np.bool_]]:
+    def _code(self, patches: NDArray[np.floating]) -> tuple[NDArray[np.uint64], NDArray[np.bool_]]:
         """Each patch's values as one integer, and whether the patch is constant. Digits in base
         `levels` (exact in float64 while levels^size < 2^53: one BLAS product), else a sum with
         random odd multipliers mod 2^64."""
@@ -132,13 +147,13 @@ class Fingerprinter:
 
 
 def _top_distinct(h: NDArray[np.uint64], k: int) -> NDArray[np.uint64]:
-    """The k largest distinct values of h, descending, padded with 0: a partition first (a
-    window repeated in an image repeats its hash), a sort of what it leaves."""
-    m = min(len(h), 4 * k)
-    top = np.unique(np.partition(h, len(h) - m)[len(h) - m:]) if m else h
-    if len(top) < k and m < len(h):
-        top = np.unique(h)
-    out = np.zeros(k, np.uint64)
-    best = top[::-1][:k]
-    out[: len(best)] = best
+    """Each row's k largest distinct values, descending, padded with 0 (a patch repeated in an
+    image repeats its hash; 0 marks what is left out): a sort, repeats zeroed, a sort again."""
+    n, m = h.shape
+    s = np.sort(h, axis=1)
+    s[:, 1:][s[:, 1:] == s[:, :-1]] = 0
+    s.sort(axis=1)
+    out = np.zeros((n, k), np.uint64)
+    best = s[:, ::-1][:, :k]
+    out[:, : best.shape[1]] = best
     return out

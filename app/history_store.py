@@ -41,6 +41,7 @@ MAX_TTL_S = 1 << (TIME_BITS - 1)
 _TIME_MASK = np.uint64((1 << TIME_BITS) - 1)
 _ID_MASK = np.uint64((1 << ID_BITS) - 1)
 _TAG_SHIFT = np.uint64(ID_BITS + TIME_BITS)
+_TIME_SHIFT = np.uint64(TIME_BITS)
 SLOT_BYTES = 8
 # Redis: BITFIELD's bit offset is below 2^32 (a string holds at most 512 MiB), so 2^26 i64 slots at most.
 REDIS_MAX_SLOTS = 1 << 26
@@ -64,9 +65,10 @@ def pack(hashes: NDArray[np.uint64], query_id: int, now_s: int) -> NDArray[np.ui
 def best_match(hashes: NDArray[np.uint64], old: NDArray[np.uint64], now_s: int, ttl_s: float) -> int:
     """The most hashes of this fingerprint that one earlier query (within ttl_s) also had, from
     the old values of their slots: the fingerprints' overlap with their nearest stored one."""
-    same = (old >> _TAG_SHIFT) == (hashes >> _TAG_SHIFT)
-    age = (np.int64(now_s) - (old & _TIME_MASK).astype(np.int64)) % (1 << TIME_BITS)
-    ids = ((old >> np.uint64(TIME_BITS)) & _ID_MASK)[same & (old != 0) & (age <= ttl_s)]
+    match = (((old ^ hashes) >> _TAG_SHIFT) == 0) & (old != 0)  # the same tag, in a slot that was taken
+    age = (np.uint64(now_s & ((1 << TIME_BITS) - 1)) - (old & _TIME_MASK)) & _TIME_MASK  # seconds, mod 2^TIME_BITS
+    match &= age <= ttl_s
+    ids = (old[match] >> _TIME_SHIFT) & _ID_MASK
     return Counter(ids.tolist()).most_common(1)[0][1] if len(ids) else 0
 
 
