@@ -24,10 +24,12 @@ with the decision the first one got, for `ttl_s`, at most `exact_capacity` of th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -81,11 +83,11 @@ class HistoryStore(Protocol):
     async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
         """The judgement of a request's distinct inputs in one step: for each digest, the decision its
         first query got (None: new), and for each new input, the most of its hashes (`prints` of its
-        row, stored under `ids` of its row) one earlier query had; a new input is remembered as benign
-        before its fingerprint is stored (a retry is never a near-copy of itself)."""
+        row, stored under `ids` of its row) one earlier query had. A new input is remembered with its
+        decision (an attack when that overlap reaches the store's `threshold`) in the same step: a
+        copy of an attack query, however soon it follows, is known as one, never as a benign repeat
+        that gets the model's answer."""
         ...
-
-    async def remember(self, digests: list[bytes], attacks: list[bool]) -> None: ...
 
     async def size(self) -> tuple[int, int]:
         """(occupied slots, bytes) of the table."""
@@ -97,10 +99,11 @@ class HistoryStore(Protocol):
 class LocalStore:
     kind = "memory"
 
-    def __init__(self, slots: int, ttl_s: float, exact_capacity: int) -> None:
+    def __init__(self, slots: int, ttl_s: float, exact_capacity: int, threshold: int) -> None:
         self.table = np.zeros(slots, np.uint64)
         self.slots = np.uint64(slots)
         self.ttl_s = ttl_s
+        self.threshold = threshold
         self.exact_capacity = exact_capacity
         self._exact: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
         self._occupied = 0
@@ -112,9 +115,9 @@ class LocalStore:
         new = [j for j, k in enumerate(known) if k is None]
         overlaps = [0] * len(digests)
         if new:
-            await self.remember([digests[j] for j in new], [False] * len(new))
             for j, row in zip(new, prints(new), strict=True):
                 overlaps[j] = await self.record(row, ids[j])
+            await self.remember([digests[j] for j in new], [overlaps[j] >= self.threshold for j in new])
         return known, overlaps
 
     async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
@@ -161,8 +164,8 @@ class SharedStore(LocalStore):
     kind = "shared"
     TABLE, EXACT, SALT = "query-history-table-{}.u64", "query-history-exact-{}.u64", "query-history-salt"
 
-    def __init__(self, directory: Path, slots: int, ttl_s: float, exact_log2: int = 20) -> None:
-        super().__init__(0, ttl_s, 0)
+    def __init__(self, directory: Path, slots: int, ttl_s: float, threshold: int, exact_log2: int = 20) -> None:
+        super().__init__(0, ttl_s, 0, threshold)
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.table = _mapped(directory / self.TABLE.format(slots), slots)
@@ -224,13 +227,28 @@ def _mapped(path: Path, slots: int) -> NDArray[np.uint64]:
     return np.memmap(path, np.uint64, mode="r+", shape=(slots,))
 
 
+# The most inputs one check script judges for several requests (a request alone may have more).
+_BATCH_INPUTS = 512
+
+
+@dataclass
+class _Waiting:
+    """A request's part of a check script: its inputs' digests, their slots and values (the script's
+    binary argument), and where its share of the answer goes."""
+
+    digests: list[bytes]
+    blob: bytes
+    now: int  # the second its values are stamped with
+    result: asyncio.Future[tuple[list[bytes | None], list[int]]]
+
+
 class RedisStore:
     kind = "redis"
     TABLE = "dsphere:qh:table"
     EXACT = "dsphere:qh:x:"
     SALT = "dsphere:qh:salt"
 
-    def __init__(self, url: str, slots: int, ttl_s: float, timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, slots: int, ttl_s: float, threshold: int, timeout_s: float = 1.0) -> None:
         import redis.asyncio as redis  # only where Redis is configured
 
         self._errors = (redis.RedisError, OSError)
@@ -240,7 +258,10 @@ class RedisStore:
         self.slots = np.uint64(slots)
         self._check = self.client.register_script(_CHECK_LUA)  # EVALSHA, loaded again after a restart
         self.ttl_s = ttl_s
+        self.threshold = threshold  # an input sharing this many hashes with one earlier query: remembered as an attack
         self._new_slots = 0  # slots this process filled since it last told Redis
+        self._waiting: list[_Waiting] = []  # requests whose check is not sent yet
+        self._sender: asyncio.Task[None] | None = None
 
     async def shared_salt(self, candidate: bytes) -> bytes:
         """The salt every worker and replica uses: the first one's `candidate`, kept in Redis."""
@@ -253,14 +274,17 @@ class RedisStore:
 
     async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
         """One round trip, atomic (a Lua script: no other process's commands in between): MGET the
-        digests, SET NX each as benign, one BITFIELD per input. The slots and values travel as one
-        binary argument (a command of 200 arguments per input costs the client more than the rest of
-        the judgement). Every input is fingerprinted and stored, a repeat too (its own hashes again,
-        under a new id: its earlier entries refreshed); a repeat's overlap is not read."""
+        digests, SET NX each as benign, one BITFIELD per input whose old values give its overlap, and
+        a new input whose overlap reaches the threshold remembered as an attack there and then (a
+        copy of it, from any process, is known as one from the next command on). The slots and values
+        travel as one binary argument (a command of 200 arguments per input costs the client more
+        than the rest of the judgement). Every input is fingerprinted and stored, a repeat too (its
+        own hashes again, under a new id: its earlier entries refreshed); a repeat's overlap is not
+        read. The requests that wait while a script runs go together in the next one
+        (`_send_waiting`)."""
         if not digests:
             return [], []
         now = int(time.time())
-        keys = [self.EXACT + d.hex() for d in digests]
         hashes = [row[row != 0] for row in prints(list(range(len(digests))))]
         parts = []
         for h, query_id in zip(hashes, ids, strict=True):
@@ -269,28 +293,61 @@ class RedisStore:
             values = pack(h, query_id, now)
             words[:, 1], words[:, 2] = values >> np.uint64(32), values & np.uint64(0xFFFFFFFF)
             parts += [np.uint32(len(h)).astype("<u4").tobytes(), words.tobytes()]
-        async with self._guard():
-            known_raw, olds = await self._check(keys=[self.TABLE, *keys],
-                                                args=[max(1, int(self.ttl_s)), b"".join(parts)])
-        known = [None if v is None else v == b"1" for v in known_raw]
-        old = np.asarray(olds, np.uint64).reshape(-1, 2)
-        old = (old[:, 0] << np.uint64(32)) | old[:, 1]
-        overlaps, at = [], 0
-        for h in hashes:
-            overlaps.append(self._overlap(h, old[at: at + len(h)], now) if len(h) else 0)
-            at += len(h)
-        return known, overlaps
+        request = _Waiting(digests, b"".join(parts), now, asyncio.get_running_loop().create_future())
+        self._waiting.append(request)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_waiting())
+        known_raw, overlaps = await request.result
+        return [None if v is None else v == b"1" for v in known_raw], overlaps
 
-    def _overlap(self, h: NDArray[np.uint64], old: NDArray[np.uint64], now: int) -> int:
-        self._new_slots += int(np.count_nonzero(old == 0))
-        return best_match(h, old, now, self.ttl_s)
+    async def _send_waiting(self) -> None:
+        """The check script for the waiting requests, in their order, as many at once as may go
+        together (`_take_batch`), until none waits: under load one round trip serves many requests
+        (the round trip's system calls and the client's work, not Redis, are what a check costs)."""
+        while self._waiting:
+            batch = self._take_batch()
+            keys = [self.EXACT + d.hex() for w in batch for d in w.digests]
+            args: list[bytes | int | str] = [max(1, int(self.ttl_s)), b"".join(w.blob for w in batch), batch[0].now,
+                                             self.threshold, repr(float(self.ttl_s))]
+            try:
+                async with self._guard():
+                    known_raw, overlaps, empty = await self._check(keys=[self.TABLE, *keys], args=args)
+            except Exception as exc:  # the store's error is each request's
+                for w in batch:
+                    if not w.result.done():
+                        w.result.set_exception(exc)
+                continue
+            except BaseException:  # the sender cancelled (the store closing): so is every request it holds
+                for w in batch + self._waiting:
+                    w.result.cancel()
+                self._waiting = []
+                raise
+            self._new_slots += int(empty)
+            k = 0
+            for w in batch:
+                if not w.result.done():  # a request cancelled meanwhile (its client went away) is not answered
+                    end = k + len(w.digests)
+                    w.result.set_result((known_raw[k:end], [int(o) for o in overlaps[k:end]]))
+                k += len(w.digests)
 
-    async def remember(self, digests: list[bytes], attacks: list[bool]) -> None:
-        async with self._guard():
-            pipe = self.client.pipeline(transaction=False)
-            for d, a in zip(digests, attacks, strict=True):
-                pipe.set(self.EXACT + d.hex(), b"1" if a else b"0", ex=max(1, int(self.ttl_s)))
-            await pipe.execute()
+    def _take_batch(self) -> list[_Waiting]:
+        """The first waiting requests, in order, up to the first that may not join them: one that would
+        pass `_BATCH_INPUTS` inputs, one that shares an input with them (its MGET must see their SET
+        NX and a flag, as it would one round trip later: the same input twice in one script would be
+        judged new twice, and the second a near-copy of the first), or one stamped in another second
+        (the script measures every age from one `now`)."""
+        seen: set[bytes] = set()
+        n = 0
+        for i, w in enumerate(self._waiting):
+            joins = n + len(w.digests) <= _BATCH_INPUTS and seen.isdisjoint(w.digests) and w.now == self._waiting[0].now
+            if i and not joins:
+                break
+            seen.update(w.digests)
+            n += len(w.digests)
+        else:
+            i = len(self._waiting)
+        batch, self._waiting = self._waiting[:i], self._waiting[i:]
+        return batch
 
     async def size(self) -> tuple[int, int]:
         async with self._guard():
@@ -300,39 +357,64 @@ class RedisStore:
         return used, nbytes
 
     async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
         await self.client.aclose()
 
     def _guard(self) -> _Guard:
         return _Guard(self._errors)
 
 
-# RedisStore.check on the server. KEYS: the table, then each input's digest key; ARGV[1]: the digests'
-# expiry (s); ARGV[2]: per input, a little-endian uint32 count n, then n × (slot, value's high 32 bits,
-# low 32 bits). Each 64-bit slot is written as two u32 fields (the i64 slot #k is u32 #2k and #2k+1:
-# BITFIELD is big-endian), so every number Lua handles is exact in its doubles. Returns the MGET of the
-# digests and the old u32 halves of every slot written, in order.
+# RedisStore.check on the server. KEYS: the table, then each input's digest key. ARGV: [1] the digests'
+# expiry (s); [2] per input, a little-endian uint32 count n, then n × (slot, value's high 32 bits, low 32
+# bits); [3] now (s), the second every value is stamped with; [4] the threshold; [5] ttl_s. Each 64-bit
+# slot is written as two u32 fields (the i64 slot #k is u32 #2k and #2k+1: BITFIELD is big-endian), so
+# every number Lua handles is exact in its doubles. A slot's halves: high = tag (20 bits) · 2^12 + the
+# id's high 12 bits, low = the id's low 12 bits · 2^20 + the second (20 bits): best_match, in Lua. Returns
+# the MGET of the digests, each input's overlap (0 for a repeat: not read) and how many slots were empty.
 _CHECK_LUA = """
 local known = redis.call('MGET', unpack(KEYS, 2))
 for i = 2, #KEYS do
   redis.call('SET', KEYS[i], '0', 'EX', ARGV[1], 'NX')
 end
-local blob, pos, old = ARGV[2], 1, {}
+local now, threshold, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local blob, pos, input, overlaps, empty = ARGV[2], 1, 1, {}, 0
 while pos <= #blob do
   local n
   n, pos = struct.unpack('<I4', blob, pos)
+  local best = 0
   if n > 0 then
-    local args = {}
+    local args, tags = {}, {}
     for j = 1, n do
       local slot, hi, lo
       slot, hi, lo, pos = struct.unpack('<I4I4I4', blob, pos)
+      tags[j] = math.floor(hi / 4096)
       args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = '#' .. (2 * slot); args[#args + 1] = hi
       args[#args + 1] = 'SET'; args[#args + 1] = 'u32'; args[#args + 1] = '#' .. (2 * slot + 1); args[#args + 1] = lo
     end
     local got = redis.call('BITFIELD', KEYS[1], unpack(args))
-    for j = 1, #got do old[#old + 1] = got[j] end
+    local counts = {}
+    for j = 1, n do
+      local hi, lo = got[2 * j - 1], got[2 * j]
+      if hi == 0 and lo == 0 then
+        empty = empty + 1
+      elseif math.floor(hi / 4096) == tags[j] and (now - lo % 1048576) % 1048576 <= ttl then
+        local id = (hi % 4096) * 4096 + math.floor(lo / 1048576)
+        local c = (counts[id] or 0) + 1
+        counts[id] = c
+        if c > best then best = c end
+      end
+    end
   end
+  if known[input] then
+    best = 0
+  elseif best >= threshold then
+    redis.call('SET', KEYS[input + 1], '1', 'EX', ARGV[1])
+  end
+  overlaps[input] = best
+  input = input + 1
 end
-return {known, old}
+return {known, overlaps, empty}
 """
 
 

@@ -76,7 +76,7 @@ class QueryHistory:
         salt = self.cfg.salt or secrets.token_bytes(32)
         if self.cfg.redis_url:
             store = self.store if isinstance(self.store, RedisStore) else RedisStore(  # a retry keeps its client
-                self.cfg.redis_url, table_slots(self.cfg.table_mb), self.cfg.ttl_s)
+                self.cfg.redis_url, table_slots(self.cfg.table_mb), self.cfg.ttl_s, self.cfg.threshold)
             self.store = store
             if self.cfg.salt is None:
                 try:
@@ -86,12 +86,14 @@ class QueryHistory:
                     self.fingerprinter = None  # no shared salt yet: judged again once Redis answers
                     return
         elif self.cfg.shared_dir is not None:
-            shared = SharedStore(self.cfg.shared_dir, table_slots(self.cfg.table_mb), self.cfg.ttl_s)
+            shared = SharedStore(self.cfg.shared_dir, table_slots(self.cfg.table_mb), self.cfg.ttl_s,
+                                 self.cfg.threshold)
             self.store = shared
             if self.cfg.salt is None:
                 salt = shared.shared_salt(salt)
         else:
-            self.store = LocalStore(table_slots(self.cfg.table_mb), self.cfg.ttl_s, self.cfg.exact_capacity)
+            self.store = LocalStore(table_slots(self.cfg.table_mb), self.cfg.ttl_s, self.cfg.exact_capacity,
+                                    self.cfg.threshold)
         self.fingerprinter = Fingerprinter(salt, self.cfg.params)
 
     async def close(self) -> None:
@@ -147,15 +149,11 @@ class QueryHistory:
         known, overlaps = await store.check(list(first), lambda js: fp.fingerprints(x[[rows[j] for j in js]]),
                                             [secrets.randbits(24) for _ in rows])
         attack, repeat = np.zeros(len(x), bool), np.zeros(len(x), bool)
-        flagged = []
-        for i, k, overlap in zip(rows, known, overlaps, strict=True):
+        for i, k, overlap in zip(rows, known, overlaps, strict=True):  # the store remembered the attacks
             if k is not None:
                 attack[i], repeat[i] = k, True
-            elif overlap >= self.cfg.threshold:
-                attack[i] = True
-                flagged.append(digests[i])
-        if flagged:
-            await store.remember(flagged, [True] * len(flagged))
+            else:
+                attack[i] = overlap >= self.cfg.threshold
         for i, d in enumerate(digests):
             if first[d] != i:
                 attack[i], repeat[i] = attack[first[d]], True

@@ -490,7 +490,7 @@ def memory_child(table_mb: float, queries: int) -> None:
     hashes, threshold = cfg.params.hashes, cfg.threshold
     rng = np.random.default_rng(int(table_mb))
     rss0 = rss()
-    store = LocalStore(table_slots(table_mb), cfg.ttl_s, cfg.exact_capacity)
+    store = LocalStore(table_slots(table_mb), cfg.ttl_s, cfg.exact_capacity, threshold)
     rss1 = rss()
     every = max(1, queries // 2000)
     kept: list[tuple[int, np.ndarray, int]] = []

@@ -70,7 +70,7 @@ def test_the_table_matches_one_earlier_query_and_forgets_after_the_ttl() -> None
 
 def test_local_store_is_bounded_and_remembers_exact_repeats() -> None:
     async def run() -> None:
-        store = LocalStore(slots=1 << 12, ttl_s=60, exact_capacity=3)
+        store = LocalStore(slots=1 << 12, ttl_s=60, exact_capacity=3, threshold=15)
         fp = np.random.default_rng(1).integers(1, 2**63, (200, 50), dtype=np.uint64)
         for i, row in enumerate(fp):
             await store.record(row, i)
@@ -87,7 +87,7 @@ def test_a_table_of_any_size_in_mb_matches_near_copies() -> None:
     async def run() -> None:
         slots = table_slots(0.0123)  # 1,537 slots
         assert slots == 1537
-        store = LocalStore(slots=slots, ttl_s=60, exact_capacity=3)
+        store = LocalStore(slots=slots, ttl_s=60, exact_capacity=3, threshold=15)
         rng = np.random.default_rng(2)
         fp = rng.integers(1, 2**64, (20, 50), dtype=np.uint64)
         for i, row in enumerate(fp):

@@ -266,3 +266,67 @@ def test_redis_judges_batches_as_the_in_process_store_does(redis_server: RedisHa
     assert r2[0] and not a2[0] and sum(a2[1:]) >= 5  # the stream is caught within the request
     assert r3[-2] and a3[-2] == a2[6] and a3[-2]  # the flagged query again: still an attack query
     assert not r3[-1] and not a3[-1]
+
+
+def test_requests_waiting_together_share_one_round_trip_and_are_judged_as_in_order(redis_server: RedisHandle) -> None:
+    """Requests that arrive while a check is on its way go to Redis together in the next script
+    (one round trip for many, under load), judged as one after another: a stream of near-copies,
+    distinct benign images and one image sent twice (the second must be its exact repeat, not the
+    near-copy of an input judged in the same script). The in-process store, one request at a time,
+    is the reference."""
+    from app.query_history import HistoryConfig, QueryHistory
+
+    salt = b"0123456789abcdef-redis-together"
+    benign = [prototype(k).astype(np.float32)[None, None] / 255 for k in range(10)]
+    stream = [q[None] for q in square_stream(prototype(3).astype(np.float32)[None] / 255, 20, 0.05)]
+    requests = benign[:6] + stream[:10] + [benign[2]] + stream[10:] + benign[6:]
+
+    async def one_at_a_time() -> list[tuple[bool, bool]]:
+        h = QueryHistory(HistoryConfig(salt=salt))
+        await h.start()
+        out = [(bool(j.attack[0]), bool(j.repeat[0])) for j in [await h.judge(x) for x in requests]]
+        await h.close()
+        return out
+
+    async def all_at_once() -> tuple[list[tuple[bool, bool]], int]:
+        h = QueryHistory(HistoryConfig(salt=salt, redis_url=redis_server.url))
+        await h.start()
+        store: Any = h.store
+        script, calls = store._check, []
+
+        async def counted(**kw: Any) -> Any:
+            calls.append(len(kw["keys"]) - 1)
+            return await script(**kw)
+
+        store._check = counted
+        judged = await asyncio.gather(*(h.judge(x) for x in requests))
+        await h.close()
+        assert all(j.checked for j in judged)
+        return [(bool(j.attack[0]), bool(j.repeat[0])) for j in judged], len(calls)
+
+    local = asyncio.run(one_at_a_time())
+    shared, round_trips = asyncio.run(all_at_once())
+    assert shared == local
+    assert local[16] == (False, True)  # benign[2] again: an exact repeat
+    assert sum(a for a, _ in local[6:16]) >= 5  # the stream is caught
+    assert round_trips <= 3 < len(requests)  # 36 requests: the first alone, then the rest in two scripts at most
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["redis", "shared", "memory"])
+async def test_copies_of_an_attack_query_sent_at_once_get_no_answer(make_client, redis_server: RedisHandle,
+                                                                    tmp_path: Any, kind: str) -> None:
+    """An attack query sent several times at once (the copies wait while the first is judged): the
+    first is an attack query, and the copies are its exact repeats, each with the first's decision,
+    never a repeat answered with the model's outputs while the first's decision is on its way."""
+    where = {"redis": {"query_history_redis_url": redis_server.url},
+             "shared": {"query_history_shared_dir": tmp_path / "qh"}, "memory": {}}[kind]
+    stream = square_queries(prototype(3).astype(np.float32)[None] / 255, 16)
+    async with make_client(**where) as c:
+        before = [await classify(c, q) for q in stream[:-1]]
+        copies = await asyncio.gather(*(classify(c, stream[-1]) for _ in range(4)))
+        metrics = (await c.get("/metrics")).text
+    assert [b["reason"] for b in before].count("query_history") >= 10  # the stream is an attack by now
+    assert all(x["reason"] == "query_history" and x["label"] is None and x["probability"] is None
+               for x in copies), copies
+    assert metric(metrics, "dsphere_query_history_repeats_total") >= 3
