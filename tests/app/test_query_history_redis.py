@@ -309,7 +309,7 @@ def test_requests_waiting_together_share_one_round_trip_and_are_judged_as_in_ord
     assert shared == local
     assert local[16] == (False, True)  # benign[2] again: an exact repeat
     assert sum(a for a, _ in local[6:16]) >= 5  # the stream is caught
-    assert round_trips <= 3 < len(requests)  # 36 requests: the first alone, then the rest in two scripts at most
+    assert round_trips <= 3 < len(requests)  # 36 requests: split at the repeated input (and a second that ends)
 
 
 @pytest.mark.anyio
