@@ -22,6 +22,7 @@ NumPy only; the parameters are chosen on the validation split (docs/QUERY_HISTOR
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -118,9 +119,8 @@ class Fingerprinter:
         levels = int(255 // self.params.step) + 1
         size = patches.shape[2]
         if levels**size < 2**53:
-            weights = float(levels) ** np.arange(size)
+            weights, ones = self._digits(levels, size)
             code = patches @ weights
-            ones = float(weights.sum())  # a constant patch of value v codes to v · Σ levels^j
             return code.astype(np.uint64), np.fmod(code, ones) == 0
         coef = self._coefficients(size)
         with np.errstate(over="ignore"):
@@ -137,6 +137,14 @@ class Fingerprinter:
             view = sliding_window_view(grid, (k, k), axis=(1, 2))  # (c, rows, cols, k, k)
             self._indices[key] = view.transpose(1, 2, 0, 3, 4).reshape((height - k + 1) * (width - k + 1), -1)
         return self._indices[key]
+
+    @staticmethod
+    @functools.cache
+    def _digits(levels: int, size: int) -> tuple[NDArray[np.floating], float]:
+        """The weights levels^j of a patch's values, and their sum: a constant patch of value v codes
+        to v · Σ levels^j. Made once per patch size."""
+        weights = float(levels) ** np.arange(size)
+        return weights, float(weights.sum())
 
     def _coefficients(self, size: int) -> NDArray[np.uint64]:
         """Random odd multipliers, one per patch position; drawn once per input shape."""

@@ -80,13 +80,13 @@ Prints = Callable[[list[int]], NDArray[np.uint64]]  # rows (of a request's disti
 class HistoryStore(Protocol):
     kind: str
 
-    async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
+    async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[bool]]:
         """The judgement of a request's distinct inputs in one step: for each digest, the decision its
-        first query got (None: new), and for each new input, the most of its hashes (`prints` of its
-        row, stored under `ids` of its row) one earlier query had. A new input is remembered with its
-        decision (an attack when that overlap reaches the store's `threshold`) in the same step: a
-        copy of an attack query, however soon it follows, is known as one, never as a benign repeat
-        that gets the model's answer."""
+        first query got (None: new), and for each new input its decision: an attack query when one
+        earlier query had at least the store's `threshold` of its hashes (`prints` of its row, stored
+        under `ids` of its row). A new input is remembered with its decision in the same step: a copy
+        of an attack query, however soon it follows, is known as one, never as a benign repeat that
+        gets the model's answer."""
         ...
 
     async def size(self) -> tuple[int, int]:
@@ -108,17 +108,17 @@ class LocalStore:
         self._exact: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
         self._occupied = 0
 
-    async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
+    async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[bool]]:
         """HistoryStore.check in steps (this host's memory: no round trips to save); only new inputs are
         fingerprinted."""
         known = await self.repeated(digests)
         new = [j for j, k in enumerate(known) if k is None]
-        overlaps = [0] * len(digests)
+        attacks = [False] * len(digests)
         if new:
             for j, row in zip(new, prints(new), strict=True):
-                overlaps[j] = await self.record(row, ids[j])
-            await self.remember([digests[j] for j in new], [overlaps[j] >= self.threshold for j in new])
-        return known, overlaps
+                attacks[j] = await self.record(row, ids[j]) >= self.threshold
+            await self.remember([digests[j] for j in new], [attacks[j] for j in new])
+        return known, attacks
 
     async def record(self, fingerprint: NDArray[np.uint64], query_id: int) -> int:
         """Store one fingerprint; the most of its hashes one earlier (fresh) query had."""
@@ -239,7 +239,7 @@ class _Waiting:
     digests: list[bytes]
     blob: bytes
     now: int  # the second its values are stamped with
-    result: asyncio.Future[tuple[list[bytes | None], list[int]]]
+    result: asyncio.Future[tuple[list[bytes | None], list[bool]]]
 
 
 class RedisStore:
@@ -258,7 +258,8 @@ class RedisStore:
         self.slots = np.uint64(slots)
         self._check = self.client.register_script(_CHECK_LUA)  # EVALSHA, loaded again after a restart
         self.ttl_s = ttl_s
-        self.threshold = threshold  # an input sharing this many hashes with one earlier query: remembered as an attack
+        self._expiry_s, self._ttl_arg = max(1, int(ttl_s)), repr(float(ttl_s))  # the script's ARGV[1] and [5]
+        self.threshold = threshold  # an input sharing this many hashes with one earlier query: an attack query
         self._new_slots = 0  # slots this process filled since it last told Redis
         self._waiting: list[_Waiting] = []  # requests whose check is not sent yet
         self._sender: asyncio.Task[None] | None = None
@@ -272,16 +273,16 @@ class RedisStore:
             raise StoreUnavailable("redis holds no query-history salt")
         return salt
 
-    async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[int]]:
+    async def check(self, digests: list[bytes], prints: Prints, ids: list[int]) -> tuple[list[bool | None], list[bool]]:
         """One round trip, atomic (a Lua script: no other process's commands in between): MGET the
         digests, SET NX each as benign, one BITFIELD per input whose old values give its overlap, and
-        a new input whose overlap reaches the threshold remembered as an attack there and then (a
-        copy of it, from any process, is known as one from the next command on). The slots and values
+        a new input whose overlap reaches the threshold decided and remembered as an attack there and
+        then (a copy of it, from any process, is known as one from the next command on). The slots and values
         travel as one binary argument (a command of 200 arguments per input costs the client more
         than the rest of the judgement). Every input is fingerprinted and stored, a repeat too (its
         own hashes again, under a new id: its earlier entries refreshed); a repeat's overlap is not
-        read. The requests that wait while a script runs go together in the next one
-        (`_send_waiting`)."""
+        read (its decision is the first one's). The requests that wait while a script runs go together
+        in the next one (`_send_waiting`)."""
         if not digests:
             return [], []
         now = int(time.time())
@@ -297,8 +298,8 @@ class RedisStore:
         self._waiting.append(request)
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_waiting())
-        known_raw, overlaps = await request.result
-        return [None if v is None else v == b"1" for v in known_raw], overlaps
+        known_raw, attacks = await request.result
+        return [None if v is None else v == b"1" for v in known_raw], attacks
 
     async def _send_waiting(self) -> None:
         """The check script for the waiting requests, in their order, as many at once as may go
@@ -307,11 +308,11 @@ class RedisStore:
         while self._waiting:
             batch = self._take_batch()
             keys = [self.EXACT + d.hex() for w in batch for d in w.digests]
-            args: list[bytes | int | str] = [max(1, int(self.ttl_s)), b"".join(w.blob for w in batch), batch[0].now,
-                                             self.threshold, repr(float(self.ttl_s))]
+            args: list[bytes | int | str] = [self._expiry_s, b"".join(w.blob for w in batch), batch[0].now,
+                                             self.threshold, self._ttl_arg]
             try:
                 async with self._guard():
-                    known_raw, overlaps, empty = await self._check(keys=[self.TABLE, *keys], args=args)
+                    known_raw, attacks, empty = await self._check(keys=[self.TABLE, *keys], args=args)
             except Exception as exc:  # the store's error is each request's
                 for w in batch:
                     if not w.result.done():
@@ -327,7 +328,7 @@ class RedisStore:
             for w in batch:
                 if not w.result.done():  # a request cancelled meanwhile (its client went away) is not answered
                     end = k + len(w.digests)
-                    w.result.set_result((known_raw[k:end], [int(o) for o in overlaps[k:end]]))
+                    w.result.set_result((known_raw[k:end], [a == 1 for a in attacks[k:end]]))
                 k += len(w.digests)
 
     def _take_batch(self) -> list[_Waiting]:
@@ -371,14 +372,15 @@ class RedisStore:
 # slot is written as two u32 fields (the i64 slot #k is u32 #2k and #2k+1: BITFIELD is big-endian), so
 # every number Lua handles is exact in its doubles. A slot's halves: high = tag (20 bits) · 2^12 + the
 # id's high 12 bits, low = the id's low 12 bits · 2^20 + the second (20 bits): best_match, in Lua. Returns
-# the MGET of the digests, each input's overlap (0 for a repeat: not read) and how many slots were empty.
+# the MGET of the digests, each input's decision (1: an attack query; 0 for a repeat: not read) and how
+# many slots were empty.
 _CHECK_LUA = """
 local known = redis.call('MGET', unpack(KEYS, 2))
 for i = 2, #KEYS do
   redis.call('SET', KEYS[i], '0', 'EX', ARGV[1], 'NX')
 end
 local now, threshold, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local blob, pos, input, overlaps, empty = ARGV[2], 1, 1, {}, 0
+local blob, pos, input, attacks, empty = ARGV[2], 1, 1, {}, 0
 while pos <= #blob do
   local n
   n, pos = struct.unpack('<I4', blob, pos)
@@ -406,15 +408,14 @@ while pos <= #blob do
       end
     end
   end
-  if known[input] then
-    best = 0
-  elseif best >= threshold then
+  attacks[input] = 0
+  if not known[input] and best >= threshold then
     redis.call('SET', KEYS[input + 1], '1', 'EX', ARGV[1])
+    attacks[input] = 1
   end
-  overlaps[input] = best
   input = input + 1
 end
-return {known, overlaps, empty}
+return {known, attacks, empty}
 """
 
 

@@ -146,14 +146,11 @@ class QueryHistory:
         for i, d in enumerate(digests):
             first.setdefault(d, i)
         rows = list(first.values())
-        known, overlaps = await store.check(list(first), lambda js: fp.fingerprints(x[[rows[j] for j in js]]),
-                                            [secrets.randbits(24) for _ in rows])
+        known, attacks = await store.check(list(first), lambda js: fp.fingerprints(x[[rows[j] for j in js]]),
+                                           [secrets.randbits(24) for _ in rows])
         attack, repeat = np.zeros(len(x), bool), np.zeros(len(x), bool)
-        for i, k, overlap in zip(rows, known, overlaps, strict=True):  # the store remembered the attacks
-            if k is not None:
-                attack[i], repeat[i] = k, True
-            else:
-                attack[i] = overlap >= self.cfg.threshold
+        for i, k, a in zip(rows, known, attacks, strict=True):
+            attack[i], repeat[i] = (k, True) if k is not None else (a, False)
         for i, d in enumerate(digests):
             if first[d] != i:
                 attack[i], repeat[i] = attack[first[d]], True
