@@ -93,11 +93,14 @@ class Target:
 # ---------------------------------------------------------------- servers
 
 @contextmanager
-def served(attack: str, setting: str, model: str | None) -> Iterator[tuple[ApiClient, str]]:
+def served(attack: str, setting: str, model: str | None, version: str | None = None
+           ) -> Iterator[tuple[ApiClient, str]]:
     """A fresh server (fresh history) for one attack and setting, and a client for it."""
     env = {"DSPHERE_QUERY_HISTORY_ACTION": "off" if setting == "off" else "reject"}
     if model:
         env["DSPHERE_MODEL_NAME"] = model
+    if version:
+        env["DSPHERE_MODEL_VERSION"] = version
     workers, addresses = 1, [None]
     with ExitStack() as stack:
         if attack == "square-spread":
@@ -117,11 +120,11 @@ def served(attack: str, setting: str, model: str | None) -> Iterator[tuple[ApiCl
         yield client, f"{name} {meta['versions'][-1] if meta.get('versions') else ''}".strip()
 
 
-def choose_targets(n: int, model: str | None) -> tuple[list[Target], str]:
+def choose_targets(n: int, model: str | None, version: str | None = None) -> tuple[list[Target], str]:
     need = max(n * 2 + 20, 60)
     x = load_fashion_mnist_test(10_000).astype(np.float32)[:, None] / 255.0
     ys = load_fashion_mnist_test_labels(10_000).astype(int)
-    with served("select", "off", model) as (client, served_model):
+    with served("select", "off", model, version) as (client, served_model):
         a = client.infer(x[:need])
         chosen = [i for i in range(need) if a.accepted[i] and a.label[i] == ys[i]][:n]
         if len(chosen) < n:
@@ -313,7 +316,7 @@ def run_attack(attack: str, setting: str, targets: list[Target], served_model: s
 
     print(f"{attack:15s} {setting:3s}: {len(todo)} of {len(targets)} images to attack, {args.queries} queries each",
           flush=True)
-    with served(attack, setting, args.model) as (client, _):
+    with served(attack, setting, args.model, args.version) as (client, _):
         if attack.startswith("square") and attack != "square-restart":
             # the slowed attack waits 2 s a request: more images a request (25) keep its wall time near 2 h
             size = max(args.group, 25) if attack == "square-slow" and setting == "on" else args.group
@@ -420,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", default="off,on")
     ap.add_argument("--model", default="fashion-mnist-dsphere",
                     help="DSPHERE_MODEL_NAME (the published runs attack the D-SphereNet)")
+    ap.add_argument("--version", default="3.1.0",
+                    help="DSPHERE_MODEL_VERSION (the published runs': 3.1.0; empty: the latest)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--group", type=int, default=10, help="images per Square call (one request a query of each)")
     ap.add_argument("--parallel", type=int, default=6, help="images attacked at once by the per-image attacks")
@@ -431,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown attacks {unknown}; known: {NON_ADAPTIVE + ADAPTIVE}")
     if not args.report_only:
-        targets, served_model = choose_targets(args.images, args.model)
+        targets, served_model = choose_targets(args.images, args.model, args.version)
         print(f"model {served_model}: attacking test images {[t.index for t in targets]}", flush=True)
         for attack in attacks:
             for setting in args.settings.split(","):

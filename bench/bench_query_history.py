@@ -73,6 +73,7 @@ from support.redis_server import RedisHandle, start_redis
 from support.server import ServerHandle, start_server
 
 MODEL = "fashion-mnist-dsphere"  # the model served (docs/results/query-history/ were measured on it)
+MODEL_VERSION = "3.1.0"  # its version then (4.0.0, published since, is another network)
 
 EPS = 0.1
 SECTIONS = ("benign", "retries", "retaken", "cost", "lookup", "memory", "attack")
@@ -145,7 +146,8 @@ class V2Client:
 
 
 def server_env(**kw: str) -> dict[str, str]:
-    return {"DSPHERE_MODEL_NAME": MODEL, "DSPHERE_QUERY_HISTORY_ACTION": "reject", "DSPHERE_QUEUE_SIZE": "1024", **kw}
+    return {"DSPHERE_MODEL_NAME": MODEL, "DSPHERE_MODEL_VERSION": MODEL_VERSION,
+            "DSPHERE_QUERY_HISTORY_ACTION": "reject", "DSPHERE_QUEUE_SIZE": "1024", **kw}
 
 
 @contextmanager

@@ -33,6 +33,8 @@ def test_square_through_the_api_detected_on_not_off(tmp_path: Path) -> None:
     off = json.loads((tmp_path / "attacks" / "square-off-n1-q300.json").read_text())
     on = json.loads((tmp_path / "attacks" / "square-on-n1-q300.json").read_text())
     assert off["complete"] and on["complete"]
+    # the version the published results were measured on, not the store's latest
+    assert off["config"]["model"] == on["config"]["model"] == "fashion-mnist-dsphere 3.1.0"
     (r_off,), (r_on,) = off["records"], on["records"]
     assert 250 <= r_off["queries"] <= 300 and 250 <= r_on["queries"] <= 300  # the budget, spent
     assert r_off["detections"] == 0 and not r_off["detected"]
