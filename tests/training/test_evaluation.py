@@ -242,6 +242,30 @@ def test_interrupted_evaluation_resumes_from_its_cache(full, tiny) -> None:  # t
         assert again.attack(name).defended_rate == full.report.attack(name).defended_rate
 
 
+def test_an_interrupted_evaluation_resumes_its_checks_too(full, tiny) -> None:  # type: ignore[no-untyped-def]
+    """The budget checks' runs, the ε sweep and the distal attack are kept (in .cache/checks/, apart from
+    the attacks' files that reports list and precision records read) and read back by a second run: the
+    same outcomes, not one file written again."""
+    checks = tiny["root"] / "report" / ".cache" / "checks"
+    stems = {p.name.rsplit("-", 1)[0] for p in checks.glob("*.safetensors")}
+    assert {"pgd-budget", "pgd-budget-doubled", "pgd-sweep", "rule-sweep", "rule-budget-doubled",
+            "distal-uniform_noise", "distal-constant"} <= stems, stems
+    assert not any(p.name.startswith(("pgd-budget", "pgd-sweep", "distal")) for p in checks.parent.glob("*.safetensors"))
+    written = {p.name: p.stat().st_mtime_ns for p in checks.iterdir()}
+    again_dir = tiny["root"] / "report-checks-again"
+    shutil.copytree(tiny["root"] / "report" / ".cache", again_dir / ".cache")
+    for p in (again_dir / ".cache" / "checks").iterdir():
+        os.utime(p, ns=(written[p.name], written[p.name]))
+    cfg = EvalConfig(eps=EPS, attacks=("pgd", "rule"), figures=False, detectors=False, **FAST)  # type: ignore[arg-type]
+    again = evaluate(tiny["version"], tiny["checkpoint"], cfg, again_dir).report
+    assert {p.name: p.stat().st_mtime_ns for p in (again_dir / ".cache" / "checks").iterdir()} == written
+    first = full.report
+    assert again.sanity.pgd_budget == first.sanity.pgd_budget
+    assert again.sanity.eps_sweep == first.sanity.eps_sweep
+    assert again.sanity.rule.doubled_defended_rate == first.sanity.rule.doubled_defended_rate
+    assert again.distal == first.distal
+
+
 def test_export_takes_its_figures_from_the_evaluation(full, tiny) -> None:  # type: ignore[no-untyped-def]
     report = tiny["root"] / "report" / "report.json"
     vdir = export_version(tiny["checkpoint"], tiny["root"] / "published", "tiny", "v1", n_test=200,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,21 @@ class AttackCache:
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({"x_adv": x_adv.contiguous()}, str(tmp), metadata={"attack": attack})
         os.replace(tmp, path)
+
+    def within(self, name: str) -> AttackCache:
+        """A cache in a subfolder (None stays None): the checks' runs, apart from the attacks' own files
+        (those a report lists in `cached_inputs` and the worst case over a prefix reads)."""
+        return AttackCache(self.folder / name if self.folder is not None else None)
+
+    def made(self, attack: str, key: str, make: Callable[[], Tensor]) -> Tensor:
+        """`make()`'s inputs, read back instead when this run (`key`) was made before: an interrupted
+        evaluation resumes its checks too."""
+        kept = self.load(attack, key)
+        if kept is not None:
+            return kept
+        x_adv = make()
+        self.save(attack, key, x_adv)
+        return x_adv
 
     def read(self, file_name: str) -> Tensor:
         """The inputs of one file of this cache, by its name (a report's `cached_inputs`);

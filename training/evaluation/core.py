@@ -49,6 +49,9 @@ from training.evaluation.sanity import (
 from training.evaluation.schema import DistalResult, OodResult, Sanity
 from training.evaluation.scoring import Judged, Outcome
 
+# the subfolder of an evaluation's cache that keeps the checks' runs (budget checks, the ε sweep, distal)
+CHECKS = "checks"
+
 log = logging.getLogger("dsphere.evaluation")
 
 __all__ = ["ALL_ATTACKS", "EvalConfig", "EvaluationError", "Outcome", "evaluate", "write_outputs"]
@@ -108,12 +111,13 @@ def _sanity(runner: AttackRunner, wb: WhiteBox) -> tuple[Sanity, list[tuple[floa
     white-box attacks, and the two checks of the attacks on the verdict. What they judged at the
     threat model's ε goes to `runner.also_judged` (the worst case)."""
     cfg, t, model = runner.cfg, runner.t, wb.model
+    checks = runner.cache.within(CHECKS)  # the checks' runs, kept apart from the attacks' own inputs
     sanity, sweep = Sanity(), list[tuple[float, Judged]]()
     sanity.noise = noise_check(t.onnx_model, tuple(t.manifest.input.shape), t.rule, seed=cfg.seed)
     runner.say(f"noise check: {sanity.noise.verdict}")
     if cfg.sanity and model is not None:
-        sanity.pgd_budget, budget_runs = pgd_budget_check(t, model, cfg, runner.say)
-        sanity.eps_sweep, sweep, at_eps = eps_sweep(t, model, cfg, runner.say)
+        sanity.pgd_budget, budget_runs = pgd_budget_check(t, model, cfg, runner.say, checks)
+        sanity.eps_sweep, sweep, at_eps = eps_sweep(t, model, cfg, runner.say, checks)
         runner.also_judged += [*budget_runs, *at_eps]
     if "square" in runner.judged:
         sanity.gradient_free = gradient_free_check(runner.judged)
@@ -121,7 +125,7 @@ def _sanity(runner: AttackRunner, wb: WhiteBox) -> tuple[Sanity, list[tuple[floa
         schedule, doubled = runner.schedules.get("rule", []), None
         if cfg.sanity and model is not None and schedule:
             doubled, j = rule_budget_check(t, model, runner.ran["rule"], schedule[-1]["restarts"],
-                                           runner.judged["rule"], cfg)
+                                           runner.judged["rule"], cfg, checks)
             runner.say(f"rule budget check: doubled steps and restarts, defended {doubled.base_defended_rate:.3f} "
                        f"-> {doubled.defended_rate:.3f} on {doubled.n}")
             runner.also_judged.append(j)
@@ -138,4 +142,6 @@ def _not_clothing(runner: AttackRunner, wb: WhiteBox) -> tuple[list[OodResult], 
     if wb.model is None:
         runner.say(f"distal attack: skipped ({wb.unavailable})")
         return ood, [], wb.unavailable
-    return ood, distal_table(wb.model, t.onnx_model, tuple(t.manifest.input.shape), t.rule, cfg, runner.say), None
+    distal = distal_table(wb.model, t.onnx_model, tuple(t.manifest.input.shape), t.rule, cfg, runner.say,
+                          runner.cache.within(CHECKS), t.manifest.sha256)
+    return ood, distal, None

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from training.attacks import eval_mode, logits_of, project
 from training.evaluation.attacks import check_ball
+from training.evaluation.cache import AttackCache, cache_key
 from training.evaluation.config import EvalConfig
 from training.evaluation.schema import DistalResult, OodResult
 from training.evaluation.served import Outputs, ServedOutputs, served_outputs
@@ -94,19 +95,26 @@ def distal_starts(shape: tuple[int, ...], n: int, seed: int) -> dict[str, Tensor
 
 
 def distal_table(model: nn.Module, onnx_model: OnnxModel, shape: tuple[int, ...], rule: Rule, cfg: EvalConfig,
-                 say: Callable[[str], None]) -> list[DistalResult]:
+                 say: Callable[[str], None], cache: AttackCache, model_sha256: str) -> list[DistalResult]:
     """The distal attack (white-box: it needs the PyTorch model; without one the report says why in
-    `distal_skipped`)."""
+    `distal_skipped`); each run kept in `cache` (an interrupted evaluation resumes)."""
     dev = next(model.parameters()).device
     rows = []
     for start, x in distal_starts(shape, cfg.n_distal, cfg.seed).items():
         before = float(_accepted(onnx_model, x, rule).mean())
         for eps in cfg.distal_eps:
-            torch.manual_seed(cfg.seed)
             attack = DistalAttack(eps, rule, cfg.distal_steps, cfg.rule_kappa, judge=ServedOutputs(onnx_model))
-            parts = [attack(model, x[i: i + cfg.batch_size].to(dev)).cpu() for i in range(0, len(x), cfg.batch_size)]
-            x_adv = torch.cat(parts)
-            check_ball(x_adv, x, eps, f"distal {start}")
+
+            def make(attack: DistalAttack = attack, x: Tensor = x, start: str = start) -> Tensor:
+                torch.manual_seed(cfg.seed)
+                parts = [attack(model, x[i: i + cfg.batch_size].to(dev)).cpu()
+                         for i in range(0, len(x), cfg.batch_size)]
+                x_adv = torch.cat(parts)
+                check_ball(x_adv, x, attack.eps, f"distal {start}")
+                return x_adv
+
+            key = cache_key(model_sha256, "distal", start, settings(attack), list(shape), cfg.n_distal, cfg.seed)
+            x_adv = cache.made(f"distal-{start}", key, make)
             rate = float(_accepted(onnx_model, x_adv, rule).mean())
             say(f"distal from {start} at eps {eps}: {100 * rate:.1f} % accepted (before: {100 * before:.1f} %)")
             rows.append(DistalResult(start=start, eps=eps, n_examples=len(x), accepted_rate=rate,

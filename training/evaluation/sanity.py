@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from training.attacks import PGD, attack_dataset
 from training.evaluation.attacks import check_ball
+from training.evaluation.cache import AttackCache, cache_key
 from training.evaluation.config import EvalConfig
 from training.evaluation.rule_attacks import RuleAttack
 from training.evaluation.runner import AttackRunner, Target
@@ -42,24 +43,37 @@ def attack_on(model: nn.Module, attack: Attack, x: Tensor, y: Tensor,
     return attack_dataset(model, attack, x.to(dev), y.to(dev), batch_size).cpu()
 
 
-def _restarts(t: Target, model: ConvNet, attack: Attack, m: int, restarts: int, seed: int, batch_size: int,
-              name: str) -> Judged:
-    """An attack with `restarts` restarts on the first m examples, each its own run; per example the
-    restart best for the attacker under the served rule (as the evaluation's runner keeps them)."""
+def made_on(cache: AttackCache, t: Target, stem: str, model: nn.Module, attack: Attack, m: int, seed: int,
+            eps: float, batch_size: int) -> Tensor:
+    """`attack` on the first m examples (seeded, checked to stay within eps), or its inputs kept in
+    `cache` from an earlier run of the same (`stem`, settings, examples, seed, eps)."""
     x, y = t.x[:m], t.y[:m]
+
+    def make() -> Tensor:
+        torch.manual_seed(seed)
+        xa = attack_on(model, attack, x, y, batch_size)
+        check_ball(xa, x, eps, stem)
+        return xa
+
+    return cache.made(stem, cache_key(t.manifest.sha256, stem, settings(attack), t.examples(m), seed, eps), make)
+
+
+def _restarts(t: Target, model: ConvNet, attack: Attack, m: int, restarts: int, seed: int, batch_size: int,
+              name: str, cache: AttackCache, stem: str) -> Judged:
+    """An attack with `restarts` restarts on the first m examples, each its own run (kept in `cache`
+    under `stem`); per example the restart best for the attacker under the served rule (as the
+    evaluation's runner keeps them)."""
     x_adv: Tensor | None = None
     worst: Judged | None = None
     for r in range(restarts):
-        torch.manual_seed(seed + r)
-        xa = attack_on(model, attack, x, y, batch_size)
-        check_ball(xa, x, t.eps, name)
+        xa = made_on(cache, t, stem, model, attack, m, seed + r, t.eps, batch_size)
         x_adv, worst = AttackRunner.keep_worst(x_adv, worst, xa, t.judge(xa, name))
     assert worst is not None
     return worst
 
 
-def pgd_budget_check(t: Target, model: ConvNet, cfg: EvalConfig,
-                     say: Callable[[str], None]) -> tuple[PgdBudgetCheck, list[Judged]]:
+def pgd_budget_check(t: Target, model: ConvNet, cfg: EvalConfig, say: Callable[[str], None],
+                     cache: AttackCache) -> tuple[PgdBudgetCheck, list[Judged]]:
     """Doubling PGD's steps AND restarts must not lower robust accuracy much (else the base
     attack had not converged and its numbers overstate robustness). Both runs are made here,
     on the same examples, each keeping restarts by the served rule; the doubled run's
@@ -69,9 +83,10 @@ def pgd_budget_check(t: Target, model: ConvNet, cfg: EvalConfig,
     dbl_pgd = replace(base_pgd, steps=2 * base_pgd.steps)
     base_n, dbl_n = cfg.pgd_restarts, 2 * cfg.pgd_restarts
     t0 = time.time()
-    base = _restarts(t, model, base_pgd, m, base_n, cfg.seed, cfg.batch_size, "pgd (budget check)")
+    base = _restarts(t, model, base_pgd, m, base_n, cfg.seed, cfg.batch_size, "pgd (budget check)", cache,
+                     "pgd-budget")
     dbl = _restarts(t, model, dbl_pgd, m, dbl_n, cfg.seed + 1000, cfg.batch_size,
-                    f"pgd-{dbl_pgd.steps} x{dbl_n} (budget check)")
+                    f"pgd-{dbl_pgd.steps} x{dbl_n} (budget check)", cache, "pgd-budget-doubled")
     b_acc, d_acc = float(base.correct.mean()), float(dbl.correct.mean())
     b_def, d_def = float((~base.broken).mean()), float((~dbl.broken).mean())
     tol = max(0.02, 2.0 / m)
@@ -87,15 +102,15 @@ def pgd_budget_check(t: Target, model: ConvNet, cfg: EvalConfig,
                           ok=ok, verdict=verdict), [base, dbl]
 
 
-def eps_sweep(t: Target, model: ConvNet, cfg: EvalConfig,
-              say: Callable[[str], None]) -> tuple[EpsSweep, list[tuple[float, Judged]], list[Judged]]:
+def eps_sweep(t: Target, model: ConvNet, cfg: EvalConfig, say: Callable[[str], None],
+              cache: AttackCache) -> tuple[EpsSweep, list[tuple[float, Judged]], list[Judged]]:
     """Accuracy under PGD must fall to ~0 as eps grows (at eps = 0.5 any image can be
     turned into uniform gray); if it does not, gradients are masked. With the rule attack in
     the evaluation, each point also has the defended rate under it (margin loss, every wrong
     class, one restart of `sweep_steps`). Returns the sweep, its PGD outcomes by ε, and the
     outcomes at the threat model's ε (PGD and the rule attack), which count in the worst case."""
     m = min(cfg.n_sweep, len(t.x))
-    x, y = t.x[:m], t.y[:m]
+    x = t.x[:m]
     points, judged, ran, at_eps = [], [], [], list[Judged]()
     t0 = time.time()
     for e in sorted(set(cfg.sweep_eps)):
@@ -104,15 +119,13 @@ def eps_sweep(t: Target, model: ConvNet, cfg: EvalConfig,
         else:
             pgd = PGD(e, steps=cfg.sweep_steps)
             ran.append(pgd)
-            torch.manual_seed(cfg.seed)
-            xa = attack_on(model, pgd, x, y, cfg.batch_size)
-            check_ball(xa, x, e, f"pgd sweep eps={e}")
+            xa = made_on(cache, t, "pgd-sweep", model, pgd, m, cfg.seed, e, cfg.batch_size)
         j = t.judge(xa, f"eps={e}")
         judged.append((e, j))
         r = rate_fields(j)
         rule_def, rule_j = None, None
         if "rule" in cfg.attacks:
-            rule_j = None if e == 0 else _rule_attacked(t, model, m, e, cfg)
+            rule_j = None if e == 0 else _rule_attacked(t, model, m, e, cfg, cache)
             rule_def = r["defended_rate"] if rule_j is None else float((~rule_j.broken).mean())
         if math.isclose(e, t.eps):
             at_eps += [j] if rule_j is None else [j, rule_j]
@@ -145,12 +158,10 @@ def _sweep_verdict(points: list[EpsPoint], m: int) -> tuple[bool, str]:
                 "(an honest attack reaches ~0)")
 
 
-def _rule_attacked(t: Target, model: ConvNet, m: int, eps: float, cfg: EvalConfig) -> Judged:
-    torch.manual_seed(cfg.seed)
+def _rule_attacked(t: Target, model: ConvNet, m: int, eps: float, cfg: EvalConfig, cache: AttackCache) -> Judged:
     attack = RuleAttack(eps, t.rule, cfg.sweep_steps, 1, cfg.rule_kappa, ("margin",),
                         judge=ServedOutputs(t.onnx_model))
-    xa = attack_on(model, attack, t.x[:m], t.y[:m], cfg.batch_size)
-    check_ball(xa, t.x[:m], eps, f"rule sweep eps={eps}")
+    xa = made_on(cache, t, "rule-sweep", model, attack, m, cfg.seed, eps, cfg.batch_size)
     return t.judge(xa, f"rule eps={eps}")
 
 
@@ -170,14 +181,14 @@ class Doubled:
 
 
 def rule_budget_check(t: Target, model: ConvNet, attack: RuleAttack, restarts: int, base: Judged,
-                      cfg: EvalConfig) -> tuple[Doubled, Judged]:
+                      cfg: EvalConfig, cache: AttackCache) -> tuple[Doubled, Judged]:
     """The rule attack (`attack`, which ran `restarts` restarts with outcomes `base`) again with
     twice its steps and twice its restarts on the first n_budget_check examples, restarts kept by
     the served rule; its outcomes count in the worst case."""
     m = min(cfg.n_budget_check, base.n)
     doubled = replace(attack, steps=2 * attack.steps)
     j = _restarts(t, model, doubled, m, 2 * restarts, cfg.seed + 1000, cfg.batch_size,
-                  f"rule x{2 * restarts}, {doubled.steps} steps (budget check)")
+                  f"rule x{2 * restarts}, {doubled.steps} steps (budget check)", cache, "rule-budget-doubled")
     return Doubled({**settings(doubled), "restarts": 2 * restarts}, m, float((~base.broken[:m]).mean()),
                    float((~j.broken).mean()), max(cfg.rule_restart_tolerance, 2.0 / m)), j
 
