@@ -30,7 +30,7 @@ from training.evaluation.config import EvalConfig, EvaluationError
 from training.evaluation.loading import load_manifest, version_path
 from training.evaluation.schema import AttackResult
 from training.evaluation.scoring import Judged, judge, rate_fields
-from training.evaluation.settings import Planned, Restarts
+from training.evaluation.settings import Planned, Restarts, settings
 from training.judging import OnnxModel
 from training.rule import Rule
 
@@ -81,6 +81,29 @@ def splits(manifest: Manifest, cfg: EvalConfig) -> tuple[Dataset, Dataset]:
 _training_splits = functools.lru_cache(maxsize=1)(training_splits)
 
 
+def run_key(t: Target, name: str, params: dict[str, Any], m: int, seed: int, eps: float) -> str:
+    """A crafted run's cache key: the model, the attack's name and settings, the attacked examples, the seed, ε."""
+    return cache_key(t.manifest.sha256, name, params, t.examples(m), seed, eps)
+
+
+def made_on(cache: AttackCache, t: Target, name: str, model: nn.Module, attack: Any, m: int, seed: int,
+            eps: float, batch_size: int, params: dict[str, Any] | None = None) -> Tensor:
+    """`attack` on the first m examples on the model's device (seeded, checked to stay within eps), or its
+    inputs kept in `cache` from an earlier run of the same (`name`, `params`: by default the attack's
+    settings, examples, seed, eps)."""
+    x, y = t.x[:m], t.y[:m]
+
+    def make() -> Tensor:
+        torch.manual_seed(seed)
+        dev = next(model.parameters()).device
+        x_adv = attack_dataset(model, attack, x.to(dev), y.to(dev), batch_size).cpu()
+        check_ball(x_adv, x, eps, name)
+        return x_adv
+
+    key = run_key(t, name, settings(attack) if params is None else params, m, seed, eps)
+    return cache.made(name, key, make)
+
+
 class AttackRunner:
     """Runs planned attacks on prefixes of the evaluation subset and records their results, the
     inputs they kept and their outcomes (for the worst case, the detectors and the checks)."""
@@ -100,19 +123,10 @@ class AttackRunner:
 
     def craft(self, name: str, attack: Any, on: nn.Module, m: int, params: dict[str, Any], seed: int) -> Tensor:
         """Adversarial inputs for the first m examples, from the cache when this exact run was made."""
-        key = cache_key(self.t.manifest.sha256, name, params, self.t.examples(m), seed, self.t.eps)
-        path = self.cache.path(name, key)
+        path = self.cache.path(name, run_key(self.t, name, params, m, seed, self.t.eps))
         if path is not None:
             self.cached.setdefault(name, []).append(path.name)
-        cached = self.cache.load(name, key)
-        if cached is not None:
-            return cached
-        torch.manual_seed(seed)
-        dev = next(on.parameters()).device
-        x_adv = attack_dataset(on, attack, self.t.x[:m].to(dev), self.t.y[:m].to(dev), self.cfg.batch_size).cpu()
-        check_ball(x_adv, self.t.x[:m], self.t.eps, name)
-        self.cache.save(name, key, x_adv)
-        return x_adv
+        return made_on(self.cache, self.t, name, on, attack, m, seed, self.t.eps, self.cfg.batch_size, params)
 
     def execute(self, plan: Planned) -> None:
         """Run (or skip, when what it runs on is unavailable) one planned attack."""

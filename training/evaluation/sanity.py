@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from training.attacks import PGD, attack_dataset
-from training.evaluation.attacks import check_ball
-from training.evaluation.cache import AttackCache, cache_key
+from training.attacks import PGD
+from training.evaluation.cache import AttackCache
 from training.evaluation.config import EvalConfig
 from training.evaluation.rule_attacks import RuleAttack
-from training.evaluation.runner import AttackRunner, Target
+from training.evaluation.runner import AttackRunner, Target, made_on
 from training.evaluation.schema import EpsPoint, EpsSweep, GradientFreeCheck, NoiseCheck, PgdBudgetCheck, RuleChecks
 from training.evaluation.scoring import Judged, judge, rate_fields
 from training.evaluation.served import ServedOutputs
@@ -34,28 +33,6 @@ from training.models import ConvNet
 from training.rule import Rule
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-
-def attack_on(model: nn.Module, attack: Attack, x: Tensor, y: Tensor,
-               batch_size: int) -> Tensor:
-    """attack_dataset on the model's device; the result back on the CPU."""
-    dev = next(model.parameters()).device
-    return attack_dataset(model, attack, x.to(dev), y.to(dev), batch_size).cpu()
-
-
-def made_on(cache: AttackCache, t: Target, stem: str, model: nn.Module, attack: Attack, m: int, seed: int,
-            eps: float, batch_size: int) -> Tensor:
-    """`attack` on the first m examples (seeded, checked to stay within eps), or its inputs kept in
-    `cache` from an earlier run of the same (`stem`, settings, examples, seed, eps)."""
-    x, y = t.x[:m], t.y[:m]
-
-    def make() -> Tensor:
-        torch.manual_seed(seed)
-        xa = attack_on(model, attack, x, y, batch_size)
-        check_ball(xa, x, eps, stem)
-        return xa
-
-    return cache.made(stem, cache_key(t.manifest.sha256, stem, settings(attack), t.examples(m), seed, eps), make)
 
 
 def _restarts(t: Target, model: ConvNet, attack: Attack, m: int, restarts: int, seed: int, batch_size: int,
