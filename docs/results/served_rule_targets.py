@@ -32,7 +32,7 @@ def rows(report: dict, default: dict | None) -> list[tuple[str, str, bool]]:
     else:
         gap = default["worst_case"]["defended_rate"] - worst
         out.append((f"worst-case defended within {WITHIN * 100:.0f} points of the served default",
-                    f"{_pct(worst)} ({gap * 100:+.1f} points behind)", gap <= WITHIN))
+                    f"{_pct(worst)} ({abs(gap) * 100:.1f} points {'behind' if gap > 0 else 'ahead'})", gap <= WITHIN))
     catches = {d["attack"]: d["adversarial_catch_at_rho"] for d in report["detectors"]
                if d["attack"] in FOOLED_ATTACKS and d.get("adaptive_against") is None}
     for name in FOOLED_ATTACKS:

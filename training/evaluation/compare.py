@@ -79,7 +79,8 @@ def _rows(reports: list[Report]) -> list[tuple[str, Cell]]:
         ("check: accuracy falls with ε", lambda r: _ok(r.sanity.eps_sweep)),
         ("check: Square not stronger than white-box", lambda r: _ok(r.sanity.gradient_free)),
         ("check: attacks on the verdict (budget doubled, gradient-free not stronger)", lambda r: _ok(r.sanity.rule)),
-        ("evaluation time", lambda r: f"{r.seconds / 60:.0f} min"),
+        ("evaluation time (the run that wrote the report: runs read back from its cache count 0)",
+         lambda r: f"{r.seconds / 60:.0f} min"),
     ]
     return rows
 
