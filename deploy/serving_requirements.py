@@ -2,10 +2,10 @@
 
 Writes requirements-cpu.txt and requirements-gpu.txt next to pyproject.toml in the current
 directory: the base dependencies + the `serve` extra; the cpu list adds the `openvino` extra (the
-bf16 path, app/runtimes.py); the gpu list swaps onnxruntime for the `gpu` extra (onnxruntime-gpu), because both wheels install the same `onnxruntime` module and
-must never be installed together. Exits non-zero if torch (or onnx, onnxscript: the `train`
-extra's export tools) would end up in a serving image, or if a list holds other than exactly
-one onnxruntime flavour.
+bf16 path, app/runtimes.py); the gpu list swaps onnxruntime for the `gpu` extra (onnxruntime-gpu),
+because both wheels install the same `onnxruntime` module and must never be installed together.
+Exits non-zero if torch (or onnx, onnxscript: the `train` extra's export tools) would end up in a
+serving image, or if a list holds other than exactly one onnxruntime flavour.
 
 A plain file rather than a Dockerfile heredoc: podman/buildah before 1.33 and Docker without
 BuildKit do not read heredocs.

@@ -3,6 +3,7 @@ construction from a manifest (training/rule.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,25 @@ def test_the_cache_names_its_files_after_the_attack_and_finds_them_again(tmp_pat
     assert len(cache.find("transfer:baseline")) == 1 and len(cache.inputs()["pgd-100"]) == 1
     with pytest.raises(FileNotFoundError):
         cache.read("missing-0123456789abcdef0123.safetensors")
+
+
+def test_a_run_read_back_from_the_cache_keeps_what_crafting_it_took(tmp_path: Path) -> None:
+    cache = AttackCache(tmp_path / ".cache")
+    key, made = cache_key("sha", "square", {"queries": 1000}), []
+
+    def craft() -> torch.Tensor:
+        made.append(1)
+        time.sleep(0.05)
+        return torch.ones(2, 1, 4, 4)
+
+    assert cache.crafting_seconds("square", key) == 0.0  # nothing kept yet
+    first = cache.made("square", key, craft)
+    again = cache.made("square", key, craft)
+    assert made == [1]  # crafted once, then read back
+    torch.testing.assert_close(again, first)
+    assert 0.05 <= cache.crafting_seconds("square", key) < 5.0
+    cache.save("fgsm", key, first)  # saved without a time (as older files were): counts 0
+    assert cache.crafting_seconds("fgsm", key) == 0.0
 
 
 def test_older_cache_files_without_the_name_inside_are_found_by_their_stem(tmp_path: Path) -> None:

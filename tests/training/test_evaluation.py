@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from app.manifest import Manifest
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.evaluation.attacks import AttackOutOfBall, check_ball
+from training.evaluation.cache import SECONDS, AttackCache
 from training.evaluation.config import EvalConfig, EvaluationError
 from training.evaluation.core import evaluate
 from training.evaluation.detectors import Mahalanobis
@@ -240,6 +242,13 @@ def test_interrupted_evaluation_resumes_from_its_cache(full, tiny) -> None:  # t
     for name in ("fgsm", "pgd-10", "adaptive"):
         assert again.attack(name).robust_accuracy == full.report.attack(name).robust_accuracy
         assert again.attack(name).defended_rate == full.report.attack(name).defended_rate
+    # what the runs read back cost when they were crafted (every restart's file), not the read
+    store = AttackCache(again_dir / ".cache")
+    crafted = 0.0
+    for path in store.files()["pgd-10"]:
+        with safe_open(str(path), framework="pt") as f:
+            crafted += float(f.metadata()[SECONDS])
+    assert crafted > 0 and again.attack("pgd-10").seconds >= round(crafted, 1) - 0.1
 
 
 def test_an_interrupted_evaluation_resumes_its_checks_too(full, tiny) -> None:  # type: ignore[no-untyped-def]
@@ -250,7 +259,8 @@ def test_an_interrupted_evaluation_resumes_its_checks_too(full, tiny) -> None:  
     stems = {p.name.rsplit("-", 1)[0] for p in checks.glob("*.safetensors")}
     assert {"pgd-budget", "pgd-budget-doubled", "pgd-sweep", "rule-sweep", "rule-budget-doubled",
             "distal-uniform_noise", "distal-constant"} <= stems, stems
-    assert not any(p.name.startswith(("pgd-budget", "pgd-sweep", "distal")) for p in checks.parent.glob("*.safetensors"))
+    attack_files = checks.parent.glob("*.safetensors")
+    assert not any(p.name.startswith(("pgd-budget", "pgd-sweep", "distal")) for p in attack_files)
     written = {p.name: p.stat().st_mtime_ns for p in checks.iterdir()}
     again_dir = tiny["root"] / "report-checks-again"
     shutil.copytree(tiny["root"] / "report" / ".cache", again_dir / ".cache")

@@ -3,7 +3,9 @@
 digest of what makes the run: the model's sha256, the attack's name and settings, the attacked
 examples themselves, the seed and ε; so a run made again with the same key is read back (an
 interrupted evaluation resumes) and any change makes a new file. Each file records its attack's
-name, so that precision records (training/precision.py) find an evaluation's inputs by attack.
+name, so that precision records (training/precision.py) find an evaluation's inputs by attack, and
+the seconds it took to craft, so that a resumed evaluation reports what its runs cost, not the
+moment it took to read them back.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 SUFFIX = ".safetensors"
+SECONDS = "crafting_seconds"  # the metadata key of a run's crafting time
 _FILE = re.compile(rf"^(?P<stem>.+)-(?P<key>[0-9a-f]{{20}}){re.escape(SUFFIX)}$")
 
 
@@ -46,15 +50,25 @@ class AttackCache:
         path = self.path(attack, key)
         return load_file(str(path))["x_adv"] if path is not None and path.is_file() else None
 
-    def save(self, attack: str, key: str, x_adv: Tensor) -> None:
-        """Written to a temporary file and renamed: an interrupted write leaves no file behind."""
+    def save(self, attack: str, key: str, x_adv: Tensor, seconds: float | None = None) -> None:
+        """Written to a temporary file and renamed: an interrupted write leaves no file behind.
+        `seconds`: what crafting the inputs took, kept beside them."""
         path = self.path(attack, key)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"x_adv": x_adv.contiguous()}, str(tmp), metadata={"attack": attack})
+        metadata = {"attack": attack} | ({} if seconds is None else {SECONDS: f"{seconds:.3f}"})
+        save_file({"x_adv": x_adv.contiguous()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
+
+    def crafting_seconds(self, attack: str, key: str) -> float:
+        """The seconds that crafting this run's kept inputs took; 0.0 where none is kept or the file
+        is older than the record."""
+        path = self.path(attack, key)
+        if path is None or not path.is_file():
+            return 0.0
+        return float(_metadata(path).get(SECONDS, 0.0))
 
     def within(self, name: str) -> AttackCache:
         """A cache in a subfolder (None stays None): the checks' runs, apart from the attacks' own files
@@ -67,8 +81,9 @@ class AttackCache:
         kept = self.load(attack, key)
         if kept is not None:
             return kept
+        t0 = time.perf_counter()
         x_adv = make()
-        self.save(attack, key, x_adv)
+        self.save(attack, key, x_adv, seconds=time.perf_counter() - t0)
         return x_adv
 
     def read(self, file_name: str) -> Tensor:
@@ -100,7 +115,10 @@ class AttackCache:
         return [load_file(str(p))["x_adv"] for p in files.get(attack, files.get(_stem(attack), []))]
 
 
-def _attack_of(path: Path) -> str | None:
+def _metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return meta.get("attack")
+        return f.metadata() or {}
+
+
+def _attack_of(path: Path) -> str | None:
+    return _metadata(path).get("attack")

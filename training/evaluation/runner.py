@@ -117,15 +117,19 @@ class AttackRunner:
         self.ran: dict[str, Any] = {}  # name -> the attack object that made its inputs
         self.cached: dict[str, list[str]] = {}  # attack -> its files in the cache (the report's `cached_inputs`)
         self.also_judged: list[Judged] = []  # other runs at the threat model's eps: in the worst case too
+        self.resumed: dict[str, float] = {}  # attack -> crafting seconds of its runs read back from the cache
 
     def n(self, cap: int) -> int:
         return min(cap or len(self.t.x), len(self.t.x))
 
     def craft(self, name: str, attack: Any, on: nn.Module, m: int, params: dict[str, Any], seed: int) -> Tensor:
         """Adversarial inputs for the first m examples, from the cache when this exact run was made."""
-        path = self.cache.path(name, run_key(self.t, name, params, m, seed, self.t.eps))
+        key = run_key(self.t, name, params, m, seed, self.t.eps)
+        path = self.cache.path(name, key)
         if path is not None:
             self.cached.setdefault(name, []).append(path.name)
+            if path.is_file():
+                self.resumed[name] = self.resumed.get(name, 0.0) + self.cache.crafting_seconds(name, key)
         return made_on(self.cache, self.t, name, on, attack, m, seed, self.t.eps, self.cfg.batch_size, params)
 
     def execute(self, plan: Planned) -> None:
@@ -140,7 +144,9 @@ class AttackRunner:
             self.record(plan, x_adv, self.t.judge(x_adv, plan.name), plan.params, time.time() - t0)
 
     def record(self, plan: Planned, x_adv: Tensor, j: Judged, params: dict[str, Any], seconds: float) -> None:
+        """`seconds`: this run's; the recorded crafting time of runs read back from the cache is added."""
         self.judged[plan.name], self.inputs[plan.name], self.ran[plan.name] = j, x_adv, plan.attack
+        seconds += self.resumed.pop(plan.name, 0.0)
         res = AttackResult(name=plan.name, kind=plan.kind,  # type: ignore[arg-type]
                            max_perturbation=float((x_adv - self.t.x[: len(x_adv)]).abs().max()),
                            seconds=round(seconds, 1), params=params, **rate_fields(j))

@@ -48,7 +48,8 @@ class AttackResult(_Model):
     rho1_reject_rate: float | None = Field(None, description="reject rate at the paper's rho = 1")
     rho1_defended_rate: float | None = None
     max_perturbation: float | None = Field(None, description="max |x_adv - x| (L-inf), checked <= eps")
-    seconds: float = 0.0
+    seconds: float = Field(0.0, description="crafting and judging; runs read back from the cache count at their "
+                           "recorded crafting time (0 for files made before it was recorded)")
     params: dict[str, Any] = Field(default_factory=dict)
 
 
