@@ -251,6 +251,24 @@ def test_interrupted_evaluation_resumes_from_its_cache(full, tiny) -> None:  # t
     assert crafted > 0 and again.attack("pgd-10").seconds >= round(crafted, 1) - 0.1
 
 
+def test_a_rho_override_crafts_its_own_runs_and_the_manifests_rho_reads_them_back(full, tiny) -> None:  # type: ignore[no-untyped-def]
+    """PGD ignores the rule but keeps its best iterate by the rule's verdicts: at another ρ its inputs are
+    another run, never the manifest ρ's read back from the cache; given the manifest's own ρ, they are."""
+    first = full.report
+    for rho, expect_new in ((first.rho, False), (first.rho * 0.9, True)):
+        out = tiny["root"] / f"report-rho-{rho:.6f}"
+        shutil.copytree(tiny["root"] / "report" / ".cache", out / ".cache")
+        before = {p.name for p in (out / ".cache").glob("pgd-10-*.safetensors")}
+        cfg = EvalConfig(eps=EPS, attacks=("pgd",), rho=rho, sanity=False, figures=False, detectors=False,
+                         **FAST)  # type: ignore[arg-type]
+        again = evaluate(tiny["version"], tiny["checkpoint"], cfg, out).report
+        after = {p.name for p in (out / ".cache").glob("pgd-10-*.safetensors")}
+        assert again.rho == rho
+        assert (after != before) is expect_new and before <= after
+        if not expect_new:
+            assert again.attack("pgd-10").defended_rate == first.attack("pgd-10").defended_rate
+
+
 def test_an_interrupted_evaluation_resumes_its_checks_too(full, tiny) -> None:  # type: ignore[no-untyped-def]
     """The budget checks' runs, the ε sweep and the distal attack are kept (in .cache/checks/, apart from
     the attacks' files that reports list and precision records read) and read back by a second run: the

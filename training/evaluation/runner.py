@@ -82,8 +82,14 @@ _training_splits = functools.lru_cache(maxsize=1)(training_splits)
 
 
 def run_key(t: Target, name: str, params: dict[str, Any], m: int, seed: int, eps: float) -> str:
-    """A crafted run's cache key: the model, the attack's name and settings, the attacked examples, the seed, ε."""
-    return cache_key(t.manifest.sha256, name, params, t.examples(m), seed, eps)
+    """A crafted run's cache key: the model, the attack's name and settings, the attacked examples, the seed, ε;
+    and the rule when it is not the manifest's (`--rho`): attacks that ignore the rule still keep their best
+    iterate by its verdicts, so their inputs depend on it too. (Without an override the key is what it always
+    was, so earlier caches still resume.)"""
+    parts: list[Any] = [t.manifest.sha256, name, params, t.examples(m), seed, eps]
+    if t.rule != Rule.of(t.manifest):
+        parts.append({"rule": t.rule.state()})
+    return cache_key(*parts)
 
 
 def made_on(cache: AttackCache, t: Target, name: str, model: nn.Module, attack: Any, m: int, seed: int,
