@@ -24,6 +24,7 @@ from app.model_store import read_manifest
 from app.verdict import calibrate_rho_on, geodesic_verdict
 from training.data import load_dataset, training_splits
 from training.evaluation.cache import AttackCache
+from training.evaluation.scoring import Verdicted
 from training.judging import OnnxModel
 
 TARGETS = (0.05, 0.10, 0.15, 0.20, 0.25)
@@ -63,10 +64,9 @@ def main(version_dir: Path, evaluation: Path) -> None:
 def _fooled_rejected(outs: list, y: np.ndarray, clean_right: np.ndarray, stats: tuple, rho: float) -> str:
     """Per example the restart best for the attacker at rho (accepted and wrong, then wrong); of the
     examples classified right when clean that it fools, the share rejected."""
-    verdicts = [geodesic_verdict(*out, *stats, rho) for out in outs]
-    wrong = np.stack([v.labels != y for v in verdicts])
-    broken = np.stack([(v.labels != y) & v.accepted for v in verdicts])
-    fooled, passed = clean_right & wrong.any(0), broken.any(0)
+    runs = [Verdicted.of("restart", geodesic_verdict(*out, *stats, rho), y) for out in outs]
+    fooled = clean_right & ~np.logical_and.reduce([r.correct for r in runs])
+    passed = np.logical_or.reduce([r.broken for r in runs])
     return f"{_pct(1 - passed[fooled].mean())} of {fooled.sum()}"
 
 

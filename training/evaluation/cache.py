@@ -78,13 +78,18 @@ class AttackCache:
     def made(self, attack: str, key: str, make: Callable[[], Tensor]) -> Tensor:
         """`make()`'s inputs, read back instead when this run (`key`) was made before: an interrupted
         evaluation resumes its checks too."""
+        return self.made_timed(attack, key, make)[0]
+
+    def made_timed(self, attack: str, key: str, make: Callable[[], Tensor]) -> tuple[Tensor, float]:
+        """`made`, with the recorded crafting seconds of a run read back (0.0 for one made now: the
+        caller's clock counts it)."""
         kept = self.load(attack, key)
         if kept is not None:
-            return kept
+            return kept, self.crafting_seconds(attack, key)
         t0 = time.perf_counter()
         x_adv = make()
         self.save(attack, key, x_adv, seconds=time.perf_counter() - t0)
-        return x_adv
+        return x_adv, 0.0
 
     def read(self, file_name: str) -> Tensor:
         """The inputs of one file of this cache, by its name (a report's `cached_inputs`);

@@ -92,11 +92,10 @@ def run_key(t: Target, name: str, params: dict[str, Any], m: int, seed: int, eps
     return cache_key(*parts)
 
 
-def made_on(cache: AttackCache, t: Target, name: str, model: nn.Module, attack: Any, m: int, seed: int,
-            eps: float, batch_size: int, params: dict[str, Any] | None = None) -> Tensor:
-    """`attack` on the first m examples on the model's device (seeded, checked to stay within eps), or its
-    inputs kept in `cache` from an earlier run of the same (`name`, `params`: by default the attack's
-    settings, examples, seed, eps)."""
+def maker(t: Target, name: str, model: nn.Module, attack: Any, m: int, seed: int, eps: float,
+          batch_size: int) -> Callable[[], Tensor]:
+    """What crafts a run: `attack` on the first m examples on the model's device, seeded, checked to stay
+    within eps."""
     x, y = t.x[:m], t.y[:m]
 
     def make() -> Tensor:
@@ -106,8 +105,15 @@ def made_on(cache: AttackCache, t: Target, name: str, model: nn.Module, attack: 
         check_ball(x_adv, x, eps, name)
         return x_adv
 
-    key = run_key(t, name, settings(attack) if params is None else params, m, seed, eps)
-    return cache.made(name, key, make)
+    return make
+
+
+def made_on(cache: AttackCache, t: Target, name: str, model: nn.Module, attack: Any, m: int, seed: int,
+            eps: float, batch_size: int) -> Tensor:
+    """The run `maker` describes, or its inputs kept in `cache` from an earlier run of the same (`name`,
+    the attack's settings, examples, seed, eps)."""
+    key = run_key(t, name, settings(attack), m, seed, eps)
+    return cache.made(name, key, maker(t, name, model, attack, m, seed, eps, batch_size))
 
 
 class AttackRunner:
@@ -134,9 +140,10 @@ class AttackRunner:
         path = self.cache.path(name, key)
         if path is not None:
             self.cached.setdefault(name, []).append(path.name)
-            if path.is_file():
-                self.resumed[name] = self.resumed.get(name, 0.0) + self.cache.crafting_seconds(name, key)
-        return made_on(self.cache, self.t, name, on, attack, m, seed, self.t.eps, self.cfg.batch_size, params)
+        make = maker(self.t, name, on, attack, m, seed, self.t.eps, self.cfg.batch_size)
+        x_adv, read_back = self.cache.made_timed(name, key, make)
+        self.resumed[name] = self.resumed.get(name, 0.0) + read_back
+        return x_adv
 
     def execute(self, plan: Planned) -> None:
         """Run (or skip, when what it runs on is unavailable) one planned attack."""
